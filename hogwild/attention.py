@@ -138,6 +138,8 @@ class StepPlan:
         """q: [R, T, heads, D]; k, v: [R, T, kv_heads, D] (not rotated) -> attention output [R, T, heads * D]."""
         R, T, H, D = q.shape
         kvh, g = self.config.num_kv_heads, self.config.group_size
+        out_dtype = q.dtype
+        q, k, v = (x.to(self.cos_k.dtype) for x in (q, k, v))  # the cache's dtype (float32 on CPU)
         k = apply_rope(k, self.cos_k, self.sin_k)
         kv_new = torch.stack((k, v), dim=1).transpose(2, 3)  # [R, 2, kv_heads, T, D]
         for r, (block, start, n) in enumerate(self.writes):
@@ -169,8 +171,8 @@ class StepPlan:
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
             out = out.view(kvh, R, T, g, D)
         else:
-            out = self._merge(torch.cat(maxes, 1), torch.cat(sums, 1), torch.cat(outs, 1), R).to(q.dtype)
-        return out.permute(1, 2, 0, 3, 4).reshape(R, T, H * D)
+            out = self._merge(torch.cat(maxes, 1), torch.cat(sums, 1), torch.cat(outs, 1), R)
+        return out.permute(1, 2, 0, 3, 4).reshape(R, T, H * D).to(out_dtype)
 
     def _merge(self, maxes: torch.Tensor, sums: torch.Tensor, outs: torch.Tensor, R: int) -> torch.Tensor:
         """Exact log-sum-exp merge of per-block partials. maxes, sums: [kv_heads, P, T, group]; outs: [..., D]."""

@@ -62,7 +62,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.model_config: ModelConfig = model.config
-        self.rope = Rope(model.config, model.dtype, model.device)
+        # on CPU the cache and attention run in float32: aten's bf16 bmm is 3-4x slower than float32 there
+        self.cache_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
+        self.rope = Rope(model.config, self.cache_dtype, model.device)
         self.eos_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
 
     @classmethod
@@ -82,7 +84,7 @@ class Engine:
         return self.model_config.max_position
 
     def new_cache(self, capacity: int = 64) -> KVCache:
-        return KVCache(self.model_config, self.rope, self.model.dtype, self.model.device, capacity)
+        return KVCache(self.model_config, self.rope, self.cache_dtype, self.model.device, capacity)
 
     def step(self, rows: list[Row]) -> torch.Tensor:
         """Feed every row's tokens into its own block; returns next-token logits [rows, vocab] (float32)."""
