@@ -51,7 +51,7 @@ class TinyModel:
         self.hf = hf.eval()
         self.config = ModelConfig.from_hf(hf.config.to_dict())
         self.model = Decoder(self.config, dict(hf.state_dict()), dtype)
-        self.rope = Rope(self.config, dtype)
+        self.rope = Rope(self.config, torch.float32)  # the cache dtype on CPU
 
     @torch.no_grad()
     def hf_logits(self, tokens: list[int]) -> torch.Tensor:
