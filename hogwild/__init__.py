@@ -1,0 +1,11 @@
+"""hogwild: collaborative parallel LLM inference.
+
+Several workers of one language model think about the same problem at the same time and share one key-value
+cache, so each worker sees the others' tokens as they are written (Hogwild! Inference, Group Think).
+"""
+
+from hogwild.engine import Engine, EngineConfig
+from hogwild.errors import HogwildError
+from hogwild.sampling import SamplingParams
+
+__all__ = ["Engine", "EngineConfig", "HogwildError", "SamplingParams"]

@@ -1,0 +1,5 @@
+"""Benchmarks (being written)."""
+
+
+def add_parser(sub, add_engine_arguments) -> None:
+    pass

