@@ -73,14 +73,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_ids = engine.encode_prompt(args.prompt, chat=not args.raw, system=args.system)
     result = Generation()
     start = time.perf_counter()
+    failed = False
     try:
         for text in engine.generate_text(prompt_ids, params, result):
             sys.stdout.write(text)
             sys.stdout.flush()
+    except HogwildError:
+        failed = not result.tokens  # nothing streamed (the prompt does not fit): the error line is the only output
+        raise
     finally:
-        sys.stdout.write("\n")
+        if not failed:
+            sys.stdout.write("\n")
+            sys.stdout.flush()  # before the stats line on stderr
         elapsed = time.perf_counter() - start
-        if not args.quiet:
+        if not args.quiet and not failed:
             rate = len(result.tokens) / elapsed if elapsed > 0 else 0.0
             print(f"[{len(result.tokens)} tokens, {rate:.1f} tok/s]", file=sys.stderr)
     return 0

