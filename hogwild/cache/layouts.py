@@ -9,7 +9,8 @@ tokens go). The three layouts of the paper:
 - `combined`: [prompt, history, the other workers' current steps, own current step] (token-wise sync).
 
 A worker can also have a private block right after the prompt (Group Think gives each thinker its own prompt),
-seen by that worker only.
+seen by that worker only. Two small shared blocks can hold section titles placed before the other workers' blocks
+and before the worker's own block; left empty they take no room and are skipped.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class SharedCache:
         self.history = cache.new_block("history")
         self.current = [cache.new_block(f"worker{w}") for w in range(workers)]
         self.private = [cache.new_block(f"private{w}") for w in range(workers)] if private else None
+        self.others_title = cache.new_block("others-title")
+        self.own_title = cache.new_block("own-title")
 
     @property
     def workers(self) -> int:
@@ -46,13 +49,13 @@ class SharedCache:
     def view(self, worker: int) -> list[Block]:
         """The blocks worker `worker` attends to, in order; its own current block is last."""
         head = [self.prompt] + ([self.private[worker]] if self.private else [])
-        own = self.current[worker]
-        others = [block for w, block in enumerate(self.current) if w != worker]
+        own = [self.own_title, self.current[worker]]
+        others = [self.others_title] + [block for w, block in enumerate(self.current) if w != worker]
         if self.layout == "contiguous":
-            return head + others + [own]
+            return head + others + own
         if self.layout == "interleaved":
-            return head + [self.history, own]
-        return head + [self.history] + others + [own]
+            return head + [self.history] + own
+        return head + [self.history] + others + own
 
     def history_view(self) -> list[Block]:
         """View for text inserted into the shared history: the prompt and the history itself."""

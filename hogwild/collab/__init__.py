@@ -1,0 +1,1 @@
+"""Collaboration on top of the engine: prompts, the Hogwild! protocol, Group Think."""

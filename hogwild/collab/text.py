@@ -1,0 +1,48 @@
+"""Reading the workers' text: where a step may end, and the final answer in \\boxed{...}."""
+
+from __future__ import annotations
+
+import re
+
+_PARAGRAPH_END = re.compile(r"\n[ \t]*\n\s*$")
+# a line ending like this is still going: a list opener, an operator, a comma, a dangling conjunction
+_UNFINISHED = re.compile(r"([,;:(\[{=+\-*/\\&^<>]|\b(and|or|but|so|then|the|a|an|of|to|with|is|are|by))$", re.I)
+
+
+def open_block(text: str) -> bool:
+    """True while `text` is inside a code block or a math block (display or inline)."""
+    if text.count("```") % 2:
+        return True
+    if text.count("$$") % 2 or text.count("\\[") > text.count("\\]") or text.count("\\(") > text.count("\\)"):
+        return True
+    single_dollars = text.replace("\\$", "").replace("$$", "").count("$")
+    return single_dollars % 2 == 1
+
+
+def step_ends(text: str, force: bool = False) -> bool:
+    """A step ends at a paragraph break after a finished sentence, never inside an open code or math block.
+
+    A sentence counts as finished unless its last line visibly goes on: it ends in a comma, a colon, an operator,
+    an opening bracket or a dangling conjunction. Small models often end a line of arithmetic without a period.
+
+    With `force` (an over-long step), any line break outside a code or math block will do."""
+    stripped = text.rstrip()
+    if not stripped or open_block(stripped):
+        return False
+    if force:
+        return text.endswith("\n")
+    return bool(_PARAGRAPH_END.search(text)) and not _UNFINISHED.search(stripped)
+
+
+def boxed_answer(text: str) -> str | None:
+    """Content of the last complete \\boxed{...} in `text` (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    while start >= 0:
+        depth, i = 1, start + len("\\boxed{")
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len("\\boxed{") : i - 1].strip()
+        start = text.rfind("\\boxed{", 0, start)
+    return None
