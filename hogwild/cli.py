@@ -12,6 +12,7 @@ import dataclasses
 import sys
 import time
 
+from hogwild.collab.protocol import CollabConfig
 from hogwild.engine import DTYPES, Engine, EngineConfig, Generation
 from hogwild.errors import HogwildError
 from hogwild.sampling import SamplingParams
@@ -92,6 +93,72 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_solve(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from hogwild.collab.protocol import Collaboration, Done
+    from hogwild.collab.view import LiveView
+
+    config = CollabConfig(
+        workers=args.workers,
+        mode=args.mode,
+        layout=args.layout,
+        budget=args.budget,
+        self_check_every=args.self_check_every,
+        format=args.format,
+    )
+    params = sampling_params(args)
+    engine = Engine.load(engine_config(args))
+    run = Collaboration(engine, args.problem, config, params)
+    events = run.run()
+    result = None
+    if args.json:
+        for event in _interruptible(events):
+            if isinstance(event, Done):
+                result = event.result
+        print(json.dumps(_solve_json(result), ensure_ascii=False, indent=2))
+        return 0
+    console = Console(stderr=False)
+    title = f"hogwild {config.mode}: {config.workers} workers, {config.layout} layout | {args.problem}"
+    view = LiveView(run.names, config.budget, console, title)
+    with Live(view, console=console, refresh_per_second=8, screen=False, transient=False):
+        for event in _interruptible(events):
+            view.update(event)
+            if isinstance(event, Done):
+                result = event.result
+    console.print(
+        f"[bold]answer:[/bold] {result.answer if result.answer is not None else '(none)'}   "
+        f"finished by {result.finished_by}, {result.forward_passes} forward passes, {result.tokens} tokens, "
+        f"{result.wall_s:.1f} s, {result.tokens_per_s:.1f} tok/s"
+    )
+    if result.finished_by == "interrupted":
+        for worker in result.workers:
+            console.rule(worker.name)
+            console.print(worker.text, markup=False, highlight=False)
+    return 0
+
+
+def _interruptible(events):
+    """Pass events through; on Ctrl-C let the run wind down so its result (what was written) still arrives."""
+    try:
+        yield from events
+    except KeyboardInterrupt:
+        try:
+            yield events.throw(KeyboardInterrupt())
+            yield from events
+        except (KeyboardInterrupt, StopIteration):
+            return
+
+
+def _solve_json(result) -> dict:
+    out = result.to_dict()
+    out["tokens_per_worker"] = {w.name: w.tokens for w in result.workers}
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hogwild",
@@ -108,6 +175,47 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(gen)
     add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)
+
+    solve = sub.add_parser(
+        "solve",
+        help="several workers solve one problem together",
+        description="Run N workers of one model on PROBLEM with one shared KV cache, shown side by side as they "
+        "write. The run stops at the first finished step with a \\boxed{} answer, or at the budget of forward "
+        "passes, where a finisher asks for the answer.",
+    )
+    solve.add_argument("problem", help="the problem to solve; ask for the answer in \\boxed{}")
+    solve.add_argument(
+        "--workers", "-n", type=int, default=default(CollabConfig, "workers"), help="number of workers (1 to 16)"
+    )
+    solve.add_argument(
+        "--mode",
+        default=default(CollabConfig, "mode"),
+        help="hogwild (steps, shared history) or groupthink (token-level)",
+    )
+    solve.add_argument(
+        "--layout", default=default(CollabConfig, "layout"), help="cache layout: combined, interleaved or contiguous"
+    )
+    solve.add_argument(
+        "--budget",
+        type=int,
+        default=default(CollabConfig, "budget"),
+        help="sequential forward passes before the finisher",
+    )
+    solve.add_argument(
+        "--self-check-every",
+        type=int,
+        default=default(CollabConfig, "self_check_every"),
+        help="tokens between a worker's self-check questions (0: never)",
+    )
+    solve.add_argument(
+        "--format",
+        default=default(CollabConfig, "format"),
+        help="prompt preset: chat, think or plain (default: by model family)",
+    )
+    solve.add_argument("--json", action="store_true", help="print one JSON object instead of the live view")
+    add_engine_arguments(solve)
+    add_sampling_arguments(solve, max_tokens=False)
+    solve.set_defaults(func=cmd_solve)
 
     from hogwild import bench
 

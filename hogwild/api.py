@@ -1,0 +1,53 @@
+"""The Python API: `hogwild.solve` and its streaming form `hogwild.solve_stream`.
+
+    import hogwild
+    result = hogwild.solve("What is 17 * 23?", workers=2, layout="combined", budget=256)
+    print(result.answer, result.forward_passes, result.tokens_per_s)
+    for worker in result.workers:
+        print(worker.name, worker.text)
+
+`solve_stream` yields the run's events as they happen (`Token`, `StepStarted`, `NudgeInserted`, `StepFinished`,
+`Pass`, `AnswerFound`, and last `Done` with the result); the CLI, the server and the evaluation harness use it.
+Defaults live in `CollabConfig`, `SamplingParams` and `EngineConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+from hogwild.collab.protocol import CollabConfig, Collaboration, Done, Event, SolveResult
+from hogwild.engine import Engine, EngineConfig
+from hogwild.sampling import SamplingParams
+
+_ENGINES: dict[EngineConfig, Engine] = {}
+
+
+def load(config: EngineConfig | None = None, **kwargs) -> Engine:
+    """A loaded engine, reused across calls with the same config (`load(model="path/to/folder")`)."""
+    config = config or EngineConfig(**kwargs)
+    if config not in _ENGINES:
+        _ENGINES[config] = Engine.load(config)
+    return _ENGINES[config]
+
+
+def _split(kwargs: dict) -> tuple[CollabConfig, SamplingParams]:
+    names = {f.name for f in dataclasses.fields(CollabConfig)}
+    collab = {k: v for k, v in kwargs.items() if k in names}
+    sampling = {k: v for k, v in kwargs.items() if k not in names}
+    return CollabConfig(**collab), SamplingParams(**sampling)
+
+
+def solve_stream(problem: str, engine: Engine | None = None, **kwargs) -> Iterator[Event]:
+    """Yield the events of one collaborative run; keyword arguments are CollabConfig and SamplingParams fields."""
+    config, sampling = _split(kwargs)
+    run = Collaboration(engine or load(), problem, config, sampling)
+    yield from run.run()
+
+
+def solve(problem: str, engine: Engine | None = None, **kwargs) -> SolveResult:
+    """Run the workers on `problem` to the end; returns the answer, transcripts, shared history and stats."""
+    for event in solve_stream(problem, engine, **kwargs):
+        if isinstance(event, Done):
+            return event.result
+    raise AssertionError("a run always ends with Done")
