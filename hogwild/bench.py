@@ -1,5 +1,485 @@
-"""Benchmarks (being written)."""
+"""Decode-speed benchmarks: hogwild against transformers' own `generate`, measured side by side in one run.
+
+Both engines run the same weights, dtype and torch threads, greedy, and are timed on decode only. The prompt (a
+fixed text repeated to exactly `context` tokens) is prefilled once per context, outside the clock, and copied into a
+fresh cache before every run. hogwild then times `tokens` calls of `Engine.step`, each feeding every worker its
+argmax token (never stopping at eos). transformers gets a cache holding the prompt's first `context - 1` tokens, runs
+`generate(max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, do_sample=False)` under `torch.inference_mode`, and
+a logits processor stamps the clock after each forward: from the first stamp (after the forward that read the last
+prompt token) to the last one are exactly `tokens` decode forwards, with generate's own per-token work included.
+Each configuration gets a short warm-up, then hogwild and transformers alternate for `repeats` runs, and the best
+(fastest) run is kept, since competing processes only ever add time. KV bytes are what each cache allocated:
+`KVCache.nbytes` for hogwild (float32 on CPU, where attention runs in float32), the returned `DynamicCache`'s
+tensors for transformers (model dtype). `bench decode` is one stream; `bench workers` runs W hogwild workers over one
+shared prompt (one forward per step for all of them) against W independent sequences batched through transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+from rich.console import Console
+
+from hogwild.attention import Row
+from hogwild.cache.blocks import Block
+from hogwild.cache.layouts import LAYOUTS, SharedCache
+from hogwild.engine import DTYPES, Engine, EngineConfig
+from hogwild.errors import HogwildError
+from hogwild.model.loading import resolve_model_dir
+
+PROMPT_TEXT = (
+    "Two workers share one notebook. Each writes its own lines and reads the other's as they appear, so a plan "
+    "started by one can be finished by the other, and a mistake seen by either is fixed before it spreads. "
+)
 
 
-def add_parser(sub, add_engine_arguments) -> None:
-    pass
+@dataclass(frozen=True)
+class DecodeBench:
+    tokens: int = 128  # decode steps timed
+    context: int = 64  # prompt tokens before the first timed step
+    repeats: int = 3  # runs per engine; the fastest is kept
+
+    def __post_init__(self) -> None:
+        _check_sizes(self.tokens, (self.context,), self.repeats)
+
+
+@dataclass(frozen=True)
+class WorkersBench:
+    workers: tuple[int, ...] = (1, 2, 4, 8)
+    contexts: tuple[int, ...] = (256, 2048)  # shared prompt tokens
+    tokens: int = 32  # decode steps timed; each step writes one token per worker
+    layout: str = "combined"
+    repeats: int = 3  # runs per engine; the fastest is kept
+    transformers: bool = True  # also time W independent sequences through transformers
+
+    def __post_init__(self) -> None:
+        _check_sizes(self.tokens, self.contexts, self.repeats)
+        if not self.workers or min(self.workers) < 1:
+            raise HogwildError(f"worker counts must be >= 1, got {','.join(map(str, self.workers))}")
+        if self.layout not in LAYOUTS:
+            raise HogwildError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
+
+
+def _check_sizes(tokens: int, contexts: tuple[int, ...], repeats: int) -> None:
+    if tokens < 1:
+        raise HogwildError(f"tokens must be >= 1, got {tokens}")
+    if not contexts or min(contexts) < 2:
+        raise HogwildError(f"contexts must be >= 2 tokens, got {','.join(map(str, contexts))}")
+    if repeats < 1:
+        raise HogwildError(f"repeats must be >= 1, got {repeats}")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One table row: the fastest of `repeats` runs of `steps` decode steps."""
+
+    engine: str  # "hogwild" or "transformers"
+    workers: int  # hogwild workers, or transformers sequences in the batch
+    context: int
+    steps: int
+    seconds: float
+    kv_bytes: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.workers * self.steps / self.seconds
+
+    @property
+    def step_ms(self) -> float:
+        return 1000 * self.seconds / self.steps
+
+
+def prompt_ids(engine: Engine, length: int) -> list[int]:
+    """PROMPT_TEXT's tokens repeated and cut to exactly `length` tokens."""
+    text = engine.tokenizer.encode(PROMPT_TEXT, add_special_tokens=False)
+    return (text * (length // len(text) + 1))[:length]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# hogwild
+
+
+@dataclass
+class Prefilled:
+    """A prompt's K/V, computed once and copied into each run's fresh cache."""
+
+    block: Block
+    first_token: int  # argmax after the prompt: every worker's first fed token
+
+
+def hogwild_prefill(engine: Engine, prompt: list[int]) -> Prefilled:
+    block = engine.new_cache(capacity=len(prompt)).new_block("prompt")
+    logits = engine.step([Row([block], prompt)])
+    return Prefilled(block, int(logits[0].argmax()))
+
+
+def _copy_prompt(src: Block, dst: Block) -> None:
+    dst.reserve(src.length)
+    dst.kv[:, :, :, : src.length] = src.kv[:, :, :, : src.length]
+    dst.tokens = list(src.tokens)
+
+
+def hogwild_stream(engine: Engine, prompt: Prefilled, steps: int) -> tuple[float, int]:
+    """Single-stream greedy decode in one block (as `Engine.generate` does) -> (seconds, kv bytes)."""
+    cache = engine.new_cache(capacity=prompt.block.length + steps)
+    block = cache.new_block("sequence")
+    _copy_prompt(prompt.block, block)
+    return _time_steps(engine, lambda: [[block]], [prompt.first_token], steps), cache.nbytes
+
+
+def hogwild_workers(engine: Engine, prompt: Prefilled, workers: int, layout: str, steps: int) -> tuple[float, int]:
+    """`workers` greedy workers over one shared prompt, one forward per step -> (seconds, kv bytes)."""
+    shared = SharedCache(engine.new_cache(capacity=steps), workers, layout)
+    _copy_prompt(prompt.block, shared.prompt)
+
+    def views() -> list[list[Block]]:
+        return [shared.view(w) for w in range(workers)]
+
+    return _time_steps(engine, views, [prompt.first_token] * workers, steps), shared.cache.nbytes
+
+
+def _time_steps(engine: Engine, views: Callable[[], list[list[Block]]], tokens: list[int], steps: int) -> float:
+    device = engine.model.device
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = engine.step(
+            [Row(view, [token]) for view, token in zip(views(), tokens, strict=True)]
+        )  # [workers, vocab]
+        tokens = logits.argmax(dim=-1).tolist()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+# transformers
+
+
+class _Stamps:
+    """A logits processor that only records when each forward's logits arrive."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+class Transformers:
+    """The reference: the same model folder through transformers' `AutoModelForCausalLM.generate`."""
+
+    def __init__(self, model: str | None, dtype: str, device: str) -> None:
+        try:
+            import transformers
+        except ImportError:
+            raise HogwildError(
+                "the transformers reference needs transformers: pip install 'hogwild[test]' (or --no-transformers)"
+            ) from None
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        folder = resolve_model_dir(model)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).to(device).eval()
+        self.device = torch.device(device)
+        self.version = transformers.__version__
+
+    @torch.inference_mode()
+    def prefill(self, prompt: list[int]):
+        """A DynamicCache holding all prompt tokens but the last, which generate's first forward reads."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.model(torch.tensor([prompt[:-1]], device=self.device), past_key_values=cache, use_cache=True)
+        return cache
+
+    @torch.inference_mode()
+    def decode(self, prompt: list[int], prefilled, sequences: int, steps: int) -> tuple[float, int]:
+        """`sequences` copies of the prompt decoded greedily for `steps` forwards -> (seconds, kv bytes)."""
+        from transformers import LogitsProcessorList
+
+        cache = copy.deepcopy(prefilled)
+        cache.batch_repeat_interleave(sequences)
+        ids = torch.tensor([prompt] * sequences, device=self.device)
+        stamps = _Stamps(self.device)
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=cache,
+            max_new_tokens=steps + 1,
+            min_new_tokens=steps + 1,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([stamps]),
+            pad_token_id=self.model.config.eos_token_id,
+            return_dict_in_generate=True,
+        )
+        assert len(stamps.times) == steps + 1, f"generate ran {len(stamps.times)} forwards, expected {steps + 1}"
+        kv = sum(
+            t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values)
+        )
+        return stamps.times[-1] - stamps.times[0], kv
+
+
+# measuring and reporting
+
+
+def _measure(
+    candidates: dict[str, Callable[[int], tuple[float, int]]], steps: int, repeats: int
+) -> dict[str, tuple[float, int]]:
+    """Warm each candidate up, then alternate them for `repeats` runs; the fastest run of each -> (seconds, bytes)."""
+    for run in candidates.values():
+        run(min(steps, 4))
+    best: dict[str, tuple[float, int]] = {}
+    for _ in range(repeats):
+        for name, run in candidates.items():
+            seconds, kv = run(steps)
+            if name not in best or seconds < best[name][0]:
+                best[name] = (seconds, kv)
+    return best
+
+
+def _machine(engine: Engine, reference: Transformers | None) -> str:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    device = engine.model.device
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {os.cpu_count()} cores"
+    versions = f"torch {torch.__version__}" + (f", transformers {reference.version}" if reference else "")
+    model = engine.config.model or "SmolLM2-135M-Instruct"
+    return f"{model}, {engine.config.dtype}, {torch.get_num_threads()} threads on {where}; {versions}"
+
+
+def _row_dict(m: Measurement, engine: Engine, repeats: int, **extra: object) -> dict:
+    row = asdict(m)
+    row.update(tokens_per_s=m.tokens_per_s, step_ms=m.step_ms)
+    row.update(
+        model=engine.config.model or "SmolLM2-135M-Instruct",
+        dtype=engine.config.dtype,
+        threads=torch.get_num_threads(),
+        device=str(engine.model.device),
+        repeats=repeats,
+        statistic="best",
+    )
+    row.update(extra)
+    return row
+
+
+def _format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = [headers, *rows]
+    # first column left-aligned (names), the rest right-aligned (numbers)
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    )
+
+
+def _cells(m: Measurement) -> list[str]:
+    return [m.engine, str(m.workers), str(m.context), f"{m.tokens_per_s:.1f}", f"{m.step_ms:.2f}", f"{m.kv_bytes:,}"]
+
+
+HEADERS = ["engine", "workers", "context", "tokens/s", "ms/step", "kv bytes"]
+
+
+def _load(args: argparse.Namespace, transformers: bool) -> tuple[Engine, Transformers | None, Console]:
+    progress = Console(stderr=True, highlight=False, soft_wrap=True)
+    config = EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads, device=args.device)
+    progress.print("loading hogwild" + (" and transformers" if transformers else ""))
+    engine = Engine.load(config)
+    reference = Transformers(args.model, args.dtype, args.device) if transformers else None
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)  # both engines run on the same threads
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        progress.print(f"note: load average {load:.1f} on {cores} cores before measuring: timings will be noisy")
+    return engine, reference, progress
+
+
+def _check_window(engine: Engine, longest: int) -> None:
+    if longest > engine.context_window:
+        raise HogwildError(
+            f"the benchmark needs views of up to {longest} tokens; "
+            f"the model's context window is {engine.context_window}"
+        )
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    bench = DecodeBench(tokens=args.tokens, context=args.context, repeats=args.repeats)
+    engine, reference, progress = _load(args, transformers=True)
+    assert reference is not None
+    _check_window(engine, bench.context + bench.tokens + 1)
+    prompt = prompt_ids(engine, bench.context)
+    hog_prompt = hogwild_prefill(engine, prompt)
+    hf_prompt = reference.prefill(prompt)
+    progress.print(f"decoding {bench.tokens} tokens after {bench.context}, {bench.repeats} runs each")
+    best = _measure(
+        {
+            "hogwild": partial(hogwild_stream, engine, hog_prompt),
+            "transformers": partial(reference.decode, prompt, hf_prompt, 1),
+        },
+        bench.tokens,
+        bench.repeats,
+    )
+    hog, hf = (Measurement(name, 1, bench.context, bench.tokens, *best[name]) for name in ("hogwild", "transformers"))
+    results = [hog, hf]
+    if args.json:
+        print(json.dumps([_row_dict(m, engine, bench.repeats) for m in results], indent=2))
+        return 0
+    print(_machine(engine, reference))
+    print(
+        f"greedy decode of {bench.tokens} tokens after a {bench.context}-token prompt, prefill excluded, "
+        f"best of {bench.repeats} runs\n"
+    )
+    print(_format_table(HEADERS, [_cells(m) for m in results]))
+    print(f"\nhogwild / transformers: {hog.tokens_per_s / hf.tokens_per_s:.2f}x")
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    bench = WorkersBench(
+        workers=_int_list(args.workers, "--workers"),
+        contexts=_int_list(args.contexts, "--contexts"),
+        tokens=args.tokens,
+        layout=args.layout,
+        repeats=args.repeats,
+        transformers=not args.no_transformers,
+    )
+    engine, reference, progress = _load(args, transformers=bench.transformers)
+    _check_window(engine, max(bench.contexts) + max(bench.workers) * bench.tokens + 1)
+    results: list[Measurement] = []
+    total, done = len(bench.contexts) * len(bench.workers), 0
+    for context in bench.contexts:
+        progress.print(f"prefilling {context} prompt tokens")
+        prompt = prompt_ids(engine, context)
+        hog_prompt = hogwild_prefill(engine, prompt)
+        hf_prompt = reference.prefill(prompt) if reference else None
+        for workers in bench.workers:
+            start = time.perf_counter()
+            candidates = {"hogwild": partial(hogwild_workers, engine, hog_prompt, workers, bench.layout)}
+            if reference:
+                candidates["transformers"] = partial(reference.decode, prompt, hf_prompt, workers)
+            best = _measure(candidates, bench.tokens, bench.repeats)
+            row = [Measurement(name, workers, context, bench.tokens, s, kv) for name, (s, kv) in best.items()]
+            results += row
+            rates = ", ".join(f"{m.engine} {m.tokens_per_s:.1f} tok/s" for m in row)
+            done += 1
+            took = time.perf_counter() - start
+            progress.print(f"[{done}/{total}] workers={workers} context={context}: {rates} ({took:.1f} s)")
+
+    base = {(m.engine, m.context): m for m in results if m.workers == min(bench.workers)}
+    speedup = {id(m): m.tokens_per_s / base[m.engine, m.context].tokens_per_s for m in results}
+    if args.json:
+        rows = [
+            _row_dict(
+                m, engine, bench.repeats, layout=bench.layout if m.engine == "hogwild" else None, speedup=speedup[id(m)]
+            )
+            for m in results
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+
+    by_key = {(m.engine, m.workers, m.context): m for m in results}
+    print(_machine(engine, reference))
+    print(
+        f"greedy decode, {bench.tokens} steps after a shared prompt, prefill excluded, best of {bench.repeats} runs; "
+        f"hogwild: W workers in one shared cache ({bench.layout} layout), one forward per step"
+        + ("; transformers: a batch of W independent copies of the prompt" if reference else "")
+        + "\n"
+    )
+    headers = [*HEADERS, f"vs {min(bench.workers)} worker" + ("s" if min(bench.workers) > 1 else "")]
+    if reference:
+        headers.append("hogwild / transformers")
+    rows = []
+    for m in results:
+        cells = [*_cells(m), f"{speedup[id(m)]:.2f}x"]
+        if reference:
+            other = by_key.get(("transformers", m.workers, m.context))
+            cells.append(f"{m.tokens_per_s / other.tokens_per_s:.2f}x" if m.engine == "hogwild" and other else "")
+        rows.append(cells)
+    print(_format_table(headers, rows))
+
+    small, large = min(bench.contexts), max(bench.contexts)
+    if large != small:
+        print(f"\nstep time at context {large} / context {small}:\n")
+        engines = [name for name in ("hogwild", "transformers") if name == "hogwild" or reference]
+        ratios = [
+            [name] + [f"{by_key[name, w, large].step_ms / by_key[name, w, small].step_ms:.2f}x" for w in bench.workers]
+            for name in engines
+        ]
+        print(_format_table(["engine", *(f"W={w}" for w in bench.workers)], ratios))
+    return 0
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise HogwildError(f"{flag} takes comma-separated integers like 1,2,4, got {text!r}") from None
+    return tuple(dict.fromkeys(values))
+
+
+def add_parser(
+    sub: argparse._SubParsersAction, add_engine_arguments: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    """Register `hogwild bench decode` and `hogwild bench workers`."""
+    bench = sub.add_parser(
+        "bench",
+        help="decode-speed benchmarks against transformers",
+        description="Decode-speed benchmarks. Each prints one table measured side by side in one run (progress on "
+        "stderr, the table or --json on stdout).",
+    )
+    benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+
+    decode = benches.add_parser(
+        "decode",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="single-stream greedy decode: hogwild vs transformers generate",
+        description="Single-stream greedy decode tokens/s of hogwild and of transformers' generate on the same "
+        "model, dtype and threads, prefill excluded; the fastest of --repeats runs of each.",
+    )
+    decode.add_argument("--tokens", type=int, default=DecodeBench.tokens, help="decode steps timed")
+    decode.add_argument("--context", type=int, default=DecodeBench.context, help="prompt length in tokens")
+    decode.add_argument("--repeats", type=int, default=DecodeBench.repeats, help="runs per engine; the fastest is kept")
+    decode.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    add_engine_arguments(decode)
+    decode.set_defaults(func=cmd_decode)
+
+    workers = benches.add_parser(
+        "workers",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="aggregate tokens/s of W workers sharing one cache",
+        description="Aggregate greedy decode tokens/s of W hogwild workers over one shared prompt (one forward per "
+        "step), per worker count and context, against W independent sequences batched through transformers' "
+        "generate; also the speedup over the fewest workers and the step-time growth with context.",
+    )
+    workers.add_argument(
+        "--workers", default=",".join(map(str, WorkersBench.workers)), help="comma-separated worker counts"
+    )
+    workers.add_argument(
+        "--contexts", default=",".join(map(str, WorkersBench.contexts)), help="comma-separated shared prompt lengths"
+    )
+    workers.add_argument("--tokens", type=int, default=WorkersBench.tokens, help="decode steps timed")
+    workers.add_argument("--layout", choices=LAYOUTS, default=WorkersBench.layout, help="how workers see each other")
+    workers.add_argument(
+        "--repeats", type=int, default=WorkersBench.repeats, help="runs per engine; the fastest is kept"
+    )
+    workers.add_argument("--no-transformers", action="store_true", help="skip the transformers reference")
+    workers.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    add_engine_arguments(workers)
+    workers.set_defaults(func=cmd_workers)

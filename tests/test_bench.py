@@ -1,0 +1,101 @@
+"""`hogwild bench decode` and `hogwild bench workers` end to end on the real default model, at tiny sizes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hogwild.cli import main
+from hogwild.model.loading import read_config
+
+torch.set_num_threads(1)
+
+FIELDS = {"engine", "workers", "context", "tokens_per_s", "step_ms", "kv_bytes", "dtype", "threads", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def token_bytes(default_model_dir: Path) -> dict[str, int]:
+    """K/V bytes per cached token: hogwild keeps float32 on CPU, transformers the bf16 of the weights."""
+    config = read_config(default_model_dir)
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    elements = config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim
+    return {"hogwild": 4 * elements, "transformers": 2 * elements}
+
+
+def run_json(capsys: pytest.CaptureFixture, *argv: str) -> list[dict]:
+    assert main(["bench", *argv, "--threads", "1", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)  # stdout holds the JSON and nothing else
+
+
+def check_rows(rows: list[dict]) -> None:
+    for row in rows:
+        assert row.keys() >= FIELDS, f"missing {FIELDS - row.keys()}"
+        assert row["tokens_per_s"] > 0 and row["step_ms"] > 0 and row["kv_bytes"] > 0
+        assert row["tokens_per_s"] == pytest.approx(row["workers"] * row["steps"] / row["seconds"])
+        assert row["step_ms"] == pytest.approx(1000 * row["seconds"] / row["steps"])
+        assert row["dtype"] == "bfloat16" and row["threads"] == 1
+
+
+def test_decode_rows(capsys: pytest.CaptureFixture, token_bytes: dict[str, int]) -> None:
+    rows = run_json(capsys, "decode", "--tokens", "4", "--context", "16", "--repeats", "1")
+    check_rows(rows)
+    assert [row["engine"] for row in rows] == ["hogwild", "transformers"]
+    for row in rows:
+        assert (row["workers"], row["context"], row["steps"]) == (1, 16, 4)
+        # one sequence holding the prompt and the 4 decoded tokens, nothing more
+        assert row["kv_bytes"] == (16 + 4) * token_bytes[row["engine"]]
+
+
+def test_workers_rows(capsys: pytest.CaptureFixture, token_bytes: dict[str, int]) -> None:
+    rows = run_json(capsys, "workers", "--workers", "1,2", "--contexts", "32", "--tokens", "4", "--repeats", "1")
+    check_rows(rows)
+    kv = {(row["engine"], row["workers"]): row["kv_bytes"] for row in rows}
+    assert sorted(kv) == [("hogwild", 1), ("hogwild", 2), ("transformers", 1), ("transformers", 2)]
+    assert all(row["context"] == 32 and row["steps"] == 4 for row in rows)
+    # hogwild shares the prompt: a second worker adds only its own 4-token block
+    assert kv["hogwild", 2] - kv["hogwild", 1] == 4 * token_bytes["hogwild"]
+    # transformers copies it: W sequences of prompt + decoded tokens each
+    assert kv["transformers", 2] == 2 * kv["transformers", 1] == 2 * (32 + 4) * token_bytes["transformers"]
+    for row in rows:
+        assert row["layout"] == ("combined" if row["engine"] == "hogwild" else None)
+        if row["workers"] == 1:
+            assert row["speedup"] == 1.0
+
+
+def test_workers_table_without_transformers(capsys: pytest.CaptureFixture) -> None:
+    argv = ["bench", "workers", "--workers", "1,2", "--contexts", "16,24", "--tokens", "2", "--repeats", "1"]
+    assert main([*argv, "--threads", "1", "--no-transformers", "--layout", "interleaved"]) == 0
+    captured = capsys.readouterr()
+    assert "transformers" not in captured.out
+    lines = captured.out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("engine"))
+    table = [line.split() for line in lines[header + 1 : header + 5]]
+    assert [(cells[0], cells[1], cells[2]) for cells in table] == [
+        ("hogwild", "1", "16"),
+        ("hogwild", "2", "16"),
+        ("hogwild", "1", "24"),
+        ("hogwild", "2", "24"),
+    ]
+    assert "interleaved layout" in captured.out
+    assert "step time at context 24 / context 16" in captured.out
+    assert captured.err.count("[") == 4  # one progress line per configuration, on stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["workers", "--workers", "1,x"], "--workers takes comma-separated integers"),
+        (["workers", "--workers", "0,2"], "worker counts must be >= 1"),
+        (["workers", "--contexts", "1"], "contexts must be >= 2"),
+        (["decode", "--tokens", "0"], "tokens must be >= 1"),
+        (["decode", "--repeats", "0"], "repeats must be >= 1"),
+        (["workers", "--contexts", "9000", "--no-transformers"], "context window is 8192"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:
+    assert main(["bench", *argv, "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("hogwild: error: ") and message in err[-1]
+    assert "Traceback" not in "\n".join(err)
