@@ -109,7 +109,9 @@ class StepPlan:
                 if new:
                     # owner: causal over the new keys; others: none of them (they land at the next step)
                     visible = (
-                        torch.ones(T, new, dtype=torch.bool).tril() if r == writer else torch.zeros(T, new, dtype=torch.bool)
+                        torch.ones(T, new, dtype=torch.bool).tril()
+                        if r == writer
+                        else torch.zeros(T, new, dtype=torch.bool)
                     )
                     masks.append(visible)
             if len(pair_rows) == start:
@@ -223,7 +225,8 @@ class FlatReference:
             self.raw[dst.name] = self.raw[src.name]
         else:
             self.raw[dst.name] = [
-                (torch.cat((kd, ks)), torch.cat((vd, vs))) for (kd, vd), (ks, vs) in zip(self.raw[dst.name], self.raw[src.name])
+                (torch.cat((kd, ks)), torch.cat((vd, vs)))
+                for (kd, vd), (ks, vs) in zip(self.raw[dst.name], self.raw[src.name])
             ]
         del self.raw[src.name]
 
@@ -244,9 +247,11 @@ class FlatReference:
             pending.append(self._pending)
         for row, new in zip(rows, pending):
             old = self.raw.get(row.own.name)
-            self.raw[row.own.name] = new if old is None else [
-                (torch.cat((ko, kn)), torch.cat((vo, vn))) for (ko, vo), (kn, vn) in zip(old, new)
-            ]
+            self.raw[row.own.name] = (
+                new
+                if old is None
+                else [(torch.cat((ko, kn)), torch.cat((vo, vn))) for (ko, vo), (kn, vn) in zip(old, new)]
+            )
         return logits
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

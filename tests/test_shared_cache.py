@@ -106,7 +106,10 @@ def test_independent_rows_match_transformers_from_scratch():
     plan.commit()
     seqs = [[], [], []]
     for _ in range(8):
-        rows = [Row([shared.prompt, shared.current[w]], [rng.randrange(211) for _ in range(rng.randint(1, 3))]) for w in range(3)]
+        rows = [
+            Row([shared.prompt, shared.current[w]], [rng.randrange(211) for _ in range(rng.randint(1, 3))])
+            for w in range(3)
+        ]
         width = max(len(r.tokens) for r in rows)
         plan = StepPlan(rows, tm.config, tm.rope)
         logits = tm.model.forward(

@@ -20,9 +20,10 @@ class Block:
     def __init__(self, name: str, config: ModelConfig, dtype: torch.dtype, device: torch.device, capacity: int) -> None:
         self.name = name
         self.tokens: list[int] = []
+        self.min_capacity = capacity  # allocated on first use, so blocks that stay empty cost nothing
         # kv: [layers, 2 (k, v), kv_heads, capacity, head_dim]; K and V together so one copy writes both
         self.kv = torch.empty(
-            (config.num_layers, 2, config.num_kv_heads, capacity, config.head_dim), dtype=dtype, device=device
+            (config.num_layers, 2, config.num_kv_heads, 0, config.head_dim), dtype=dtype, device=device
         )
 
     def __repr__(self) -> str:
@@ -44,7 +45,7 @@ class Block:
         """Make room for `length` tokens; grows by doubling so appends copy an amortised O(1) per token."""
         if length <= self.capacity:
             return
-        capacity = max(length, 2 * self.capacity)
+        capacity = max(length, 2 * self.capacity, self.min_capacity)
         grown = self.kv.new_empty((*self.kv.shape[:3], capacity, self.kv.shape[4]))
         grown[:, :, :, : self.length] = self.kv[:, :, :, : self.length]
         self.kv = grown
@@ -57,7 +58,12 @@ class KVCache:
     """Owns the blocks of one run; every block stores K/V for all layers of the same model."""
 
     def __init__(
-        self, config: ModelConfig, rope: Rope, dtype: torch.dtype, device: torch.device | str = "cpu", capacity: int = 64
+        self,
+        config: ModelConfig,
+        rope: Rope,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        capacity: int = 64,
     ) -> None:
         self.config = config
         self.rope = rope

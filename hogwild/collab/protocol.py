@@ -323,8 +323,8 @@ class Collaboration:
                         yield from self._write(w, token)
                     elif self.solo:  # a lone worker ending its turn has finished its chain of thought
                         ended = True
-                    else:  # the model ended its turn: close the step with a paragraph break instead
-                        w.feed, w.closing = self._encode("\n\n"), True
+                    else:  # the model ended its turn: write a paragraph break instead, which closes a step
+                        w.feed, w.closing = self._encode("\n\n"), not self.groupthink
                         w.step_text += "\n\n"
                         w.text += "\n\n"
                 yield Pass(passes, config.budget)

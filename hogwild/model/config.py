@@ -116,5 +116,7 @@ class ModelConfig:
             wavelen = 2 * math.pi / inv
             smooth = (old_context / wavelen - low) / (high - low)
             mid = (1 - smooth) * inv / factor + smooth * inv
-            inv = torch.where(wavelen > old_context / low, inv / factor, torch.where(wavelen < old_context / high, inv, mid))
+            inv = torch.where(
+                wavelen > old_context / low, inv / factor, torch.where(wavelen < old_context / high, inv, mid)
+            )
         return inv.float()
