@@ -36,7 +36,7 @@ class CollabConfig:
     budget: int = 512  # sequential forward passes, the finisher excluded
     max_workers: int = prompts.MAX_WORKERS
     self_check_every: int = 128  # tokens a worker writes between self-check questions; 0: never
-    max_step_tokens: int = 192  # past this, a step may end at any line break outside code and math
+    max_step_tokens: int = 192  # past this a step may end at any line break outside code and math; at 2x, anywhere
     finisher_tokens: int = 24
     format: str | None = None  # prompt preset (chat, think, plain); None: the model family's default
 
@@ -284,8 +284,10 @@ class Collaboration:
         w.text += delta
         if self.groupthink:
             self._look_for_answer(w, w.text)
-        elif step_ends(w.step_text, force=w.step_tokens >= self.config.max_step_tokens):
-            w.closing = True
+        elif w.step_tokens >= 2 * self.config.max_step_tokens or step_ends(
+            w.step_text, force=w.step_tokens >= self.config.max_step_tokens
+        ):
+            w.closing = True  # at twice the soft limit a step ends wherever it is
         return [Token(w.index, token, delta)]
 
     def run(self) -> Iterator[Event]:

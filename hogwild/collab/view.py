@@ -14,7 +14,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from hogwild.collab.protocol import AnswerFound, Done, Event, Pass, StepFinished, Token
+from hogwild.collab.protocol import AnswerFound, Done, Event, NudgeInserted, Pass, StepFinished, StepStarted, Token
 
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 
@@ -40,7 +40,7 @@ class LiveView:
         self.answer: str | None = None
 
     def update(self, event: Event) -> None:
-        if isinstance(event, Token):
+        if isinstance(event, (Token, StepStarted, NudgeInserted)):
             self.texts[event.worker] += event.text
         elif isinstance(event, StepFinished):
             self.history.append((event.worker, event.text.strip()))
@@ -56,7 +56,7 @@ class LiveView:
         n = len(self.names)
         column = max(10, (width - 3 * n - 1) // n)
         history_lines = 6 if self.history else 0
-        body = max(4, height - history_lines - 9)
+        body = max(4, height - history_lines - 12)  # title, table rules, history panel, progress, answer
         table = Table(expand=True, show_lines=False, padding=(0, 1))
         for i, name in enumerate(self.names):
             table.add_column(name, style=COLORS[i % len(COLORS)], ratio=1, overflow="fold")
@@ -71,9 +71,10 @@ class LiveView:
         bar = Table.grid(expand=True)
         bar.add_column(ratio=1)
         bar.add_column(no_wrap=True)
+        extra = self.passes - self.budget
         bar.add_row(
             ProgressBar(total=self.budget, completed=min(self.passes, self.budget)),
-            f" {self.passes}/{self.budget} forward passes",
+            f" {min(self.passes, self.budget)}/{self.budget} forward passes" + (f" + {extra} finisher" if extra > 0 else ""),
         )
         parts.append(bar)
         if self.answer is not None:
