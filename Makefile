@@ -9,6 +9,7 @@ STAMP := $(VENV)/.hogwild-installed
 
 demo: $(STAMP)
 	$(VENV)/bin/hogwild generate "What is 2+2? Answer in one sentence." --max-tokens 48
+	$(VENV)/bin/hogwild solve "What is 17 * 23? Answer in \\boxed{}." --workers 2 --budget 256
 
 # -q comes from pyproject.toml's addopts; a second -q would hide pytest's closing "N passed" line
 test: $(STAMP)

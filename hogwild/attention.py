@@ -81,7 +81,9 @@ class StepPlan:
         T = self.width
         # t_eff: padded query slots repeat the row's last real position, keeping every angle inside the tables
         t_eff = [[min(t, len(row.tokens) - 1) for t in range(T)] for row in rows]
-        local = torch.tensor([[row.own.length + t for t in ts] for row, ts in zip(rows, t_eff)], device=device)
+        local = torch.tensor(
+            [[row.own.length + t for t in ts] for row, ts in zip(rows, t_eff, strict=True)], device=device
+        )
         self.cos_k = rope.cos[local].unsqueeze(2)  # [R, T, 1, D] for k: [R, T, kv_heads, D]
         self.sin_k = rope.sin[local].unsqueeze(2)
         self.writes = [(row.own, row.own.length, len(row.tokens)) for row in rows]
@@ -226,7 +228,7 @@ class FlatReference:
         else:
             self.raw[dst.name] = [
                 (torch.cat((kd, ks)), torch.cat((vd, vs)))
-                for (kd, vd), (ks, vs) in zip(self.raw[dst.name], self.raw[src.name])
+                for (kd, vd), (ks, vs) in zip(self.raw[dst.name], self.raw[src.name], strict=True)
             ]
         del self.raw[src.name]
 
@@ -245,12 +247,12 @@ class FlatReference:
             finally:
                 self._row = None
             pending.append(self._pending)
-        for row, new in zip(rows, pending):
+        for row, new in zip(rows, pending, strict=True):
             old = self.raw.get(row.own.name)
             self.raw[row.own.name] = (
                 new
                 if old is None
-                else [(torch.cat((ko, kn)), torch.cat((vo, vn))) for (ko, vo), (kn, vn) in zip(old, new)]
+                else [(torch.cat((ko, kn)), torch.cat((vo, vn))) for (ko, vo), (kn, vn) in zip(old, new, strict=True)]
             )
         return logits
 

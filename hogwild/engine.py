@@ -100,7 +100,7 @@ class Engine:
         while pending:
             batch = [Row(rows[i].view, rows[i].tokens[done : done + chunk]) for i in pending]
             out = self._forward(batch)
-            for i, row_logits in zip(pending, out):
+            for i, row_logits in zip(pending, out, strict=True):
                 logits[i] = row_logits
             done += chunk
             pending = [i for i in pending if len(rows[i].tokens) > done]
@@ -123,8 +123,9 @@ class Engine:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self.tokenizer.encode_chat(messages)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> Iterator[int]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[int]:
         """Stream the tokens of one completion (eos excluded); stops at eos or params.max_tokens."""
+        params = params or SamplingParams()
         if not prompt_ids:
             raise HogwildError("the prompt is empty")
         if len(prompt_ids) + 1 > self.context_window:
@@ -145,9 +146,10 @@ class Engine:
             feed = [token]
 
     def generate_text(
-        self, prompt_ids: list[int], params: SamplingParams = SamplingParams(), result: Generation | None = None
+        self, prompt_ids: list[int], params: SamplingParams | None = None, result: Generation | None = None
     ) -> Iterator[str]:
         """Stream text deltas of one completion, cut before the first stop string; fills `result` as it goes."""
+        params = params or SamplingParams()
         result = result if result is not None else Generation()
         result.prompt_tokens = len(prompt_ids)
         stream = TextStream(self.tokenizer)

@@ -315,7 +315,7 @@ class Collaboration:
                 passes += 1
                 tokens = sample(logits, self.sampling, generator).tolist()
                 ended = False
-                for w, token in zip(feeding, tokens):
+                for w, token in zip(feeding, tokens, strict=True):
                     w.feed = []
                     if w.closing:  # the step's last token is in the cache now: move the step, open the next
                         yield from self._finish_step(w)

@@ -74,7 +74,8 @@ class LiveView:
         extra = self.passes - self.budget
         bar.add_row(
             ProgressBar(total=self.budget, completed=min(self.passes, self.budget)),
-            f" {min(self.passes, self.budget)}/{self.budget} forward passes" + (f" + {extra} finisher" if extra > 0 else ""),
+            f" {min(self.passes, self.budget)}/{self.budget} forward passes"
+            + (f" + {extra} finisher" if extra > 0 else ""),
         )
         parts.append(bar)
         if self.answer is not None:
