@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from hogwild.cache.blocks import Block
-from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.rope import Rope, apply_rope
 
@@ -72,10 +71,7 @@ class StepPlan:
             assert len({id(block) for block in row.view}) == len(row.view), "a block appears twice in one view"
             assert id(row.own) not in writers, f"two rows write into block {row.own.name!r} in one step"
             writers[id(row.own)] = r
-            if row.context > rope.max_position:
-                raise HogwildError(
-                    f"context of {row.context} tokens is longer than the model's {rope.max_position}-token window"
-                )
+            assert row.context <= rope.max_position, f"row of {row.context} tokens overflows the rope tables"
             row.own.reserve(row.own.length + len(row.tokens))
 
         T = self.width

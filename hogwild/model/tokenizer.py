@@ -19,6 +19,7 @@ import jinja2.sandbox
 import tokenizers
 
 from hogwild.errors import HogwildError
+from hogwild.model.loading import read_json
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -180,15 +181,8 @@ def tojson(
 
 
 def read_tokenizer_config(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HogwildError(f"{path} is not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise HogwildError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    return config
+    """tokenizer_config.json, or {} when the folder has none."""
+    return read_json(path) if path.is_file() else {}
 
 
 def special_tokens(config: dict) -> dict[str, object]:
