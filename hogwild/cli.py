@@ -119,8 +119,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
         for event in _interruptible(events):
             if isinstance(event, Done):
                 result = event.result
+        if result is None:  # interrupted before the run could wind down
+            raise KeyboardInterrupt
         print(json.dumps(_solve_json(result), ensure_ascii=False, indent=2))
-        return 0
+        return 130 if result.finished_by == "interrupted" else 0
     console = Console(stderr=False)
     title = f"hogwild {config.mode}: {config.workers} workers, {config.layout} layout | {args.problem}"
     view = LiveView(run.names, config.budget, console, title)
@@ -129,6 +131,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
             view.update(event)
             if isinstance(event, Done):
                 result = event.result
+    if result is None:
+        raise KeyboardInterrupt
     console.print(
         f"[bold]answer:[/bold] {result.answer if result.answer is not None else '(none)'}   "
         f"finished by {result.finished_by}, {result.forward_passes} forward passes, {result.tokens} tokens, "
@@ -138,6 +142,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         for worker in result.workers:
             console.rule(worker.name)
             console.print(worker.text, markup=False, highlight=False)
+        return 130
     return 0
 
 
