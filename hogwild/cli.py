@@ -133,8 +133,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
                 result = event.result
     if result is None:
         raise KeyboardInterrupt
+    if not console.is_terminal:
+        console.line()  # a live view drawn to a pipe does not end its last line
     console.print(
-        f"[bold]answer:[/bold] {result.answer if result.answer is not None else '(none)'}   "
+        f"[bold]answer:[/bold] {result.answer if result.answer is not None else '(none)'}, "
         f"finished by {result.finished_by}, {result.forward_passes} forward passes, {result.tokens} tokens, "
         f"{result.wall_s:.1f} s, {result.tokens_per_s:.1f} tok/s"
     )
