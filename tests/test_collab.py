@@ -109,6 +109,7 @@ def test_run_stops_on_a_boxed_answer(tokenizer):
     assert result.finished_by == "answer"
     assert result.forward_passes < 60
     assert "never comes" not in result.workers[0].text
+    assert result.workers[0].text.endswith("So the answer is \\boxed{5}.\n\n")  # no header opened after the answer
 
 
 def test_budget_ends_the_run_through_the_finisher(tokenizer):

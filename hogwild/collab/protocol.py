@@ -266,7 +266,7 @@ class Collaboration:
         self.history.append(HistoryEntry(w.index, w.step, w.step_text))
         events: list[Event] = [StepFinished(w.index, w.step, w.step_text)]
         self._look_for_answer(w, w.step_text)
-        return events + self._start_step(w)
+        return events if self.answer is not None else events + self._start_step(w)
 
     def _look_for_answer(self, w: _Worker, text: str) -> None:
         found = boxed_answer(text)
