@@ -174,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    gen = sub.add_parser("generate", help="stream one completion", description="Stream the model's reply to PROMPT.")
+    gen = sub.add_parser(
+        "generate",
+        help="stream one completion",
+        description="Stream the model's reply to PROMPT.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     gen.add_argument("prompt", help="the user message (or plain text with --raw)")
     gen.add_argument("--raw", action="store_true", help="plain completion: no chat template")
     gen.add_argument("--system", default=None, help="system message for the chat template")
@@ -189,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run N workers of one model on PROBLEM with one shared KV cache, shown side by side as they "
         "write. The run stops at the first finished step with a \\boxed{} answer, or at the budget of forward "
         "passes, where a finisher asks for the answer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     solve.add_argument("problem", help="the problem to solve; ask for the answer in \\boxed{}")
     solve.add_argument(
