@@ -121,7 +121,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
                 result = event.result
         if result is None:  # interrupted before the run could wind down
             raise KeyboardInterrupt
-        print(json.dumps(_solve_json(result), ensure_ascii=False, indent=2))
+        print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
         return 130 if result.finished_by == "interrupted" else 0
     console = Console(stderr=False)
     title = f"hogwild {config.mode}: {config.workers} workers, {config.layout} layout | {args.problem}"
@@ -158,12 +158,6 @@ def _interruptible(events):
             yield from events
         except (KeyboardInterrupt, StopIteration):
             return
-
-
-def _solve_json(result) -> dict:
-    out = result.to_dict()
-    out["tokens_per_worker"] = {w.name: w.tokens for w in result.workers}
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -138,6 +138,7 @@ class SolveResult:
             "elapsed_s": round(self.wall_s, 3),
             "tokens_per_s": round(self.tokens_per_s, 2),
             "prompt_tokens": self.prompt_tokens,
+            "tokens_per_worker": {w.name: w.tokens for w in self.workers},
             "workers": [{"name": w.name, "text": w.text, "tokens": w.tokens, "steps": w.steps} for w in self.workers],
             "history": [{"worker": self.workers[h.worker].name, "step": h.step, "text": h.text} for h in self.history],
         }
