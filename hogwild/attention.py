@@ -58,7 +58,7 @@ class _BlockRead:
 class StepPlan:
     """Per-step attention metadata of the fast path. Build, run the model forward with it, then `commit()`."""
 
-    def __init__(self, rows: list[Row], config: ModelConfig, rope: Rope) -> None:
+    def __init__(self, rows: list[Row], config: ModelConfig, rope: Rope, out_dtype: torch.dtype | None = None) -> None:
         assert rows, "a step needs at least one row"
         self.rows = rows
         self.config = config
@@ -81,7 +81,7 @@ class StepPlan:
             [[row.own.length + t for t in ts] for row, ts in zip(rows, t_eff, strict=True)], device=device
         )
         self.cos_k = rope.cos[local].unsqueeze(2)  # [R, T, 1, D] for k: [R, T, kv_heads, D]
-        self.sin_k = rope.sin[local].unsqueeze(2)
+        self.sin_k = rope.signed_sin[local].unsqueeze(2)
         self.writes = [(row.own, row.own.length, len(row.tokens)) for row in rows]
 
         # blocks in first-appearance order; each (block, row) pair that sees any key becomes one stacked query row
@@ -124,28 +124,32 @@ class StepPlan:
         self.pairs = len(pair_rows)
         self.pair_rows = torch.tensor(pair_rows, device=device)
         delta = torch.tensor(deltas, device=device)  # [P, T]
-        self.cos_q = rope.cos[delta][None, :, :, None, :]  # [1, P, T, 1, D] for q: [kv_heads, P, T, group, D]
-        self.sin_q = rope.sin[delta][None, :, :, None, :]
+        # the softmax scale rides on the query rotation: [1, P, T, 1, D] for q: [kv_heads, P, T, group, D]
+        scale = config.head_dim**-0.5
+        self.cos_q = (rope.cos[delta] * scale)[None, :, :, None, :]
+        self.sin_q = (rope.signed_sin[delta] * scale)[None, :, :, None, :]
         # one pair per row (no view spans several blocks with keys) needs no merge
         self.single = self.pairs == self.batch
         if self.single:
             assert pair_rows == list(range(self.batch)), "single-block rows must read in row order"
         kvh, g = config.num_kv_heads, config.group_size
         self.merge_index = self.pair_rows.view(1, -1, 1, 1).expand(kvh, self.pairs, T, g)
-        self.scale = config.head_dim**-0.5
+        self.dtype = rope.cos.dtype  # q, k, v come in the cache's dtype
+        self.out_dtype = out_dtype or self.dtype  # the model's dtype, for the output projection
+        self.out = None  # [R, T, heads * D] output buffer, reused by every layer
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [R, T, heads, D]; k, v: [R, T, kv_heads, D] (not rotated) -> attention output [R, T, heads * D]."""
+        """q: [R, T, heads, D]; k, v: [R, T, kv_heads, D] (not rotated, in `self.dtype`) -> [R, T, heads * D]
+
+        in `self.out_dtype` (the model's dtype); the returned tensor is reused by the next layer's call."""
         R, T, H, D = q.shape
         kvh, g = self.config.num_kv_heads, self.config.group_size
-        out_dtype = q.dtype
-        q, k, v = (x.to(self.cos_k.dtype) for x in (q, k, v))  # the cache's dtype (float32 on CPU)
         k = apply_rope(k, self.cos_k, self.sin_k)
         kv_new = torch.stack((k, v), dim=1).transpose(2, 3)  # [R, 2, kv_heads, T, D]
         for r, (block, start, n) in enumerate(self.writes):
             block.kv[layer, :, :, start : start + n] = kv_new[r, :, :, :n]
 
-        qg = (q * self.scale).view(R, T, kvh, g, D).permute(2, 0, 1, 3, 4)  # [kv_heads, R, T, group, D]
+        qg = q.view(R, T, kvh, g, D).permute(2, 0, 1, 3, 4)  # [kv_heads, R, T, group, D]
         if not self.single:
             qg = qg.index_select(1, self.pair_rows)  # [kv_heads, P, T, group, D]
         qg = apply_rope(qg, self.cos_q, self.sin_q)
@@ -172,7 +176,9 @@ class StepPlan:
             out = out.view(kvh, R, T, g, D)
         else:
             out = self._merge(torch.cat(maxes, 1), torch.cat(sums, 1), torch.cat(outs, 1), R)
-        return out.permute(1, 2, 0, 3, 4).reshape(R, T, H * D).to(out_dtype)
+        if self.out is None:
+            self.out = torch.empty((R, T, kvh, g, D), dtype=self.out_dtype, device=out.device)
+        return self.out.copy_(out.permute(1, 2, 0, 3, 4)).view(R, T, H * D)
 
     def _merge(self, maxes: torch.Tensor, sums: torch.Tensor, outs: torch.Tensor, R: int) -> torch.Tensor:
         """Exact log-sum-exp merge of per-block partials. maxes, sums: [kv_heads, P, T, group]; outs: [..., D]."""
@@ -209,6 +215,7 @@ class FlatReference:
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
         self.inv_freq = config.inv_freq().double()
+        self.dtype = torch.float32  # of the q, k, v it is given (it computes in float64)
         self.raw: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # name -> per layer (k, v): [L, kvh, D]
         self._row: Row | None = None
 
@@ -278,4 +285,4 @@ class FlatReference:
         scores = scores.masked_fill(~causal, float("-inf"))
         out = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), values)
         self._pending.append((k[0].clone(), v[0].clone()))
-        return out.to(q.dtype).reshape(1, n, -1)
+        return out.float().reshape(1, n, -1)

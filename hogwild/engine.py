@@ -110,7 +110,7 @@ class Engine:
         width = max(len(row.tokens) for row in rows)
         tokens = torch.tensor([row.tokens + [0] * (width - len(row.tokens)) for row in rows])  # [R, T], 0-padded
         last = torch.tensor([len(row.tokens) - 1 for row in rows])
-        plan = StepPlan(rows, self.model_config, self.rope)
+        plan = StepPlan(rows, self.model_config, self.rope, out_dtype=self.model.dtype)
         logits = self.model.forward(tokens, plan, logits_at=last)
         plan.commit()
         return logits.float()

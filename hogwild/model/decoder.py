@@ -47,6 +47,8 @@ class Linear:
 
 
 class Attention(Protocol):
+    dtype: torch.dtype  # q, k, v are handed over in this dtype
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -64,6 +66,8 @@ class Layer:
     def __post_init__(self) -> None:
         self.input_norm_f32 = self.input_norm.float()
         self.post_norm_f32 = self.post_norm.float()
+        self.q_norm_f32 = None if self.q_norm is None else self.q_norm.float()
+        self.k_norm_f32 = None if self.k_norm is None else self.k_norm.float()
 
 
 class Decoder:
@@ -128,14 +132,15 @@ class Decoder:
         x = F.embedding(tokens.to(self.device), self.embed).float()  # [R, T, hidden]
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm_f32, eps).to(dtype)
-            q, k, v = layer.qkv(h).split((H * D, KV * D, KV * D), dim=-1)
+            q, k, v = layer.qkv(h).to(attention.dtype).split((H * D, KV * D, KV * D), dim=-1)
             q = q.view(R, T, H, D)
             k = k.view(R, T, KV, D)
             v = v.view(R, T, KV, D)
             if layer.q_norm is not None:
-                q = F.rms_norm(q, (D,), layer.q_norm, eps)
-                k = F.rms_norm(k, (D,), layer.k_norm, eps)
-            x += layer.o(attention.attend(i, q, k, v))
+                # per-head q/k norm (Qwen3) in float32, like the residual stream's norms
+                q = F.rms_norm(q.float(), (D,), layer.q_norm_f32, eps).to(attention.dtype)
+                k = F.rms_norm(k.float(), (D,), layer.k_norm_f32, eps).to(attention.dtype)
+            x += layer.o(attention.attend(i, q, k, v).to(dtype))
             h = _rms_norm(x, layer.post_norm_f32, eps).to(dtype)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x += layer.down(F.silu(gate) * up)

@@ -16,9 +16,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [..., head_dim] by angles whose cos/sin broadcast against it."""
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., head_dim] by angles whose cos and signed sin (see `sign_sin`) broadcast against it.
+
+    Equals x * cos + rotate_half(x) * sin; rolling the halves and folding the sign into the table takes two
+    fewer ops than slicing, negating and concatenating."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def sign_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated, for `apply_rope`."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 class Rope:
@@ -30,9 +39,10 @@ class Rope:
         angles = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_dim]
         self.cos = angles.cos().to(dtype)
         self.sin = angles.sin().to(dtype)
+        self.signed_sin = sign_sin(self.sin)
 
     def angles_for(self, delta: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [head_dim] for one (possibly negative) position shift, computed in float32."""
+        """cos and signed sin [head_dim] for one (possibly negative) position shift, computed in float32."""
         freqs = delta * self.inv_freq
         angles = torch.cat((freqs, freqs))
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return angles.cos().to(dtype), sign_sin(angles.sin()).to(dtype)
