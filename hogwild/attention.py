@@ -12,7 +12,7 @@ the same step become visible at the next step. This keeps rows independent, whic
 
 `StepPlan` is the per-step metadata of the fast path (built once, read by every layer); `FlatReference` is the
 brutal, obviously correct path: each row alone, its view's un-rotated keys concatenated into one flat sequence,
-standard RoPE at flat positions, one float32 softmax. Both expose `attend(layer, q, k, v)` for the decoder.
+standard RoPE at flat positions, one float64 softmax. Both expose `attend(layer, q, k, v)` for the decoder.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ class StepPlan:
         for row in rows:
             for block in row.view:
                 order.setdefault(id(block), block)
+        # flat position of each row's first new token
+        firsts = [_offset_in_view(row.view, row.own) + row.own.length for row in rows]
         pair_rows: list[int] = []
         deltas: list[list[int]] = []
         self.reads: list[_BlockRead] = []
@@ -101,9 +103,8 @@ class StepPlan:
                 offset = _offset_in_view(row.view, block)
                 if offset is None or (r != writer and block.length == 0):
                     continue
-                first = _offset_in_view(row.view, row.own) + row.own.length  # flat position of the row's first token
                 pair_rows.append(r)
-                deltas.append([first + t - offset for t in t_eff[r]])
+                deltas.append([firsts[r] + t - offset for t in t_eff[r]])
                 if new:
                     # owner: causal over the new keys; others: none of them (they land at the next step)
                     visible = (
@@ -224,16 +225,17 @@ class FlatReference:
         return 0 if store is None else store[0][0].shape[0]
 
     def move(self, src: Block, dst: Block) -> None:
-        if self.length(src) == 0:
-            return
-        if self.length(dst) == 0:
-            self.raw[dst.name] = self.raw[src.name]
-        else:
-            self.raw[dst.name] = [
-                (torch.cat((kd, ks)), torch.cat((vd, vs)))
-                for (kd, vd), (ks, vs) in zip(self.raw[dst.name], self.raw[src.name], strict=True)
-            ]
-        del self.raw[src.name]
+        if self.length(src):
+            self._append(dst, self.raw.pop(src.name))
+
+    def _append(self, block: Block, new: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Append per-layer raw (k, v) to the block's store."""
+        old = self.raw.get(block.name)
+        self.raw[block.name] = (
+            new
+            if old is None
+            else [(torch.cat((ko, kn)), torch.cat((vo, vn))) for (ko, vo), (kn, vn) in zip(old, new, strict=True)]
+        )
 
     def clear(self, block: Block) -> None:
         self.raw.pop(block.name, None)
@@ -251,12 +253,7 @@ class FlatReference:
                 self._row = None
             pending.append(self._pending)
         for row, new in zip(rows, pending, strict=True):
-            old = self.raw.get(row.own.name)
-            self.raw[row.own.name] = (
-                new
-                if old is None
-                else [(torch.cat((ko, kn)), torch.cat((vo, vn))) for (ko, vo), (kn, vn) in zip(old, new, strict=True)]
-            )
+            self._append(row.own, new)
         return logits
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -365,7 +365,7 @@ class Collaboration:
         stream = TextStream(self.tokenizer)
         passes = 0
         for _ in range(self.config.finisher_tokens):
-            if sum(block.length for block in view) + len(feed) > self.engine.context_window:
+            if Row(view, feed).context > self.engine.context_window:
                 break
             logits = self.engine.step([Row(view, feed)])
             passes += 1
