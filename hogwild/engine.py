@@ -9,6 +9,7 @@ single-stream loop on top of it: prepare -> run model -> sample -> postprocess, 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,25 +20,27 @@ from hogwild.cache.blocks import KVCache
 from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
+from hogwild.model.kernels import DTYPE_CHOICES, LINEARS, KernelChoice, choose
 from hogwild.model.loading import load_state_dict, read_config, resolve_model_dir
 from hogwild.model.rope import Rope
 from hogwild.model.tokenizer import TextStream, Tokenizer
 from hogwild.sampling import SamplingParams, sample
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # a Hugging Face folder or a .gguf file; None: the default SmolLM2-135M-Instruct
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # weights dtype; auto: the fastest this machine runs natively (see hogwild.model.kernels)
+    linear: str = "auto"  # linear kernel: onednn (prepacked weights, CPU), aten (F.linear); auto: by machine
     threads: int = 0  # torch CPU threads; 0: one per core
     device: str = "cpu"
     prefill_chunk: int = 512  # tokens of one row fed per forward at most
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise HogwildError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise HogwildError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+        if self.linear not in LINEARS:
+            raise HogwildError(f"unknown linear kernel {self.linear!r}: choose one of {', '.join(LINEARS)}")
         if self.threads < 0:
             raise HogwildError(f"threads must be >= 0, got {self.threads}")
         if self.prefill_chunk < 1:
@@ -57,8 +60,15 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, model: Decoder, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(
+        self,
+        model: Decoder,
+        tokenizer: Tokenizer,
+        config: EngineConfig = EngineConfig(),
+        kernels: KernelChoice | None = None,
+    ) -> None:
         self.model = model
+        self.kernels = kernels or KernelChoice(model.dtype, "aten", "given a built decoder")
         self.tokenizer = tokenizer
         self.config = config
         self.model_config: ModelConfig = model.config
@@ -71,13 +81,16 @@ class Engine:
     def load(cls, config: EngineConfig = EngineConfig()) -> Engine:
         """Load a model folder or .gguf (the default model when config.model is None)."""
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
+        kernels = choose(config.dtype, config.linear, config.device)
+        if kernels.warning:
+            print(f"hogwild: note: {kernels.warning}", file=sys.stderr)
         folder = resolve_model_dir(config.model)
         hf = read_config(folder)
         model_config = ModelConfig.from_hf(hf)
         tokenizer = Tokenizer.from_folder(folder, extra_eos_ids=model_config.eos_token_ids)
         weights = load_state_dict(folder)
-        model = Decoder(model_config, weights, DTYPES[config.dtype], config.device)
-        return cls(model, tokenizer, config)
+        model = Decoder(model_config, weights, kernels.dtype, config.device, kernels.linear)
+        return cls(model, tokenizer, config, kernels)
 
     @property
     def context_window(self) -> int:

@@ -16,29 +16,9 @@ import torch.nn.functional as F
 
 from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
+from hogwild.model.kernels import Linear
 
 REFINE_MARGIN = 1.0  # bf16 logits this close to the best are recomputed in float32 (bf16 error is ~0.1 at 25)
-
-
-class Linear:
-    """y = x @ W.T (+ b). On CPU in bf16 the weight is prepacked for oneDNN, whose bf16 kernels beat aten's
-    unpacked matmul by about 1.5x at decode batch sizes on AVX-512 machines; elsewhere it is plain F.linear."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight = weight
-        self.bias = bias
-        self.packed = None
-        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.weight.shape
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
 
 
 class Attention(Protocol):
@@ -66,10 +46,21 @@ class Layer:
 
 
 class Decoder:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str = "cpu"):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: str = "cpu",
+        linear: str = "aten",
+    ) -> None:
+        """`linear` is the kernel every projection runs ("onednn" or "aten"), chosen by `hogwild.model.kernels`."""
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
+
+        def project(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+            return Linear(weight, bias, linear)
 
         def take(name: str, required: bool = True) -> torch.Tensor | None:
             tensor = weights.get(name)
@@ -89,7 +80,7 @@ class Decoder:
         self.lm_head = self.embed if c.tie_embeddings else take("lm_head.weight", required=False)
         if self.lm_head is None:
             self.lm_head = self.embed  # checkpoints that tie weights without saying so
-        self.lm_head_linear = Linear(self.lm_head)
+        self.lm_head_linear = project(self.lm_head)
         self.layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
@@ -100,15 +91,15 @@ class Decoder:
             self.layers.append(
                 Layer(
                     input_norm=take(p + "input_layernorm.weight"),
-                    qkv=Linear(torch.cat(attn).contiguous(), bias),
+                    qkv=project(torch.cat(attn).contiguous(), bias),
                     q_norm=take(p + "self_attn.q_norm.weight") if c.qk_norm else None,
                     k_norm=take(p + "self_attn.k_norm.weight") if c.qk_norm else None,
-                    o=Linear(take(p + "self_attn.o_proj.weight")),
+                    o=project(take(p + "self_attn.o_proj.weight")),
                     post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=Linear(
+                    gate_up=project(
                         torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]).contiguous()
                     ),
-                    down=Linear(take(p + "mlp.down_proj.weight")),
+                    down=project(take(p + "mlp.down_proj.weight")),
                 )
             )
             expected = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
@@ -149,8 +140,8 @@ class Decoder:
         In bf16 the logits near 25 are 0.125 apart, so rounding would settle near-ties. The candidates within
         REFINE_MARGIN of the best are recomputed in float32 from the same weights: the top of the distribution,
         which greedy decoding and nucleus sampling read, is exact, and the full-vocabulary matmul stays bf16."""
-        if self.lm_head.dtype == torch.float32:
-            return F.linear(x, self.lm_head)
+        if self.dtype == torch.float32:
+            return self.lm_head_linear(x)
         flat = x.reshape(-1, x.shape[-1])
         logits = self.lm_head_linear(flat.to(self.dtype)).float()  # [N, vocab]
         best = logits.amax(dim=-1, keepdim=True)

@@ -1,0 +1,173 @@
+"""Which weight dtype and linear kernel the decoder runs on this machine, and the `Linear` that runs it.
+
+The choice is made once, from what torch and the CPU report, never by trying a matmul and catching the error:
+
+- CUDA: bf16 (fp16 where the GPU has no bf16), aten's `F.linear`.
+- CPU whose oneDNN has a native bf16 path (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`, which honours
+  `ONEDNN_MAX_CPU_ISA`, and a bf16 conversion instruction in the CPU flags: avx512_bf16, amx_bf16 or
+  avx_ne_convert): bf16 weights prepacked for oneDNN, about 1.5-2x aten's bf16 at decode batch sizes.
+- any other CPU (AVX2 without native bf16): float32 weights prepacked for oneDNN. On such CPUs aten's bf16 matmul
+  is emulated and scales badly with rows, and MKL's small-batch float32 GEMM is 2-3x slower than oneDNN's.
+
+An explicit `--dtype` or `--linear` is honoured; a combination this CPU cannot run natively still runs (unpacked
+aten) and says in one line why it will be slow, and a combination it cannot run at all is one clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from hogwild.errors import HogwildError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+LINEARS = ("auto", "onednn", "aten")  # onednn: weights prepacked once for oneDNN; aten: F.linear on plain weights
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert")
+NATIVE_FP16_FLAGS = ("avx512_fp16", "amx_fp16")
+
+
+@dataclass(frozen=True)
+class CpuFacts:
+    """What torch and the CPU report about the kernels this process can run."""
+
+    capability: str  # torch.backends.cpu.get_cpu_capability(): "AVX512", "AVX2", "DEFAULT", ... (ATEN_CPU_CAPABILITY)
+    flags: frozenset[str]  # from /proc/cpuinfo; empty where it cannot be read
+    onednn: bool  # torch built with oneDNN (mkldnn)
+    onednn_bf16: bool  # oneDNN can run bf16 here (honours ONEDNN_MAX_CPU_ISA)
+    onednn_fp16: bool
+    onednn_isa_limit: str | None  # ONEDNN_MAX_CPU_ISA, when set
+
+    @classmethod
+    def detect(cls) -> CpuFacts:
+        return _detect()
+
+    def has(self, names: tuple[str, ...]) -> str | None:
+        """The first of `names` among the CPU flags, or None."""
+        return next((name for name in names if name in self.flags), None)
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.onednn_bf16 and self.has(NATIVE_BF16_FLAGS) is not None
+
+    @property
+    def native_fp16(self) -> bool:
+        return self.onednn_fp16 and self.has(NATIVE_FP16_FLAGS) is not None
+
+
+@cache
+def _detect() -> CpuFacts:
+    flags: frozenset[str] = frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+        flags = frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass  # not Linux: fall back to what torch says alone
+    onednn = torch.backends.mkldnn.is_available()
+    return CpuFacts(
+        capability=torch.backends.cpu.get_cpu_capability(),
+        flags=flags,
+        onednn=onednn,
+        onednn_bf16=onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+        onednn_fp16=onednn and torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+        onednn_isa_limit=os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
+    )
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The weight dtype and linear kernel of one engine, and why."""
+
+    dtype: torch.dtype
+    linear: str  # "onednn" or "aten"
+    reason: str
+    warning: str | None = None  # one line for the user when an explicit choice runs slowly here
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def describe(self) -> str:
+        kernel = "linears prepacked for oneDNN" if self.linear == "onednn" else "linears through aten's F.linear"
+        return f"{self.dtype_name} weights, {kernel} ({self.reason})"
+
+
+def choose(
+    dtype: str = "auto", linear: str = "auto", device: str = "cpu", facts: CpuFacts | None = None
+) -> KernelChoice:
+    """The dtype and linear kernel for `device`, given what the user asked for ("auto" lets the machine decide)."""
+    if dtype not in DTYPE_CHOICES:
+        raise HogwildError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    if linear not in LINEARS:
+        raise HogwildError(f"unknown linear kernel {linear!r}: choose one of {', '.join(LINEARS)}")
+    if torch.device(device).type == "cuda":
+        return _choose_cuda(dtype, linear)
+    return _choose_cpu(dtype, linear, facts or CpuFacts.detect())
+
+
+def _choose_cuda(dtype: str, linear: str) -> KernelChoice:
+    if linear == "onednn":
+        raise HogwildError("--linear onednn is a CPU kernel; on CUDA use --linear auto or aten")
+    if dtype != "auto":
+        return KernelChoice(DTYPES[dtype], "aten", f"{dtype} asked for")
+    if torch.cuda.is_bf16_supported():
+        return KernelChoice(torch.bfloat16, "aten", "the GPU runs bf16")
+    return KernelChoice(torch.float16, "aten", "the GPU has no bf16")
+
+
+def _choose_cpu(dtype: str, linear: str, facts: CpuFacts) -> KernelChoice:
+    if linear == "onednn" and not facts.onednn:
+        raise HogwildError("--linear onednn asked for, but this torch build has no oneDNN; use --linear aten")
+    cpu = f"CPU capability {facts.capability}"
+    if facts.onednn_isa_limit:
+        cpu += f", oneDNN limited to {facts.onednn_isa_limit}"
+    bf16_flag = facts.has(NATIVE_BF16_FLAGS)
+    if dtype == "auto":
+        if facts.native_bf16 and linear != "aten":
+            return KernelChoice(torch.bfloat16, "onednn", f"{cpu}; oneDNN bf16 with native {bf16_flag}")
+        if not facts.onednn or linear == "aten":
+            why = "asked for" if linear == "aten" else "torch has no oneDNN"
+            return KernelChoice(torch.float32, "aten", f"{cpu}; aten linears {why}")
+        missing = "oneDNN has no bf16 path here" if not facts.onednn_bf16 else "the CPU has no native bf16"
+        return KernelChoice(torch.float32, "onednn", f"{cpu}; {missing}, so float32 through oneDNN")
+
+    wanted = DTYPES[dtype]
+    supported = {torch.float32: facts.onednn, torch.bfloat16: facts.onednn_bf16, torch.float16: facts.onednn_fp16}
+    native = {torch.float32: facts.onednn, torch.bfloat16: facts.native_bf16, torch.float16: facts.native_fp16}
+    if linear == "onednn" and not supported[wanted]:
+        raise HogwildError(
+            f"--linear onednn cannot run {dtype} on this CPU ({cpu}; oneDNN's {dtype} path needs "
+            f"{' or '.join(NATIVE_BF16_FLAGS if wanted == torch.bfloat16 else NATIVE_FP16_FLAGS)} or AVX-512); "
+            "use --linear aten or --dtype auto"
+        )
+    if linear == "aten" or (linear == "auto" and not native[wanted]):
+        warning = None
+        if wanted != torch.float32 and not native[wanted]:
+            warning = (
+                f"{dtype} asked for, but this CPU has no native {dtype} kernels ({cpu}): it runs through aten's "
+                "emulated path and will be slow; --dtype auto picks the fastest dtype for this machine"
+            )
+        return KernelChoice(wanted, "aten", f"{cpu}; {dtype} with aten linears", warning)
+    return KernelChoice(wanted, "onednn", f"{cpu}; {dtype} through oneDNN")
+
+
+class Linear:
+    """y = x @ W.T (+ b), with the weight prepacked for oneDNN once at load (`kernel="onednn"`) or plain."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "aten") -> None:
+        assert kernel in ("onednn", "aten"), f"unknown linear kernel {kernel!r}"
+        self.shape = weight.shape
+        self.bias = bias
+        # the packed copy replaces the plain weight, which is not kept: holding both would double the memory
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if kernel == "onednn" else weight
+        self.packed = kernel == "onednn"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
