@@ -273,7 +273,7 @@ def _row_dict(m: Measurement, engine: Engine, repeats: int, **extra: object) -> 
     row.update(
         model=engine.config.model or "SmolLM2-135M-Instruct",
         dtype=engine.kernels.dtype_name,
-        linear=engine.kernels.linear,
+        linear=engine.kernels.linear if m.engine == "hogwild" else "aten",
         threads=torch.get_num_threads(),
         device=str(engine.model.device),
         repeats=repeats,

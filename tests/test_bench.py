@@ -7,21 +7,23 @@ import pytest
 import torch
 
 from hogwild.cli import main
+from hogwild.model.kernels import choose
 from hogwild.model.loading import read_config
 
 torch.set_num_threads(1)
 
-FIELDS = {"engine", "workers", "context", "tokens_per_s", "step_ms", "kv_bytes", "dtype", "threads", "seconds"}
+FIELDS = {"engine", "workers", "context", "tokens_per_s", "step_ms", "kv_bytes", "dtype", "linear", "threads"}
+AUTO = choose()  # the benches run --dtype auto: bf16 on CPUs with native bf16, float32 elsewhere
 
 
 @pytest.fixture(scope="module")
 def token_bytes(default_model_dir: Path) -> dict[str, int]:
-    """K/V bytes per cached token: hogwild keeps float32 on CPU, transformers the bf16 of the weights."""
+    """K/V bytes per cached token: hogwild keeps float32 on CPU, transformers the dtype of the weights."""
     config = read_config(default_model_dir)
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     elements = config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim
-    return {"hogwild": 4 * elements, "transformers": 2 * elements}
+    return {"hogwild": 4 * elements, "transformers": AUTO.dtype.itemsize * elements}
 
 
 def run_json(capsys: pytest.CaptureFixture, *argv: str) -> list[dict]:
@@ -35,7 +37,11 @@ def check_rows(rows: list[dict]) -> None:
         assert row["tokens_per_s"] > 0 and row["step_ms"] > 0 and row["kv_bytes"] > 0
         assert row["tokens_per_s"] == pytest.approx(row["workers"] * row["steps"] / row["seconds"])
         assert row["step_ms"] == pytest.approx(1000 * row["seconds"] / row["steps"])
-        assert row["dtype"] == "bfloat16" and row["threads"] == 1
+        assert (row["dtype"], row["linear"], row["threads"]) == (
+            AUTO.dtype_name,
+            AUTO.linear if row["engine"] == "hogwild" else "aten",
+            1,
+        )
 
 
 def test_decode_rows(capsys: pytest.CaptureFixture, token_bytes: dict[str, int]) -> None:

