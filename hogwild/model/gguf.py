@@ -394,15 +394,17 @@ def write_safetensors(path: Path, tensors: list[GgufTensor], label: str) -> None
 
 
 def progress_bar():
-    """A byte-counting progress bar on stderr that disappears when done (rich draws nothing off a terminal)."""
+    """A byte-counting progress bar on stderr that disappears when done; none when stderr is not a terminal."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+    console = Console(file=sys.stderr)
     return Progress(
         TextColumn("hogwild: {task.description}"),
         BarColumn(),
         DownloadColumn(),
         TimeRemainingColumn(),
-        console=Console(file=sys.stderr),
+        console=console,
         transient=True,
+        disable=not console.is_terminal,
     )
