@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-from hogwild.collab.protocol import CollabConfig, Collaboration, Done, Event, SolveResult
+from hogwild.collab.protocol import CollabConfig, Collaboration, Event, SolveResult
 from hogwild.engine import Engine, EngineConfig
+from hogwild.runs import Done
 from hogwild.sampling import SamplingParams
 
 _ENGINES: dict[EngineConfig, Engine] = {}
@@ -41,8 +42,8 @@ def _split(kwargs: dict) -> tuple[CollabConfig, SamplingParams]:
 def solve_stream(problem: str, engine: Engine | None = None, **kwargs) -> Iterator[Event]:
     """Yield the events of one collaborative run; keyword arguments are CollabConfig and SamplingParams fields."""
     config, sampling = _split(kwargs)
-    run = Collaboration(engine or load(), problem, config, sampling)
-    yield from run.run()
+    engine = engine or load()
+    yield from engine.stream(Collaboration(engine, problem, config, sampling))
 
 
 def solve(problem: str, engine: Engine | None = None, **kwargs) -> SolveResult:

@@ -28,7 +28,9 @@ from hogwild.model.rope import Rope, apply_rope
 
 @dataclass
 class Row:
-    """One batch row of a step: `tokens` are appended to `view[-1]`, attending over the whole view."""
+    """One row of a step: `tokens` are appended to `view[-1]` (the row's own block), attending over the whole view.
+
+    The own block is read whole; every other block only up to its `published` length (see `cache/blocks.py`)."""
 
     view: list[Block]
     tokens: list[int]
@@ -38,161 +40,168 @@ class Row:
         return self.view[-1]
 
     @property
+    def first_position(self) -> int:
+        """Flat position of the row's first new token in its view."""
+        return sum(block.published for block in self.view[:-1]) + self.own.length
+
+    @property
     def context(self) -> int:
         """Flat length of the view once the row's tokens are written."""
-        return sum(block.length for block in self.view) + len(self.tokens)
+        return self.first_position + len(self.tokens)
 
 
 @dataclass
 class _BlockRead:
-    """How one block is read in a step: by the pairs [start, end) of the stacked query rows."""
+    """How one block is read in a step: by the query slots [start, end) (a slot is one token of one reading row)."""
 
     block: Block
     start: int
     end: int
-    length: int  # keys visible to the owner, new tokens included
-    old_length: int  # keys committed before the step: all that non-owners see
-    tail_mask: torch.Tensor | None  # [rows, T, 1, new] additive mask over the new keys, or None when all visible
+    length: int  # keys read: the owner's view of the block, new tokens included, or `published` without an owner
+    published: int  # keys every slot may see; past this, `tail_mask` decides
+    tail_mask: torch.Tensor | None  # [slots, 1, length - published] additive mask, or None when all visible
 
 
 class StepPlan:
-    """Per-step attention metadata of the fast path. Build, run the model forward with it, then `commit()`."""
+    """Per-step attention metadata of the fast path over a flat batch of rows (no padding).
+
+    Build it, run the model forward on the rows' tokens concatenated, then `commit()`. Row r's tokens sit at flat
+    indices `starts[r]:starts[r] + len(rows[r].tokens)`."""
 
     def __init__(self, rows: list[Row], config: ModelConfig, rope: Rope, out_dtype: torch.dtype | None = None) -> None:
         assert rows, "a step needs at least one row"
         self.rows = rows
         self.config = config
-        self.batch = len(rows)
-        self.width = max(len(row.tokens) for row in rows)  # T: rows shorter than this are padded
         device = rope.cos.device
         writers: dict[int, int] = {}
+        self.starts: list[int] = []
+        total = 0
         for r, row in enumerate(rows):
             assert row.tokens, "a row must feed at least one token"
             assert len({id(block) for block in row.view}) == len(row.view), "a block appears twice in one view"
             assert id(row.own) not in writers, f"two rows write into block {row.own.name!r} in one step"
             writers[id(row.own)] = r
             assert row.context <= rope.max_position, f"row of {row.context} tokens overflows the rope tables"
-            row.own.reserve(row.own.length + len(row.tokens))
+            assert row.own.writer and row.own.capacity >= row.own.length + len(row.tokens), (
+                f"block {row.own.name!r} was not reserved for this step"
+            )
+            self.starts.append(total)
+            total += len(row.tokens)
+        self.tokens = total  # N
+        local = torch.tensor([row.own.length + t for row in rows for t in range(len(row.tokens))], device=device)
+        self.cos_k = rope.cos[local].unsqueeze(1)  # [N, 1, D] for k: [N, kv_heads, D]
+        self.sin_k = rope.signed_sin[local].unsqueeze(1)
+        self.writes = [(row.own, row.own.length, len(row.tokens), self.starts[r]) for r, row in enumerate(rows)]
 
-        T = self.width
-        # t_eff: padded query slots repeat the row's last real position, keeping every angle inside the tables
-        t_eff = [[min(t, len(row.tokens) - 1) for t in range(T)] for row in rows]
-        local = torch.tensor(
-            [[row.own.length + t for t in ts] for row, ts in zip(rows, t_eff, strict=True)], device=device
-        )
-        self.cos_k = rope.cos[local].unsqueeze(2)  # [R, T, 1, D] for k: [R, T, kv_heads, D]
-        self.sin_k = rope.signed_sin[local].unsqueeze(2)
-        self.writes = [(row.own, row.own.length, len(row.tokens)) for row in rows]
-
-        # blocks in first-appearance order; each (block, row) pair that sees any key becomes one stacked query row
+        # blocks in first-appearance order; each (block, token of a row that sees it) pair is one query slot
         order: dict[int, Block] = {}
         for row in rows:
             for block in row.view:
                 order.setdefault(id(block), block)
-        # flat position of each row's first new token
-        firsts = [_offset_in_view(row.view, row.own) + row.own.length for row in rows]
-        pair_rows: list[int] = []
-        deltas: list[list[int]] = []
+        firsts = [row.first_position for row in rows]
+        slot_tokens: list[int] = []
+        deltas: list[int] = []
         self.reads: list[_BlockRead] = []
         for block in order.values():
             writer = writers.get(id(block))
             new = len(rows[writer].tokens) if writer is not None else 0
-            start = len(pair_rows)
+            length = block.length + new if writer is not None else block.published
+            start = len(slot_tokens)
             masks = []
             for r, row in enumerate(rows):
                 offset = _offset_in_view(row.view, block)
-                if offset is None or (r != writer and block.length == 0):
+                if offset is None or (r != writer and block.published == 0):
                     continue
-                pair_rows.append(r)
-                deltas.append([firsts[r] + t - offset for t in t_eff[r]])
-                if new:
-                    # owner: causal over the new keys; others: none of them (they land at the next step)
-                    visible = (
-                        torch.ones(T, new, dtype=torch.bool).tril()
-                        if r == writer
-                        else torch.zeros(T, new, dtype=torch.bool)
-                    )
+                n = len(row.tokens)
+                slot_tokens.extend(range(self.starts[r], self.starts[r] + n))
+                deltas.extend(firsts[r] + t - offset for t in range(n))
+                if length > block.published:
+                    # the owner: all of its block, causal over the new keys; others: nothing past `published`
+                    visible = torch.zeros(n, length - block.published, dtype=torch.bool)
+                    if r == writer:
+                        old = block.length - block.published
+                        visible[:, :old] = True
+                        visible[:, old:] = torch.ones(n, new, dtype=torch.bool).tril()
                     masks.append(visible)
-            if len(pair_rows) == start:
+            if len(slot_tokens) == start:
                 continue
             tail_mask = None
-            if new and not all(m.all() for m in masks):
-                stacked = torch.stack(masks).unsqueeze(2)  # [rows, T, 1, new]
+            if masks and not all(m.all() for m in masks):
+                stacked = torch.cat(masks).unsqueeze(1)  # [slots, 1, length - published]
                 tail_mask = torch.zeros(stacked.shape, dtype=rope.cos.dtype).masked_fill_(~stacked, float("-inf"))
                 tail_mask = tail_mask.to(device)
-            self.reads.append(_BlockRead(block, start, len(pair_rows), block.length + new, block.length, tail_mask))
+            self.reads.append(_BlockRead(block, start, len(slot_tokens), length, block.published, tail_mask))
 
-        self.pairs = len(pair_rows)
-        self.pair_rows = torch.tensor(pair_rows, device=device)
-        delta = torch.tensor(deltas, device=device)  # [P, T]
-        # the softmax scale rides on the query rotation: [1, P, T, 1, D] for q: [kv_heads, P, T, group, D]
+        self.slots = len(slot_tokens)
+        self.slot_tokens = torch.tensor(slot_tokens, device=device)
+        delta = torch.tensor(deltas, device=device)  # [S]
+        # the softmax scale rides on the query rotation: [1, S, 1, D] for q: [kv_heads, S, group, D]
         scale = config.head_dim**-0.5
-        self.cos_q = (rope.cos[delta] * scale)[None, :, :, None, :]
-        self.sin_q = (rope.signed_sin[delta] * scale)[None, :, :, None, :]
-        # one pair per row (no view spans several blocks with keys) needs no merge
-        self.single = self.pairs == self.batch
-        if self.single:
-            assert pair_rows == list(range(self.batch)), "single-block rows must read in row order"
+        self.cos_q = (rope.cos[delta] * scale)[None, :, None, :]
+        self.sin_q = (rope.signed_sin[delta] * scale)[None, :, None, :]
+        # every token read by exactly one slot, in token order: no gather, no merge
+        self.single = slot_tokens == list(range(total))
         kvh, g = config.num_kv_heads, config.group_size
-        self.merge_index = self.pair_rows.view(1, -1, 1, 1).expand(kvh, self.pairs, T, g)
+        self.merge_index = self.slot_tokens.view(1, -1, 1).expand(kvh, self.slots, g)
         self.dtype = rope.cos.dtype  # q, k, v come in the cache's dtype
         self.out_dtype = out_dtype or self.dtype  # the model's dtype, for the output projection
-        self.out = None  # [R, T, heads * D] output buffer, reused by every layer
+        self.out = None  # [N, heads * D] output buffer, reused by every layer
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [R, T, heads, D]; k, v: [R, T, kv_heads, D] (not rotated, in `self.dtype`) -> [R, T, heads * D]
+        """q: [N, heads, D]; k, v: [N, kv_heads, D] (not rotated, in `self.dtype`) -> [N, heads * D]
 
         in `self.out_dtype` (the model's dtype); the returned tensor is reused by the next layer's call."""
-        R, T, H, D = q.shape
+        N, H, D = q.shape
         kvh, g = self.config.num_kv_heads, self.config.group_size
         k = apply_rope(k, self.cos_k, self.sin_k)
-        kv_new = torch.stack((k, v), dim=1).transpose(2, 3)  # [R, 2, kv_heads, T, D]
-        for r, (block, start, n) in enumerate(self.writes):
-            block.kv[layer, :, :, start : start + n] = kv_new[r, :, :, :n]
+        for block, start, n, at in self.writes:
+            block.kv[layer, 0, :, start : start + n] = k[at : at + n].transpose(0, 1)
+            block.kv[layer, 1, :, start : start + n] = v[at : at + n].transpose(0, 1)
 
-        qg = q.view(R, T, kvh, g, D).permute(2, 0, 1, 3, 4)  # [kv_heads, R, T, group, D]
+        qg = q.view(N, kvh, g, D).transpose(0, 1)  # [kv_heads, N, group, D]
         if not self.single:
-            qg = qg.index_select(1, self.pair_rows)  # [kv_heads, P, T, group, D]
+            qg = qg.index_select(1, self.slot_tokens)  # [kv_heads, S, group, D]
         qg = apply_rope(qg, self.cos_q, self.sin_q)
 
         outs, maxes, sums = [], [], []
         for read in self.reads:
             keys = read.block.kv[layer, 0, :, : read.length]  # [kv_heads, L, D]
             values = read.block.kv[layer, 1, :, : read.length]
-            rows = read.end - read.start
-            scores = qg[:, read.start : read.end].reshape(kvh, rows * T * g, D) @ keys.transpose(1, 2)
+            slots = read.end - read.start
+            scores = qg[:, read.start : read.end].reshape(kvh, slots * g, D) @ keys.transpose(1, 2)
             if read.tail_mask is not None:
-                scores.view(kvh, rows, T, g, read.length)[..., read.old_length :] += read.tail_mask
+                scores.view(kvh, slots, g, read.length)[..., read.published :] += read.tail_mask
             if self.single:
                 outs.append(torch.softmax(scores, dim=-1) @ values)
                 continue
             top = scores.amax(dim=-1, keepdim=True)
             probs = scores.sub_(top).exp_()
-            sums.append(probs.sum(dim=-1, dtype=torch.float32).view(kvh, rows, T, g))
-            maxes.append(top.float().view(kvh, rows, T, g))
-            outs.append((probs @ values).view(kvh, rows, T, g, D))
+            sums.append(probs.sum(dim=-1, dtype=torch.float32).view(kvh, slots, g))
+            maxes.append(top.float().view(kvh, slots, g))
+            outs.append((probs @ values).view(kvh, slots, g, D))
 
         if self.single:
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-            out = out.view(kvh, R, T, g, D)
+            out = out.view(kvh, N, g, D)
         else:
-            out = self._merge(torch.cat(maxes, 1), torch.cat(sums, 1), torch.cat(outs, 1), R)
+            out = self._merge(torch.cat(maxes, 1), torch.cat(sums, 1), torch.cat(outs, 1), N)
         if self.out is None:
-            self.out = torch.empty((R, T, kvh, g, D), dtype=self.out_dtype, device=out.device)
-        return self.out.copy_(out.permute(1, 2, 0, 3, 4)).view(R, T, H * D)
+            self.out = torch.empty((N, kvh, g, D), dtype=self.out_dtype, device=out.device)
+        return self.out.copy_(out.transpose(0, 1)).view(N, H * D)
 
-    def _merge(self, maxes: torch.Tensor, sums: torch.Tensor, outs: torch.Tensor, R: int) -> torch.Tensor:
-        """Exact log-sum-exp merge of per-block partials. maxes, sums: [kv_heads, P, T, group]; outs: [..., D]."""
-        kvh, _, T, g = maxes.shape
-        top = maxes.new_full((kvh, R, T, g), float("-inf")).scatter_reduce_(1, self.merge_index, maxes, "amax")
-        weight = (maxes - top.index_select(1, self.pair_rows)).exp_()
-        total = maxes.new_zeros((kvh, R, T, g)).index_add_(1, self.pair_rows, weight * sums)
-        merged = outs.new_zeros((kvh, R, T, g, outs.shape[-1]), dtype=torch.float32)
-        merged.index_add_(1, self.pair_rows, outs * weight.unsqueeze(-1))
+    def _merge(self, maxes: torch.Tensor, sums: torch.Tensor, outs: torch.Tensor, N: int) -> torch.Tensor:
+        """Exact log-sum-exp merge of per-block partials. maxes, sums: [kv_heads, S, group]; outs: [..., D]."""
+        kvh, _, g = maxes.shape
+        top = maxes.new_full((kvh, N, g), float("-inf")).scatter_reduce_(1, self.merge_index, maxes, "amax")
+        weight = (maxes - top.index_select(1, self.slot_tokens)).exp_()
+        total = maxes.new_zeros((kvh, N, g)).index_add_(1, self.slot_tokens, weight * sums)
+        merged = outs.new_zeros((kvh, N, g, outs.shape[-1]), dtype=torch.float32)
+        merged.index_add_(1, self.slot_tokens, outs * weight.unsqueeze(-1))
         return merged / total.unsqueeze(-1)
 
     def commit(self) -> None:
-        """Record the rows' tokens in their blocks; their K/V were written during the forward."""
+        """Record the rows' tokens in their blocks (K/V were written during the forward). Nothing is published:
+        the engine publishes a run's blocks when its step ends."""
         for row in self.rows:
             row.own.tokens.extend(row.tokens)
 
@@ -248,7 +257,7 @@ class FlatReference:
         for row in rows:
             self._row, self._pending = row, []
             try:
-                logits.append(model.forward(torch.tensor([row.tokens]), self, logits_at=None)[0].float())
+                logits.append(model.forward(torch.tensor(row.tokens), self, logits_at=None).float())
             finally:
                 self._row = None
             pending.append(self._pending)
@@ -265,15 +274,15 @@ class FlatReference:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         row = self._row
-        assert row is not None and q.shape[0] == 1, "the reference runs one row at a time"
+        assert row is not None and q.shape[0] == len(row.tokens), "the reference runs one row at a time"
         past_k = [self.raw[b.name][layer][0] for b in row.view if self.length(b)]
         past_v = [self.raw[b.name][layer][1] for b in row.view if self.length(b)]
-        keys = torch.cat([*past_k, k[0]]).double()  # [N, kvh, D]
-        values = torch.cat([*past_v, v[0]]).double()
-        n, total = k.shape[1], keys.shape[0]
+        keys = torch.cat([*past_k, k]).double()  # [N, kvh, D]
+        values = torch.cat([*past_v, v]).double()
+        n, total = k.shape[0], keys.shape[0]
         positions = torch.arange(total)
         keys = self._rotate(keys, positions)
-        queries = self._rotate(q[0].double(), positions[total - n :])  # [n, heads, D]
+        queries = self._rotate(q.double(), positions[total - n :])  # [n, heads, D]
         g = self.config.group_size
         keys = keys.repeat_interleave(g, dim=1)  # [N, heads, D]
         values = values.repeat_interleave(g, dim=1)
@@ -281,5 +290,5 @@ class FlatReference:
         causal = positions[None, :] <= positions[total - n :, None]  # [n, N]
         scores = scores.masked_fill(~causal, float("-inf"))
         out = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), values)
-        self._pending.append((k[0].clone(), v[0].clone()))
-        return out.float().reshape(1, n, -1)
+        self._pending.append((k.clone(), v.clone()))
+        return out.float().reshape(n, -1)

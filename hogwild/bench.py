@@ -22,20 +22,21 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
 from rich.console import Console
 
-from hogwild.attention import Row
 from hogwild.cache.blocks import Block
-from hogwild.cache.layouts import LAYOUTS, SharedCache
 from hogwild.cli import engine_config
+from hogwild.collab.layouts import LAYOUTS, SharedCache
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
 from hogwild.model.loading import resolve_model_dir
+from hogwild.runs import Feed, Run, Sample
+from hogwild.sampling import GREEDY
 
 PROMPT_TEXT = (
     "Two workers share one notebook. Each writes its own lines and reads the other's as they appear, so a plan "
@@ -113,56 +114,102 @@ def _sync(device: torch.device) -> None:
 # hogwild
 
 
-@dataclass
-class Prefilled:
-    """A prompt's K/V, computed once and copied into each run's fresh cache."""
+class PromptHolder(Run):
+    """Prefills a prompt once and keeps it in the pool (idle) until aborted: decode runs fork its block."""
 
-    block: Block
-    first_token: int  # argmax after the prompt: every worker's first fed token
+    def __init__(self, engine: Engine, prompt: list[int]) -> None:
+        super().__init__()
+        self.prompt = prompt
+        self.block: Block | None = None
+        self.first_token = -1  # argmax after the prompt: every worker's first fed token
 
+    @property
+    def kv_tokens(self) -> int:
+        return len(self.prompt)
 
-def hogwild_prefill(engine: Engine, prompt: list[int]) -> Prefilled:
-    block = engine.new_cache(capacity=len(prompt)).new_block("prompt")
-    logits = engine.step([Row([block], prompt)])
-    return Prefilled(block, int(logits[0].argmax()))
-
-
-def _copy_prompt(src: Block, dst: Block) -> None:
-    dst.reserve(src.length)
-    dst.kv[:, :, :, : src.length] = src.kv[:, :, :, : src.length]
-    dst.tokens = list(src.tokens)
-
-
-def hogwild_stream(engine: Engine, prompt: Prefilled, steps: int) -> tuple[float, int]:
-    """Single-stream greedy decode in one block (as `Engine.generate` does) -> (seconds, kv bytes)."""
-    cache = engine.new_cache(capacity=prompt.block.length + steps)
-    block = cache.new_block("sequence")
-    _copy_prompt(prompt.block, block)
-    return _time_steps(engine, lambda: [[block]], [prompt.first_token], steps), cache.nbytes
+    def script(self) -> Generator[list[Feed], list[Sample], None]:
+        assert self.ledger is not None
+        self.block = self.ledger.new_block("prompt", limit=len(self.prompt))
+        (sample,) = yield [Feed([self.block], self.prompt, GREEDY)]
+        self.first_token = sample.token
+        yield []  # idle until aborted
 
 
-def hogwild_workers(engine: Engine, prompt: Prefilled, workers: int, layout: str, steps: int) -> tuple[float, int]:
-    """`workers` greedy workers over one shared prompt, one forward per step -> (seconds, kv bytes)."""
-    shared = SharedCache(engine.new_cache(capacity=steps), workers, layout)
-    _copy_prompt(prompt.block, shared.prompt)
+class GreedyDecode(Run):
+    """W workers decoding greedily forever (eos ignored) over a layout's views, the prompt forked from a holder;
+    with `own_prompt`, one stream that prefills its own block first (as a plain generation does)."""
 
-    def views() -> list[list[Block]]:
-        return [shared.view(w) for w in range(workers)]
+    def __init__(self, holder: PromptHolder, workers: int, layout: str, steps: int, own_prompt: bool) -> None:
+        super().__init__()
+        self.holder = holder
+        self.workers = workers
+        self.layout = layout
+        self.steps = steps
+        self.own_prompt = own_prompt
+        self.decoding = False  # true once every row feeds one token a step
 
-    return _time_steps(engine, views, [prompt.first_token] * workers, steps), shared.cache.nbytes
+    @property
+    def kv_tokens(self) -> int:
+        return len(self.holder.prompt) + self.workers * (self.steps + 2)
+
+    def script(self) -> Generator[list[Feed], list[Sample], None]:
+        assert self.ledger is not None and self.holder.block is not None
+        if self.own_prompt:
+            block = self.ledger.new_block("sequence", limit=self.kv_tokens)
+            (sample,) = yield [Feed([block], self.holder.prompt, GREEDY)]
+            views, tokens = [[block]], [sample.token]
+        else:
+            shared = SharedCache(self.ledger, self.workers, self.layout, prompt=self.ledger.fork(self.holder.block))
+            views = [shared.view(w) for w in range(self.workers)]
+            tokens = [self.holder.first_token] * self.workers
+        self.decoding = True
+        while True:
+            samples = yield [Feed(view, [token], GREEDY) for view, token in zip(views, tokens, strict=True)]
+            tokens = [sample.token for sample in samples]
+
+    def kv_bytes(self) -> int:
+        """K/V of the tokens this run holds (a forked prompt counted once, as if the run owned it)."""
+        assert self.ledger is not None
+        return sum(block.length for block in self.ledger.blocks) * self.ledger.pool.token_bytes
+
+    def result(self, finished_by: str) -> None:
+        return None
 
 
-def _time_steps(engine: Engine, views: Callable[[], list[list[Block]]], tokens: list[int], steps: int) -> float:
+def hogwild_prefill(engine: Engine, prompt: list[int]) -> PromptHolder:
+    holder = engine.add(PromptHolder(engine, prompt))
+    while holder.first_token < 0:
+        engine.step()
+    return holder
+
+
+def _time_runs(engine: Engine, runs: list[GreedyDecode], steps: int) -> tuple[float, int]:
+    """Add the runs, let them reach decoding (untimed), time `steps` engine steps -> (seconds, kv bytes)."""
+    for run in runs:
+        engine.add(run)
+    while not all(run.decoding for run in runs):
+        engine.step()
     device = engine.model.device
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        logits = engine.step(
-            [Row(view, [token]) for view, token in zip(views(), tokens, strict=True)]
-        )  # [workers, vocab]
-        tokens = logits.argmax(dim=-1).tolist()
+        engine.step()
     _sync(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    kv = sum(run.kv_bytes() for run in runs)
+    for run in runs:
+        engine.abort(run, "done")
+    return seconds, kv
+
+
+def hogwild_stream(engine: Engine, prompt: PromptHolder, steps: int) -> tuple[float, int]:
+    """Single-stream greedy decode in one block (as `Engine.generate` does) -> (seconds, kv bytes)."""
+    return _time_runs(engine, [GreedyDecode(prompt, 1, "combined", steps, own_prompt=True)], steps)
+
+
+def hogwild_workers(engine: Engine, prompt: PromptHolder, workers: int, layout: str, steps: int) -> tuple[float, int]:
+    """`workers` greedy workers over one shared prompt, one forward per step -> (seconds, kv bytes)."""
+    return _time_runs(engine, [GreedyDecode(prompt, workers, layout, steps, own_prompt=False)], steps)
 
 
 # transformers
@@ -387,6 +434,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
             done += 1
             took = time.perf_counter() - start
             progress.print(f"[{done}/{total}] workers={workers} context={context}: {rates} ({took:.1f} s)")
+        engine.abort(hog_prompt, "done")
 
     base = {(m.engine, m.context): m for m in results if m.workers == min(bench.workers)}
     speedup = {id(m): m.tokens_per_s / base[m.engine, m.context].tokens_per_s for m in results}

@@ -50,6 +50,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=default(EngineConfig, "threads"), help="CPU threads for torch (0: one per core)"
     )
     group.add_argument("--device", default=default(EngineConfig, "device"), help="cpu or cuda")
+    group.add_argument(
+        "--kv-memory",
+        default=default(EngineConfig, "kv_memory"),
+        help="KV cache budget shared by all runs, e.g. 2GiB or 512MB (default: 30%% of available memory on CPU, "
+        "80%% of free GPU memory)",
+    )
+    group.add_argument(
+        "--step-tokens",
+        type=int,
+        default=default(EngineConfig, "step_tokens"),
+        help="tokens fed per forward pass at most, all rows together (longer prompts go in chunks)",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: bool = True) -> None:
@@ -69,7 +81,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: bool = T
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model, dtype=args.dtype, linear=args.linear, threads=args.threads, device=args.device
+        model=args.model,
+        dtype=args.dtype,
+        linear=args.linear,
+        threads=args.threads,
+        device=args.device,
+        kv_memory=args.kv_memory,
+        step_tokens=args.step_tokens,
     )
 
 
@@ -108,6 +126,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not args.quiet and not failed:
             rate = len(result.tokens) / elapsed if elapsed > 0 else 0.0
             print(f"[{len(result.tokens)} tokens, {rate:.1f} tok/s]", file=sys.stderr)
+    if result.finish_reason == "interrupted":
+        print("hogwild: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -117,8 +138,9 @@ def cmd_solve(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from hogwild.collab.protocol import Collaboration, Done
-    from hogwild.collab.view import LiveView
+    from hogwild.collab.protocol import Collaboration
+    from hogwild.runs import Done
+    from hogwild.view import LiveView
 
     config = CollabConfig(
         workers=args.workers,
@@ -131,26 +153,23 @@ def cmd_solve(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     engine = Engine.load(engine_config(args))
     run = Collaboration(engine, args.problem, config, params)
-    events = run.run()
     result = None
     if args.json:
-        for event in _interruptible(events):
+        for event in engine.stream(run):
             if isinstance(event, Done):
                 result = event.result
-        if result is None:  # interrupted before the run could wind down
-            raise KeyboardInterrupt
+        assert result is not None, "a run always ends with Done"
         print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
         return 130 if result.finished_by == "interrupted" else 0
     console = Console(stderr=False)
     title = f"hogwild {config.mode}: {config.workers} workers, {config.layout} layout | {args.problem}"
     view = LiveView(run.names, config.budget, console, title)
     with Live(view, console=console, refresh_per_second=8, screen=False, transient=False):
-        for event in _interruptible(events):
+        for event in engine.stream(run):  # Ctrl-C aborts the run; its Done still arrives
             view.update(event)
             if isinstance(event, Done):
                 result = event.result
-    if result is None:
-        raise KeyboardInterrupt
+    assert result is not None, "a run always ends with Done"
     if not console.is_terminal:
         console.line()  # a live view drawn to a pipe does not end its last line
     console.print(
@@ -164,18 +183,6 @@ def cmd_solve(args: argparse.Namespace) -> int:
             console.print(worker.text, markup=False, highlight=False)
         return 130
     return 0
-
-
-def _interruptible(events):
-    """Pass events through; on Ctrl-C let the run wind down so its result (what was written) still arrives."""
-    try:
-        yield from events
-    except KeyboardInterrupt:
-        try:
-            yield events.throw(KeyboardInterrupt())
-            yield from events
-        except (KeyboardInterrupt, StopIteration):
-            return
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,40 +1,50 @@
-"""The engine: a loaded model plus the step loop that feeds rows of tokens through it.
+"""The engine: a loaded model, the KV pool, the scheduler, and the one loop that feeds every run through the model.
 
-`Engine.step` is the one forward the rest of hogwild uses: prepare a `StepPlan` for a batch of rows (workers, or
-pieces of inserted text), run the decoder once, commit the tokens to their blocks, return each row's next-token
-logits. Long rows are fed in chunks so a long prompt never builds one huge attention matrix. `generate` is the
-single-stream loop on top of it: prepare -> run model -> sample -> postprocess, yielding tokens as they come.
+`add(run)` queues a run, `step()` runs one forward pass over the rows the scheduler picks from all running runs
+(one flat batch, no padding), samples every row that finished its step with its own run's parameters, hands the
+tokens back to the runs and returns their events; `abort(run)` stops one and frees its blocks at once. Nothing
+else in hogwild calls the model's forward. `stream`, `generate` and `generate_text` are thin loops on top:
+prepare -> run model -> sample -> postprocess, yielding as they go.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from hogwild.attention import Row, StepPlan
-from hogwild.cache.blocks import KVCache
+from hogwild.cache.pool import KVPool
 from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
 from hogwild.model.kernels import DTYPE_CHOICES, LINEARS, KernelChoice, choose
 from hogwild.model.loading import load_state_dict, read_config, resolve_model_dir
 from hogwild.model.rope import Rope
-from hogwild.model.tokenizer import TextStream, Tokenizer
-from hogwild.sampling import SamplingParams, sample
+from hogwild.model.tokenizer import Tokenizer
+from hogwild.runs import Done, Event, GenerationResult, Run, Sample, Sampled, Token
+from hogwild.sampling import SamplingParams, sample_rows
+from hogwild.scheduler import Scheduler
+
+KV_FRACTION_CPU = 0.3  # of available memory after the model is loaded, when --kv-memory is not given
+KV_FRACTION_CUDA = 0.8  # of free GPU memory
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # a Hugging Face folder or a .gguf file; None: the default SmolLM2-135M-Instruct
+    model: str | None = None  # a model name, a Hugging Face folder or a .gguf file; None: SmolLM2-135M-Instruct
     dtype: str = "auto"  # weights dtype; auto: the fastest this machine runs natively (see hogwild.model.kernels)
     linear: str = "auto"  # linear kernel: onednn (prepacked weights, CPU), aten (F.linear); auto: by machine
     threads: int = 0  # torch CPU threads; 0: one per core
     device: str = "cpu"
-    prefill_chunk: int = 512  # tokens of one row fed per forward at most
+    step_tokens: int = 512  # tokens fed per forward pass at most, all rows together; longer prompts go in chunks
+    kv_memory: str | None = None  # KV pool budget ("2GiB", "512MB", bytes); None: a share of free memory
+    max_runs: int = 0  # runs in flight at once; 0: as many as the KV budget holds
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -43,19 +53,62 @@ class EngineConfig:
             raise HogwildError(f"unknown linear kernel {self.linear!r}: choose one of {', '.join(LINEARS)}")
         if self.threads < 0:
             raise HogwildError(f"threads must be >= 0, got {self.threads}")
-        if self.prefill_chunk < 1:
-            raise HogwildError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.step_tokens < 1:
+            raise HogwildError(f"step_tokens must be >= 1, got {self.step_tokens}")
+        if self.max_runs < 0:
+            raise HogwildError(f"max_runs must be >= 0, got {self.max_runs}")
+        if self.kv_memory is not None:
+            parse_bytes(self.kv_memory)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise HogwildError(f"device {self.device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1.5gb' or '1000000' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise HogwildError(f"--kv-memory takes a size like 2GiB, 512MB or a byte count, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def default_kv_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * KV_FRACTION_CUDA)
+    available = 8 * 2**30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass  # not Linux: assume 8 GiB available
+    return int(available * KV_FRACTION_CPU)
+
+
+@dataclass
+class Stats:
+    """Counters since the engine started, for benchmarks and metrics."""
+
+    steps: int = 0  # forward passes
+    rows: int = 0  # rows fed, summed over steps
+    tokens: int = 0  # tokens fed, summed over steps
+    sampled: int = 0  # rows sampled
+    busy_s: float = 0.0  # time inside step()
+    per_step_rows: list[int] = field(default_factory=list)
+
+
 @dataclass
 class Generation:
-    """What `Engine.generate` produced, filled in as it streams."""
+    """What `Engine.generate_text` produced, filled in as it streams."""
 
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = ""  # "stop" (eos or stop string) or "length"
+    finish_reason: str = ""  # "stop" (eos or stop string), "length", or "interrupted"
     prompt_tokens: int = 0
 
 
@@ -68,18 +121,22 @@ class Engine:
         kernels: KernelChoice | None = None,
     ) -> None:
         self.model = model
-        self.kernels = kernels or KernelChoice(model.dtype, "aten", "given a built decoder")
         self.tokenizer = tokenizer
         self.config = config
+        self.kernels = kernels or KernelChoice(model.dtype, "aten", "given a built decoder")
         self.model_config: ModelConfig = model.config
         # on CPU the cache and attention run in float32: aten's bf16 bmm is 3-4x slower than float32 there
         self.cache_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
         self.rope = Rope(model.config, self.cache_dtype, model.device)
         self.eos_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
+        budget = parse_bytes(config.kv_memory) if config.kv_memory else default_kv_budget(model.device)
+        self.pool = KVPool(model.config, self.rope, self.cache_dtype, model.device, budget)
+        self.scheduler = Scheduler(self.pool, config.step_tokens, config.max_runs)
+        self.stats = Stats()
 
     @classmethod
     def load(cls, config: EngineConfig = EngineConfig()) -> Engine:
-        """Load a model folder or .gguf (the default model when config.model is None)."""
+        """Load a model (the default model when config.model is None)."""
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
         kernels = choose(config.dtype, config.linear, config.device)
         if kernels.warning:
@@ -92,41 +149,19 @@ class Engine:
         model = Decoder(model_config, weights, kernels.dtype, config.device, kernels.linear)
         return cls(model, tokenizer, config, kernels)
 
+    # context
+
     @property
     def context_window(self) -> int:
         return self.model_config.max_position
 
-    def new_cache(self, capacity: int = 64) -> KVCache:
-        return KVCache(self.model_config, self.rope, self.cache_dtype, self.model.device, capacity)
+    def fits_context(self, tokens: int) -> bool:
+        return tokens <= self.context_window
 
-    def step(self, rows: list[Row]) -> torch.Tensor:
-        """Feed every row's tokens into its own block; returns next-token logits [rows, vocab] (float32)."""
-        for row in rows:
-            if row.context > self.context_window:
-                raise HogwildError(
-                    f"{row.context} tokens do not fit the model's context window of {self.context_window}"
-                )
-        logits: list[torch.Tensor | None] = [None] * len(rows)
-        chunk = self.config.prefill_chunk
-        pending = list(range(len(rows)))
-        done = 0
-        while pending:
-            batch = [Row(rows[i].view, rows[i].tokens[done : done + chunk]) for i in pending]
-            out = self._forward(batch)
-            for i, row_logits in zip(pending, out, strict=True):
-                logits[i] = row_logits
-            done += chunk
-            pending = [i for i in pending if len(rows[i].tokens) > done]
-        return torch.stack(logits)
-
-    def _forward(self, rows: list[Row]) -> torch.Tensor:
-        width = max(len(row.tokens) for row in rows)
-        tokens = torch.tensor([row.tokens + [0] * (width - len(row.tokens)) for row in rows])  # [R, T], 0-padded
-        last = torch.tensor([len(row.tokens) - 1 for row in rows])
-        plan = StepPlan(rows, self.model_config, self.rope, out_dtype=self.model.dtype)
-        logits = self.model.forward(tokens, plan, logits_at=last)
-        plan.commit()
-        return logits.float()
+    def check_context(self, tokens: int, what: str) -> None:
+        """The one context-window check for user input: `what` names what is too long."""
+        if not self.fits_context(tokens):
+            raise HogwildError(f"{what} the model's context window is {self.context_window} tokens")
 
     def encode_prompt(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
         if not prompt:
@@ -136,74 +171,140 @@ class Engine:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self.tokenizer.encode_chat(messages)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[int]:
-        """Stream the tokens of one completion (eos excluded); stops at eos or params.max_tokens."""
-        params = params or SamplingParams()
-        if not prompt_ids:
-            raise HogwildError("the prompt is empty")
-        if len(prompt_ids) + 1 > self.context_window:
+    # the loop
+
+    def add(self, run: Run) -> Run:
+        """Queue `run`; it starts when its KV reservation fits. Returns the run (its own handle)."""
+        if run.kv_tokens > self.pool.capacity:
             raise HogwildError(
-                f"the prompt has {len(prompt_ids)} tokens; the model's context window is {self.context_window}"
+                f"the run needs up to {run.kv_tokens} tokens of KV cache "
+                f"({run.kv_tokens * self.pool.token_bytes / 2**20:.0f} MiB); the KV budget holds "
+                f"{self.pool.capacity} ({self.pool.budget_bytes / 2**20:.0f} MiB): raise --kv-memory"
             )
-        generator = params.generator()
-        block = self.new_cache(capacity=len(prompt_ids) + min(params.max_tokens, 1024)).new_block("sequence")
-        feed = prompt_ids
-        for _ in range(params.max_tokens):
-            if block.length + len(feed) > self.context_window:
-                return
-            logits = self.step([Row([block], feed)])
-            token = int(sample(logits, params, generator)[0])
-            if token in self.eos_ids:
-                return
-            yield token
-            feed = [token]
+        self.scheduler.add(run)
+        return run
+
+    def abort(self, run: Run, reason: str = "interrupted") -> list[tuple[Run, Event]]:
+        """Stop `run` now and free its blocks; its `Done` event (the result so far) is returned and queued."""
+        if run.done:
+            return []
+        self.scheduler.remove(run)
+        run.abort(reason)
+        if run.ledger is not None:
+            run.ledger.release()
+        return self._collect([run])
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def step(self) -> list[tuple[Run, Event]]:
+        """One forward pass over the scheduled rows of every running run; returns the events it produced."""
+        start = time.perf_counter()
+        touched = self.scheduler.admit()
+        chunks = self.scheduler.schedule()
+        if chunks:
+            touched += self._forward(chunks)
+        else:
+            touched += [run for run in self.scheduler.running if run.done]
+        self.stats.busy_s += time.perf_counter() - start
+        return self._collect(touched)
+
+    def _forward(self, chunks) -> list[Run]:
+        for run in {id(c.run): c.run for c in chunks}.values():
+            assert run.ledger is not None
+            run.ledger.reserve([(c.feed.own, c.feed.own.length + c.end - c.start) for c in chunks if c.run is run])
+        rows = [Row(c.feed.view, c.tokens) for c in chunks]
+        wanted = [c for c, chunk in enumerate(chunks) if chunk.completes and chunk.feed.sampling is not None]
+        plan = StepPlan(rows, self.model_config, self.rope, out_dtype=self.model.dtype)
+        tokens = torch.tensor([t for row in rows for t in row.tokens])
+        at = torch.tensor([plan.starts[c] + len(rows[c].tokens) - 1 for c in wanted], dtype=torch.long)
+        logits = self.model.forward(tokens, plan, logits_at=at)  # [len(wanted), vocab]
+        plan.commit()
+        self.stats.steps += 1
+        self.stats.rows += len(rows)
+        self.stats.tokens += len(tokens)
+        self.stats.per_step_rows.append(len(rows))
+        complete = self.scheduler.advance(chunks, {c: logits[i] for i, c in enumerate(wanted)})
+
+        # sample the rows of every run whose step is complete, all at once, each with its own run's parameters
+        feeds, rows_logits = [], []
+        for run in complete:
+            for feed in run.feed:
+                feed.own.publish()
+            step_logits = self.scheduler.step_logits(run)
+            asking = [feed for feed in run.feed if feed.sampling is not None]
+            assert len(asking) == len(step_logits), f"{run}: {len(asking)} rows ask for logits"
+            feeds.append(asking)
+            rows_logits.extend(step_logits)
+        if rows_logits:
+            flat = [feed for asking in feeds for feed in asking]
+            tokens, logprobs = sample_rows(
+                torch.stack(rows_logits), [f.sampling for f in flat], [f.generator for f in flat]
+            )
+            self.stats.sampled += len(flat)
+            samples = [Sample(int(t), float(lp)) for t, lp in zip(tokens.tolist(), logprobs.tolist(), strict=True)]
+        else:
+            samples = []
+        offset = 0
+        for run, asking in zip(complete, feeds, strict=True):
+            run.take(samples[offset : offset + len(asking)])
+            offset += len(asking)
+        return complete
+
+    def _collect(self, touched: list[Run]) -> list[tuple[Run, Event]]:
+        """Move the touched runs' new events to their outboxes; free the runs that ended."""
+        events = []
+        for run in dict.fromkeys(touched):
+            for event in run.events:
+                events.append((run, event))
+                run.outbox.append(event)
+            run.events = []
+            if run.done:
+                self.scheduler.remove(run)
+                if run.ledger is not None:
+                    run.ledger.release()
+        return events
+
+    def stream(self, run: Run) -> Iterator[Event]:
+        """Add `run` and step the engine until it is done, yielding its events (other runs progress too). Ctrl-C
+        or closing the iterator aborts the run; after Ctrl-C its last event, `Done`, still comes."""
+        if run not in self.scheduler.waiting and run not in self.scheduler.running:
+            self.add(run)
+        try:
+            while True:
+                while run.outbox:
+                    yield run.outbox.popleft()
+                if run.done:
+                    return
+                self.step()
+        except KeyboardInterrupt:
+            self.abort(run)
+            while run.outbox:
+                yield run.outbox.popleft()
+        finally:
+            if not run.done:
+                self.abort(run)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[int]:
+        """Stream the token ids of one completion (eos excluded); stops at eos or params.max_tokens."""
+        for event in self.stream(Sampled(self, prompt_ids, params)):
+            if isinstance(event, Token) and event.token >= 0:
+                yield event.token
 
     def generate_text(
         self, prompt_ids: list[int], params: SamplingParams | None = None, result: Generation | None = None
     ) -> Iterator[str]:
         """Stream text deltas of one completion, cut before the first stop string; fills `result` as it goes."""
-        params = params or SamplingParams()
         result = result if result is not None else Generation()
         result.prompt_tokens = len(prompt_ids)
-        stream = TextStream(self.tokenizer)
-        held = ""  # text that may be the start of a stop string
-        result.finish_reason = "stop"
-        count = 0
-        for token in self.generate(prompt_ids, params):
-            count += 1
-            result.tokens.append(token)
-            held += stream.push(token)
-            cut = _find_stop(held, params.stop)
-            if cut is not None:
-                result.text += held[:cut]
-                yield held[:cut]
-                return
-            keep = _stop_prefix_length(held, params.stop)
-            if len(held) > keep:
-                emit, held = held[: len(held) - keep], held[len(held) - keep :]
-                result.text += emit
-                yield emit
-        held += stream.flush()
-        cut = _find_stop(held, params.stop)
-        held = held if cut is None else held[:cut]
-        if held:
-            result.text += held
-            yield held
-        if count == params.max_tokens and cut is None:
-            result.finish_reason = "length"
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
+        for event in self.stream(Sampled(self, prompt_ids, params)):
+            if isinstance(event, Token):
+                if event.token >= 0:
+                    result.tokens.append(event.token)
+                if event.text:
+                    result.text += event.text
+                    yield event.text
+            elif isinstance(event, Done):
+                assert isinstance(event.result, GenerationResult)
+                result.finish_reason = event.result.samples[0].finish_reason

@@ -1,7 +1,8 @@
-"""Sampling: a small pure function from logits to token ids, with an explicit torch.Generator.
+"""Sampling: a small pure function from logits to token ids, each row with its own parameters and generator.
 
-Temperature 0 means argmax. Top-k and top-p (nucleus) filter before the draw; all rows of a batch share the
-parameters but draw independently.
+Temperature 0 means argmax. Top-k and top-p (nucleus) filter before the draw. The rows of a step (from any number
+of runs) are sampled together; each row draws one uniform number from its own run's `torch.Generator` and picks
+its token by inverse CDF, so a seeded run draws the same tokens alone or batched with other runs.
 """
 
 from __future__ import annotations
@@ -40,19 +41,38 @@ class SamplingParams:
         return gen
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """logits: [rows, vocab] -> token ids [rows] (int64, on the CPU)."""
+GREEDY = SamplingParams()
+
+
+def sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: [rows, vocab] -> (token ids [rows] int64, their log-probabilities [rows] under the model), on the CPU.
+
+    Row r uses `params[r]`; rows with a temperature draw from `generators[r]` (greedy rows need none)."""
     logits = logits.float().cpu()
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token once the mass before it already reaches top_p; the most likely token always stays
-        drop = probs.cumsum(dim=-1) - probs >= params.top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    tokens = logits.argmax(dim=-1)
+    drawn = [r for r, p in enumerate(params) if p.temperature > 0]
+    if drawn:
+        index = torch.tensor(drawn)
+        sub = logits.index_select(0, index)
+        temperature = torch.tensor([params[r].temperature for r in drawn]).unsqueeze(1)
+        sorted_logits, order = (sub / temperature).sort(dim=-1, descending=True)
+        rank = torch.arange(sub.shape[1]).unsqueeze(0)
+        top_k = torch.tensor([params[r].top_k or sub.shape[1] for r in drawn]).unsqueeze(1)
+        probs = sorted_logits.softmax(dim=-1).masked_fill_(rank >= top_k, 0.0)
+        probs /= probs.sum(dim=-1, keepdim=True)
+        # nucleus: drop a token once the mass before it already reaches top_p; the most likely token always stays
+        top_p = torch.tensor([params[r].top_p for r in drawn]).unsqueeze(1)
+        probs.masked_fill_(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+        cdf = probs.cumsum(dim=-1)
+        uniform = torch.cat([torch.rand(1, generator=generators[r]) for r in drawn]).unsqueeze(1)
+        picked = torch.searchsorted(cdf, uniform * cdf[:, -1:]).clamp_(max=sub.shape[1] - 1)
+        tokens[index] = order.gather(1, picked).squeeze(1)
+    return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """logits: [rows, vocab] -> token ids [rows]; every row with the same parameters and generator."""
+    return sample_rows(logits, [params] * logits.shape[0], [generator] * logits.shape[0])[0]

@@ -1,30 +1,64 @@
-"""The shared key-value cache: blocks of tokens whose keys are rotated at positions local to the block.
+"""Blocks of the shared key-value cache: spans of tokens whose keys are rotated at positions local to the block.
 
 A `Block` holds K and V for a span of tokens at every layer, keys rotated (RoPE) at local positions 0..length-1,
-so a block can sit at any offset in any worker's view without touching its keys: the attention rotates the queries
-instead. Storage is preallocated per block and grows by doubling, so appending a token writes in place and costs
-an amortised O(1). Moving a finished span into another block is the one place keys are re-rotated, once.
+so a block can sit at any offset in any view without touching its keys: the attention rotates the queries instead.
+Its K/V live in one contiguous `Storage` that grows by a quarter when full (appends write in place, an amortised
+O(1) copy per token), so the attention reads a block with one matmul. Storage is charged to the `Ledger` of the run
+that holds the block (see `pool.py`); a fork shares its parent's storage and copies it only if written.
+
+Visibility: `length` counts every committed token, `published` the tokens other rows may read. The owner of a block
+reads all of it; everyone else reads `published`, which the engine advances when the writing run's step ends. So a
+row never sees the tokens other rows wrote in the same step, even when a long row is fed in several chunks.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from hogwild.model.config import ModelConfig
-from hogwild.model.rope import Rope, apply_rope
+if TYPE_CHECKING:
+    from hogwild.cache.pool import Ledger
+
+GROWTH = 1.25  # capacity grows to this times the length asked for (when the ledger has room)
+ALIGN = 16  # capacities are multiples of this many tokens
+
+
+class Storage:
+    """One contiguous K/V tensor: kv [layers, 2 (k, v), kv_heads, capacity, head_dim]. `refs` blocks share it."""
+
+    def __init__(self, kv: torch.Tensor, ledger: Ledger) -> None:
+        self.kv = kv
+        self.refs = 1
+        self.pool = ledger.pool
+        self.pool.in_use_bytes += self.nbytes
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def drop(self) -> None:
+        self.refs -= 1
+        if self.refs == 0:
+            self.pool.in_use_bytes -= self.nbytes
+            self.kv = self.pool.template  # lets the memory go
 
 
 class Block:
-    """K/V of a span of tokens. `tokens` are committed ids; their K/V live in `kv[:, :, :, :length]`."""
+    """K/V of a span of tokens. `tokens` are the committed ids; their K/V are `kv[:, :, :, :length]`."""
 
-    def __init__(self, name: str, config: ModelConfig, dtype: torch.dtype, device: torch.device, capacity: int) -> None:
+    def __init__(self, name: str, ledger: Ledger, limit: int | None = None) -> None:
         self.name = name
+        self.ledger = ledger
+        self.limit = limit  # tokens this block will ever hold, when known: growth never reserves past it
         self.tokens: list[int] = []
-        self.min_capacity = capacity  # allocated on first use, so blocks that stay empty cost nothing
-        # kv: [layers, 2 (k, v), kv_heads, capacity, head_dim]; K and V together so one copy writes both
-        self.kv = torch.empty(
-            (config.num_layers, 2, config.num_kv_heads, 0, config.head_dim), dtype=dtype, device=device
-        )
+        self.published = 0
+        self.storage: Storage | None = None
+        self.writer = True  # False for forks: their first write copies the shared storage
 
     def __repr__(self) -> str:
         return f"Block({self.name!r}, length={self.length})"
@@ -35,61 +69,70 @@ class Block:
 
     @property
     def capacity(self) -> int:
-        return self.kv.shape[3]
+        return 0 if self.storage is None else self.storage.capacity
 
     @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+    def kv(self) -> torch.Tensor:
+        assert self.storage is not None, f"block {self.name!r} has no storage yet"
+        return self.storage.kv
 
-    def reserve(self, length: int) -> None:
-        """Make room for `length` tokens; grows by doubling so appends copy an amortised O(1) per token."""
-        if length <= self.capacity:
+    def growth(self, length: int, slack: bool = False) -> int:
+        """Capacity the ledger must add for this block to hold `length` tokens (0 if it already can); with `slack`,
+        the capacity it adds when growing by a quarter more.
+
+        A writer appends in place even when forks share its storage: they never read past their own length."""
+        if self.writer and length <= self.capacity:
+            return 0
+        return self._target(length, slack) - (self.capacity if self.writer else 0)
+
+    def _target(self, length: int, slack: bool) -> int:
+        if not slack:
+            return length
+        wanted = -(-int(length * GROWTH) // ALIGN) * ALIGN
+        return max(length, wanted if self.limit is None else min(wanted, self.limit))
+
+    def reserve(self, length: int, slack: bool = True) -> None:
+        """Make room for `length` tokens, growing (or copying a shared storage) through the ledger; with `slack`,
+        a quarter more when the ledger has room for it, so appends copy an amortised O(1) per token."""
+        if self.growth(length) == 0:
             return
-        capacity = max(length, 2 * self.capacity, self.min_capacity)
-        grown = self.kv.new_empty((*self.kv.shape[:3], capacity, self.kv.shape[4]))
-        grown[:, :, :, : self.length] = self.kv[:, :, :, : self.length]
-        self.kv = grown
+        room = self.ledger.room + (self.capacity if self.writer else 0)
+        assert length <= room, f"block {self.name!r} needs {length} tokens; its run's KV ledger has room for {room}"
+        capacity = min(self._target(length, slack), room)
+        template = self.ledger.pool.template
+        kv = template.new_empty((*template.shape[:3], capacity, template.shape[4]))
+        if self.storage is not None:
+            kv[:, :, :, : self.length] = self.storage.kv[:, :, :, : self.length]
+        self._set_storage(Storage(kv, self.ledger))
+        self.writer = True
+
+    def _set_storage(self, storage: Storage | None) -> None:
+        if self.storage is not None:
+            self.ledger.charged -= self.storage.capacity
+            self.storage.drop()
+        self.storage = storage
+        if storage is not None:
+            self.ledger.charged += storage.capacity
+            assert self.ledger.charged <= self.ledger.limit, f"run's KV ledger overdrawn by block {self.name!r}"
+
+    def share(self, storage: Storage) -> None:
+        """Hold `storage` read-only (a fork): charged to this block's ledger, copied on the first write."""
+        storage.refs += 1
+        self._set_storage(storage)
+        self.writer = False
 
     def clear(self) -> None:
+        """Forget the tokens. A storage shared with forks is left to them; an unshared one is kept for reuse."""
+        if self.storage is not None and self.storage.refs > 1:
+            self._set_storage(None)
+            self.writer = True
         self.tokens = []
+        self.published = 0
 
+    def release(self) -> None:
+        self._set_storage(None)
+        self.tokens = []
+        self.published = 0
 
-class KVCache:
-    """Owns the blocks of one run; every block stores K/V for all layers of the same model."""
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        rope: Rope,
-        dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-        capacity: int = 64,
-    ) -> None:
-        self.config = config
-        self.rope = rope
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.initial_capacity = capacity
-        self.blocks: list[Block] = []
-
-    def new_block(self, name: str, capacity: int | None = None) -> Block:
-        block = Block(name, self.config, self.dtype, self.device, capacity or self.initial_capacity)
-        self.blocks.append(block)
-        return block
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of K/V storage allocated, all blocks."""
-        return sum(block.nbytes for block in self.blocks)
-
-    def move(self, src: Block, dst: Block) -> None:
-        """Append all of `src` to the end of `dst` and clear `src`; keys are re-rotated once by the shift."""
-        n, start = src.length, dst.length
-        if n == 0:
-            return
-        dst.reserve(start + n)
-        cos, sin = self.rope.angles_for(start, self.dtype)
-        dst.kv[:, 0, :, start : start + n] = apply_rope(src.kv[:, 0, :, :n], cos.to(self.device), sin.to(self.device))
-        dst.kv[:, 1, :, start : start + n] = src.kv[:, 1, :, :n]
-        dst.tokens.extend(src.tokens)
-        src.clear()
+    def publish(self) -> None:
+        self.published = self.length

@@ -6,24 +6,26 @@ one). Every `self_check_every` tokens a worker's next step opens with a short se
 mode: no steps; each thinker has a private prompt and sees every other thinker's tokens at every forward pass.
 
 The run stops when a finished step holds a parsable \\boxed{} answer, or at the budget of sequential forward passes,
-where a finisher asks one worker for the answer now and decodes it briefly. `run()` is a generator of events that
-the CLI, the server, the evaluation harness and `hogwild.solve` all consume; the last event is `Done`.
+where a finisher asks one worker for the answer now and decodes it briefly. A `Collaboration` is a run of the
+engine (`runs.py`): the engine batches its workers with every other run's rows; its events (the last one `Done`)
+are what the CLI, the server, the evaluation harness and `hogwild.solve` consume. `probe()` forks a throwaway
+finisher off the live cache to ask for the answer at any point without disturbing the run.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
-from hogwild.attention import Row
-from hogwild.cache.layouts import LAYOUTS, SharedCache
 from hogwild.collab import prompts
+from hogwild.collab.layouts import LAYOUTS, SharedCache
 from hogwild.collab.text import boxed_answer, step_ends
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
 from hogwild.model.tokenizer import TextStream
-from hogwild.sampling import SamplingParams, sample
+from hogwild.runs import Done, Feed, Probe, Run, Sample, Token
+from hogwild.sampling import GREEDY, SamplingParams
 
 MODES = ("hogwild", "groupthink")
 
@@ -57,14 +59,7 @@ class CollabConfig:
             raise HogwildError(f"unknown format {self.format!r}: choose one of {', '.join(prompts.FORMATS)}")
 
 
-# events, in the order a consumer sees them
-@dataclass
-class Token:
-    worker: int
-    token: int
-    text: str  # newly printable text (may be empty while a multi-byte character is incomplete)
-
-
+# events, in the order a consumer sees them (Token and Done come from runs.py)
 @dataclass
 class StepStarted:
     worker: int
@@ -115,7 +110,7 @@ class WorkerTranscript:
 @dataclass
 class SolveResult:
     answer: str | None
-    finished_by: str  # "answer", "budget", "context", "eos" (one worker ended its reply) or "interrupted"
+    finished_by: str  # "answer", "budget", "context", "memory", "eos" (a lone worker ended its reply), "interrupted"
     workers: list[WorkerTranscript]
     history: list[HistoryEntry]
     forward_passes: int
@@ -144,11 +139,6 @@ class SolveResult:
         }
 
 
-@dataclass
-class Done:
-    result: SolveResult
-
-
 Event = Token | StepStarted | NudgeInserted | StepFinished | Pass | AnswerFound | Done
 
 
@@ -169,12 +159,13 @@ class _Worker:
     closing: bool = False  # the fed token ends the step: move it once the pass is done
 
 
-class Collaboration:
+class Collaboration(Run):
     """One collaborative run of `config.workers` workers on `problem`."""
 
     def __init__(
         self, engine: Engine, problem: str, config: CollabConfig | None = None, sampling: SamplingParams | None = None
     ) -> None:
+        super().__init__()
         config = config or CollabConfig()
         sampling = sampling or SamplingParams()
         if not problem.strip():
@@ -187,32 +178,45 @@ class Collaboration:
         self.format = prompts.format_for(engine.model_config.family, config.format)
         self.solo = config.workers == 1 and config.mode == "hogwild"  # plain chain of thought: no headers
         self.groupthink = config.mode == "groupthink"
-        layout = "contiguous" if self.groupthink else config.layout
-        self.shared = SharedCache(engine.new_cache(), config.workers, layout, private=self.groupthink)
+        self.layout = "contiguous" if self.groupthink else config.layout
         self.tokenizer = engine.tokenizer
         self.history: list[HistoryEntry] = []
-        self.prompt_ids, self.setup_rows = self._setup_rows()
-        self.finisher_ids = self.tokenizer.encode(prompts.finisher(self.names[0]), add_special_tokens=False)
-        reserve = len(self.finisher_ids) + config.finisher_tokens
-        room = engine.context_window - max(self._context_after_setup(w) for w in range(config.workers)) - reserve
-        if room < 8:
+        self.shared: SharedCache | None = None
+        self.workers = [_Worker(i, name, TextStream(self.tokenizer)) for i, name in enumerate(self.names)]
+        self.answer: str | None = None
+        self.answer_worker = 0
+        self.passes = 0
+        self.started = time.perf_counter()
+        self.prompt_ids, self.setup = self._setup_texts()
+        self.finisher_ids = self._encode(prompts.finisher(self.names[0]))
+        self.reserve = len(self.finisher_ids) + config.finisher_tokens  # room the finisher needs at the end
+        setup_tokens = sum(len(tokens) for _, tokens in self.setup) + sum(map(len, self.first_feed))
+        longest_view = len(self.prompt_ids) + setup_tokens
+        if engine.context_window - longest_view - self.reserve < 8:
             raise HogwildError(
                 f"the prompt takes {len(self.prompt_ids)} tokens and leaves no room to work in the model's "
                 f"{engine.context_window}-token context; shorten the problem or use fewer workers"
             )
-        minimum = max(len(self.tokenizer.encode(prompts.header(n, 1), add_special_tokens=False)) for n in self.names)
+        minimum = max(len(self._encode(prompts.header(n, 1))) for n in self.names)
         if config.budget <= minimum:
             raise HogwildError(
                 f"a budget of {config.budget} forward passes is too small: the step headers alone take {minimum}; "
                 f"give at least {minimum + 8}"
             )
+        # K/V reserved: the prompt, the setup, each worker's tokens with room for headers and nudges, the finisher
+        self._kv_tokens = len(self.prompt_ids) + setup_tokens + self.reserve
+        self._kv_tokens += config.workers * (config.budget + config.budget // 2 + 64)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self._kv_tokens
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _setup_rows(self) -> tuple[list[int], list[Row]]:
-        """Prompt token ids and the rows that write the prompt and the section titles into the cache."""
-        shared = self.shared
+    def _setup_texts(self) -> tuple[list[int], list[tuple[str, list[int]]]]:
+        """Prompt token ids and the texts written after it: (which block, tokens) for the section titles or the
+        thinkers' private prompts."""
         if self.groupthink:
             text, _ = prompts.groupthink_prompt(self.problem, self.names, 0)
         else:
@@ -224,57 +228,66 @@ class Collaboration:
             prompt_ids = self.tokenizer.encode(text + "\n\n")
         # without headers a worker's first pass feeds the last prompt token, held back from the prefill
         self.first_feed: list[list[int]] = [[] for _ in range(self.config.workers)]
-        rows = []
+        setup = []
         if self.groupthink:
             for w in range(self.config.workers):
                 private = self._encode(prompts.groupthink_prompt(self.problem, self.names, w)[1])
-                rows.append(Row([shared.prompt, shared.private[w]], private[:-1]))
+                setup.append((f"private{w}", private[:-1]))
                 self.first_feed[w] = private[-1:]
         elif self.solo:
             prompt_ids, self.first_feed[0] = prompt_ids[:-1], prompt_ids[-1:]
         else:
-            if shared.has_history:
-                rows.append(Row(shared.history_view(), self._encode(prompts.HISTORY_TITLE)))
-            if shared.layout != "interleaved":
-                rows.append(Row([shared.prompt, shared.others_title], self._encode(prompts.OTHERS_TITLE)))
-            rows.append(Row([shared.prompt, shared.own_title], self._encode(prompts.OWN_TITLE)))
-        return prompt_ids, rows
+            if self.layout != "contiguous":
+                setup.append(("history", self._encode(prompts.HISTORY_TITLE)))
+            if self.layout != "interleaved":
+                setup.append(("others", self._encode(prompts.OTHERS_TITLE)))
+            setup.append(("own", self._encode(prompts.OWN_TITLE)))
+        return prompt_ids, setup
 
-    def _context_after_setup(self, worker: int) -> int:
-        extra = sum(len(row.tokens) for row in self.setup_rows if row.own in self.shared.view(worker))
-        return len(self.prompt_ids) + extra + len(self.first_feed[worker])
+    def _setup_feeds(self) -> list[Feed]:
+        shared = self.shared
+        assert shared is not None
+        views = {
+            "history": shared.history_view(),
+            "others": [shared.prompt, shared.others_title],
+            "own": [shared.prompt, shared.own_title],
+        }
+        if shared.private:
+            views.update({f"private{w}": [shared.prompt, block] for w, block in enumerate(shared.private)})
+        return [Feed(views[where], tokens) for where, tokens in self.setup if tokens]
 
-    def _start_step(self, w: _Worker) -> list[Event]:
+    def _start_step(self, w: _Worker) -> None:
         w.step += 1
         w.step_text, w.step_tokens, w.closing = "", 0, False
         if self.solo or self.groupthink:
             w.feed = self.first_feed[w.index] if w.step == 1 else []
-            return []
+            return
         text = prompts.header(w.name, w.step)
-        events: list[Event] = [StepStarted(w.index, w.step, text)]
+        self.emit(StepStarted(w.index, w.step, text))
         if self.config.self_check_every and w.since_check >= self.config.self_check_every:
             text += prompts.SELF_CHECK
             w.since_check = 0
-            events.append(NudgeInserted(w.index, prompts.SELF_CHECK))
+            self.emit(NudgeInserted(w.index, prompts.SELF_CHECK))
         w.feed = self._encode(text)
         w.step_text = text
         w.text += text
-        return events
 
-    def _finish_step(self, w: _Worker) -> list[Event]:
+    def _finish_step(self, w: _Worker) -> None:
         """Move the worker's finished step into the shared history and open its next step."""
+        assert self.shared is not None
         self.shared.finish_step(w.index)
         self.history.append(HistoryEntry(w.index, w.step, w.step_text))
-        events: list[Event] = [StepFinished(w.index, w.step, w.step_text)]
+        self.emit(StepFinished(w.index, w.step, w.step_text))
         self._look_for_answer(w, w.step_text)
-        return events if self.answer is not None else events + self._start_step(w)
+        if self.answer is None:
+            self._start_step(w)
 
     def _look_for_answer(self, w: _Worker, text: str) -> None:
         found = boxed_answer(text)
         if found is not None and self.answer is None:
             self.answer, self.answer_worker = found, w.index
 
-    def _write(self, w: _Worker, token: int) -> list[Event]:
+    def _write(self, w: _Worker, token: int) -> None:
         """The worker sampled `token`: record it, feed it next, and see whether its step ends with it."""
         delta = w.stream.push(token)
         w.feed = [token]
@@ -289,95 +302,117 @@ class Collaboration:
             w.step_text, force=w.step_tokens >= self.config.max_step_tokens
         ):
             w.closing = True  # at twice the soft limit a step ends wherever it is
-        return [Token(w.index, token, delta)]
+        self.emit(Token(w.index, token, delta))
 
-    def run(self) -> Iterator[Event]:
-        """Yield events as the workers write; the last one is `Done` with the result."""
-        engine, config, shared = self.engine, self.config, self.shared
-        start = time.perf_counter()
+    def _fits(self, feeds: list[Feed]) -> str | None:
+        """Why the next step cannot run ("context" or "memory"), or None when it fits with the finisher's room."""
+        assert self.shared is not None and self.ledger is not None
+        if max(feed.context for feed in feeds) + self.reserve > self.engine.context_window:
+            return "context"
+        needs = [(feed.own, feed.own.length + len(feed.tokens)) for feed in feeds]
+        closing = sum(self.shared.current[w.index].length for w in self.workers if w.closing)
+        if self.shared.has_history and closing:
+            needs.append((self.shared.history, self.shared.history.length + closing))
+        finisher = self.shared.current[0]
+        needs.append((finisher, finisher.length + len(self.workers[0].feed) + self.reserve))
+        return None if self.ledger.fits(needs) else "memory"
+
+    def script(self) -> Generator[list[Feed], list[Sample], None]:
+        assert self.ledger is not None
+        config = self.config
+        self.shared = shared = SharedCache(self.ledger, config.workers, self.layout, private=self.groupthink)
         generator = self.sampling.generator()
-        workers = [_Worker(i, name, TextStream(self.tokenizer)) for i, name in enumerate(self.names)]
-        engine.step([Row([shared.prompt], self.prompt_ids)])
-        if self.setup_rows:
-            engine.step(self.setup_rows)
+        workers = self.workers
+        yield [Feed([shared.prompt], self.prompt_ids)]
+        setup = self._setup_feeds()
+        if setup:
+            yield setup
         for w in workers:
-            yield from self._start_step(w)
-        self.answer, self.answer_worker = None, 0
-        passes, finished_by = 0, "budget"
-        reserve = len(self.finisher_ids) + config.finisher_tokens
-        try:
-            while passes < config.budget and self.answer is None:
-                feeding = [w for w in workers if w.feed]
-                rows = [Row(shared.view(w.index), w.feed) for w in feeding]
-                if max(row.context for row in rows) + reserve > engine.context_window:
-                    finished_by = "context"
-                    break
-                logits = engine.step(rows)
-                passes += 1
-                tokens = sample(logits, self.sampling, generator).tolist()
-                ended = False
-                for w, token in zip(feeding, tokens, strict=True):
-                    w.feed = []
-                    if w.closing:  # the step's last token is in the cache now: move the step, open the next
-                        yield from self._finish_step(w)
-                        if w.feed or self.answer is not None:
-                            continue  # a header goes in first; the logits of this pass are not used
-                    if token not in engine.eos_ids:
-                        yield from self._write(w, token)
-                    elif self.solo:  # a lone worker ending its turn has finished its chain of thought
-                        ended = True
-                    else:  # the model ended its turn: write a paragraph break instead, which closes a step
-                        w.feed, w.closing = self._encode("\n\n"), not self.groupthink
-                        w.step_text += "\n\n"
-                        w.text += "\n\n"
-                yield Pass(passes, config.budget)
-                if ended:
-                    finished_by = "eos"
-                    break
-        except KeyboardInterrupt:
-            finished_by = "interrupted"
+            self._start_step(w)
+        finished_by = "budget"
+        while self.passes < config.budget and self.answer is None:
+            feeding = [w for w in workers if w.feed]
+            feeds = [Feed(shared.view(w.index), w.feed, self.sampling, generator) for w in feeding]
+            stop = self._fits(feeds)
+            if stop:
+                finished_by = stop
+                break
+            samples = yield feeds
+            self.passes += 1
+            ended = False
+            for w, sample in zip(feeding, samples, strict=True):
+                w.feed = []
+                if w.closing:  # the step's last token is in the cache now: move the step, open the next
+                    self._finish_step(w)
+                    if w.feed or self.answer is not None:
+                        continue  # a header goes in first; the logits of this pass are not used
+                if sample.token not in self.engine.eos_ids:
+                    self._write(w, sample.token)
+                elif self.solo:  # a lone worker ending its turn has finished its chain of thought
+                    ended = True
+                else:  # the model ended its turn: write a paragraph break instead, which closes a step
+                    w.feed, w.closing = self._encode("\n\n"), not self.groupthink
+                    w.step_text += "\n\n"
+                    w.text += "\n\n"
+            self.emit(Pass(self.passes, config.budget))
+            if ended:
+                finished_by = "eos"
+                break
         if self.answer is not None:
             finished_by = "answer"
-        elif finished_by != "interrupted":
+        else:
             self.answer_worker = 0
-            self.answer, extra = yield from self._finisher(workers[0])
-            passes += extra
+            self.answer = yield from self._finisher(workers[0])
         if self.answer is not None:
-            yield AnswerFound(self.answer_worker, self.answer)
-        result = SolveResult(
-            answer=self.answer,
-            finished_by=finished_by,
-            workers=[WorkerTranscript(w.name, w.text, w.tokens, w.step) for w in workers],
-            history=list(self.history),
-            forward_passes=passes,
-            wall_s=time.perf_counter() - start,
-            prompt_tokens=len(self.prompt_ids) + len(self.first_feed[0]),
-        )
-        yield Done(result)
+            self.emit(AnswerFound(self.answer_worker, self.answer))
+        self.emit(Done(self.result(finished_by)))
 
-    def _finisher(self, w: _Worker) -> Iterator[Event]:
-        """Ask worker `w` for the answer now and decode it briefly (greedy); returns (answer or None, passes)."""
+    def _finisher(self, w: _Worker) -> Generator[list[Feed], list[Sample], str | None]:
+        """Ask worker `w` for the answer now and decode it briefly (greedy); returns the answer or None."""
+        assert self.shared is not None
         view = self.shared.view(w.index)
         feed = w.feed + self.finisher_ids
         text = prompts.finisher(w.name)
         w.text += text
-        yield Token(w.index, -1, text)
+        self.emit(Token(w.index, -1, text))
         stream = TextStream(self.tokenizer)
-        passes = 0
         for _ in range(self.config.finisher_tokens):
-            if Row(view, feed).context > self.engine.context_window:
+            if Feed(view, feed).context > self.engine.context_window:
                 break
-            logits = self.engine.step([Row(view, feed)])
-            passes += 1
-            token = int(logits[0].argmax())
-            if token in self.engine.eos_ids:
+            (sample,) = yield [Feed(view, feed, GREEDY)]
+            self.passes += 1
+            if sample.token in self.engine.eos_ids:
                 break
-            delta = stream.push(token)
+            delta = stream.push(sample.token)
             text += delta
             w.text += delta
-            yield Token(w.index, token, delta)
-            feed = [token]
+            self.emit(Token(w.index, sample.token, delta))
+            feed = [sample.token]
             found = boxed_answer(text)
             if found is not None:
-                return found, passes
-        return boxed_answer(text + "}"), passes
+                return found
+        return boxed_answer(text + "}")
+
+    def probe(self, worker: int = 0, max_tokens: int | None = None) -> Probe:
+        """A throwaway finisher forked off the live cache: asks `worker` for the answer now, greedily, in blocks of
+        its own; add it to the engine. The run itself goes on exactly as it would have without it."""
+        assert self.shared is not None, "the run has not started"
+        w = self.workers[worker]
+        question = prompts.finisher(w.name)
+
+        def answer(text: str, final: bool) -> str | None:
+            return boxed_answer(question + text + ("}" if final else ""))
+
+        prefix = w.feed + self._encode(question)
+        return Probe(self.engine, self.shared.view(worker), prefix, max_tokens or self.config.finisher_tokens, answer)
+
+    def result(self, finished_by: str) -> SolveResult:
+        return SolveResult(
+            answer=self.answer,
+            finished_by=finished_by,
+            workers=[WorkerTranscript(w.name, w.text, w.tokens, w.step) for w in self.workers],
+            history=list(self.history),
+            forward_passes=self.passes,
+            wall_s=time.perf_counter() - self.started,
+            prompt_tokens=len(self.prompt_ids) + len(self.first_feed[0]),
+        )

@@ -108,20 +108,21 @@ class Decoder:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, attention: Attention, logits_at: torch.Tensor | None) -> torch.Tensor:
-        """tokens: [R, T] -> logits [R, vocab] at position `logits_at[r]` of each row, or [R, T, vocab] if None."""
+        """tokens: [N] (the rows of a step, concatenated) -> logits [M, vocab] at the flat indices `logits_at`, or
+        [N, vocab] at every token if None."""
         c = self.config
-        R, T = tokens.shape
+        N = tokens.shape[0]
         H, KV, D = c.num_heads, c.num_kv_heads, c.head_dim
         eps = c.rms_norm_eps
         dtype = self.dtype
         # the residual stream stays in float32: in bf16 its rounding alone flips greedy tokens of small models
-        x = F.embedding(tokens.to(self.device), self.embed).float()  # [R, T, hidden]
+        x = F.embedding(tokens.to(self.device), self.embed).float()  # [N, hidden]
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (c.hidden_size,), layer.input_norm_f32, eps).to(dtype)
             q, k, v = layer.qkv(h).to(attention.dtype).split((H * D, KV * D, KV * D), dim=-1)
-            q = q.view(R, T, H, D)
-            k = k.view(R, T, KV, D)
-            v = v.view(R, T, KV, D)
+            q = q.view(N, H, D)
+            k = k.view(N, KV, D)
+            v = v.view(N, KV, D)
             if layer.q_norm is not None:
                 # per-head q/k norm (Qwen3) in float32, like the residual stream's norms
                 q = F.rms_norm(q.float(), (D,), layer.q_norm_f32, eps).to(attention.dtype)
@@ -131,7 +132,9 @@ class Decoder:
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x += layer.down(F.silu(gate) * up)
         if logits_at is not None:
-            x = x[torch.arange(R, device=x.device), logits_at.to(x.device)]  # [R, hidden]
+            if logits_at.numel() == 0:  # a step that only writes text into the cache
+                return x.new_empty((0, c.vocab_size))
+            x = x.index_select(0, logits_at.to(x.device))  # [M, hidden]
         return self._logits(F.rms_norm(x, (c.hidden_size,), self.norm_f32, eps))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

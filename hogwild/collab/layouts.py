@@ -15,7 +15,8 @@ and before the worker's own block; left empty they take no room and are skipped.
 
 from __future__ import annotations
 
-from hogwild.cache.blocks import Block, KVCache
+from hogwild.cache.blocks import Block
+from hogwild.cache.pool import Ledger
 from hogwild.errors import HogwildError
 
 LAYOUTS = ("combined", "interleaved", "contiguous")
@@ -24,19 +25,23 @@ LAYOUTS = ("combined", "interleaved", "contiguous")
 class SharedCache:
     """The blocks of one collaborative run and the views the layout builds from them."""
 
-    def __init__(self, cache: KVCache, workers: int, layout: str = "combined", private: bool = False) -> None:
+    def __init__(
+        self, ledger: Ledger, workers: int, layout: str = "combined", private: bool = False, prompt: Block | None = None
+    ) -> None:
+        """Blocks for `workers` workers in `ledger`; `prompt`, when given, is an existing block (a fork) to start
+        from instead of a new, empty prompt block."""
         if layout not in LAYOUTS:
             raise HogwildError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
         if workers < 1:
             raise HogwildError(f"workers must be >= 1, got {workers}")
-        self.cache = cache
+        self.ledger = ledger
         self.layout = layout
-        self.prompt = cache.new_block("prompt")
-        self.history = cache.new_block("history")
-        self.current = [cache.new_block(f"worker{w}") for w in range(workers)]
-        self.private = [cache.new_block(f"private{w}") for w in range(workers)] if private else None
-        self.others_title = cache.new_block("others-title")
-        self.own_title = cache.new_block("own-title")
+        self.prompt = prompt if prompt is not None else ledger.new_block("prompt")
+        self.history = ledger.new_block("history")
+        self.current = [ledger.new_block(f"worker{w}") for w in range(workers)]
+        self.private = [ledger.new_block(f"private{w}") for w in range(workers)] if private else None
+        self.others_title = ledger.new_block("others-title")
+        self.own_title = ledger.new_block("own-title")
 
     @property
     def workers(self) -> int:
@@ -64,8 +69,12 @@ class SharedCache:
     def finish_step(self, worker: int) -> None:
         """Move the worker's finished step to the end of the shared history (a no-op in `contiguous`)."""
         if self.has_history:
-            self.cache.move(self.current[worker], self.history)
+            self.ledger.pool.move(self.current[worker], self.history)
 
     def context(self, worker: int) -> int:
         """Tokens in the worker's view."""
         return sum(block.length for block in self.view(worker))
+
+    def blocks(self) -> list[Block]:
+        """Every block of the run, once."""
+        return [self.prompt, self.history, *self.current, *(self.private or []), self.others_title, self.own_title]

@@ -14,7 +14,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from hogwild.collab.protocol import AnswerFound, Done, Event, NudgeInserted, Pass, StepFinished, StepStarted, Token
+from hogwild.collab.protocol import AnswerFound, Event, NudgeInserted, Pass, StepFinished, StepStarted
+from hogwild.runs import Done, Token
 
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 
