@@ -350,6 +350,7 @@ def write_converted(path: Path, out: Path) -> None:
     gguf = GgufFile(path)
     config = gguf.hf_config()
     tensors = gguf.tensors(config)
+    print(f"hogwild: converting {path.name} to safetensors (once) ...", file=sys.stderr, flush=True)
     write_tokenizer(path, out)
     write_safetensors(out / "model.safetensors", tensors, f"converting {path.name}")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

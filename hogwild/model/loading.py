@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -100,7 +99,6 @@ def convert_gguf(path: Path, digest: str) -> Path:
     except OSError as e:
         hint = "set HOGWILD_CACHE to a writable folder"
         raise HogwildError(f"cannot write the model cache {models} ({e}); {hint}") from e
-    print(f"hogwild: converting {path.name} to safetensors (once) ...", file=sys.stderr, flush=True)
     try:
         write_converted(path, tmp)
         (tmp / COMPLETE_MARKER).write_text(f"{path.name} sha256 {digest}\n")
