@@ -134,6 +134,9 @@ class PromptHolder(Run):
         self.first_token = sample.token
         yield []  # idle until aborted
 
+    def result(self, finished_by: str) -> None:
+        return None
+
 
 class GreedyDecode(Run):
     """W workers decoding greedily forever (eos ignored) over a layout's views, the prompt forked from a holder;

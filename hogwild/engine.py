@@ -216,14 +216,10 @@ class Engine:
             run.ledger.reserve([(c.feed.own, c.feed.own.length + c.end - c.start) for c in chunks if c.run is run])
         rows = [Row(c.feed.view, c.tokens) for c in chunks]
         wanted = [c for c, chunk in enumerate(chunks) if chunk.completes and chunk.feed.sampling is not None]
-        plan = StepPlan(rows, self.model_config, self.rope, out_dtype=self.model.dtype)
-        tokens = torch.tensor([t for row in rows for t in row.tokens])
-        at = torch.tensor([plan.starts[c] + len(rows[c].tokens) - 1 for c in wanted], dtype=torch.long)
-        logits = self.model.forward(tokens, plan, logits_at=at)  # [len(wanted), vocab]
-        plan.commit()
+        logits = self.run_model(rows, wanted)
         self.stats.steps += 1
         self.stats.rows += len(rows)
-        self.stats.tokens += len(tokens)
+        self.stats.tokens += sum(len(row.tokens) for row in rows)
         self.stats.per_step_rows.append(len(rows))
         complete = self.scheduler.advance(chunks, {c: logits[i] for i, c in enumerate(wanted)})
 
@@ -251,6 +247,16 @@ class Engine:
             run.take(samples[offset : offset + len(asking)])
             offset += len(asking)
         return complete
+
+    def run_model(self, rows: list[Row], wanted: list[int]) -> torch.Tensor:
+        """One forward pass of `rows` as one flat batch, committed to their blocks; returns the next-token logits
+        [len(wanted), vocab] (float32) of the rows indexed by `wanted`."""
+        plan = StepPlan(rows, self.model_config, self.rope, out_dtype=self.model.dtype)
+        tokens = torch.tensor([t for row in rows for t in row.tokens])
+        at = torch.tensor([plan.starts[r] + len(rows[r].tokens) - 1 for r in wanted], dtype=torch.long)
+        logits = self.model.forward(tokens, plan, logits_at=at)
+        plan.commit()
+        return logits.float()
 
     def _collect(self, touched: list[Run]) -> list[tuple[Run, Event]]:
         """Move the touched runs' new events to their outboxes; free the runs that ended."""

@@ -13,7 +13,8 @@ import transformers
 import hogwild
 from hogwild.attention import Row
 from hogwild.collab import prompts
-from hogwild.collab.protocol import CollabConfig, Collaboration, Done, NudgeInserted, StepFinished, StepStarted, Token
+from hogwild.collab.protocol import CollabConfig, Collaboration, NudgeInserted, StepFinished, StepStarted
+from hogwild.runs import Done, Token
 from hogwild.collab.text import boxed_answer, step_ends
 from hogwild.engine import Engine, EngineConfig
 from hogwild.errors import HogwildError
@@ -41,10 +42,10 @@ class ScriptedEngine(Engine):
         self.scripts = [tokenizer.encode(s, add_special_tokens=False) for s in scripts]
         self.pointer = [0] * len(scripts)
 
-    def step(self, rows: list[Row]) -> torch.Tensor:
-        logits = super().step(rows)
+    def run_model(self, rows: list[Row], wanted: list[int]) -> torch.Tensor:
+        logits = super().run_model(rows, wanted)
         forced = torch.full_like(logits, -1e9)
-        for r, row in enumerate(rows):
+        for r, row in enumerate(rows[i] for i in wanted):
             name = row.own.name
             w = int(name.removeprefix("worker")) if name.startswith("worker") else 0
             script, p = self.scripts[w], self.pointer[w]
@@ -62,7 +63,7 @@ def tokenizer(default_model_dir):
 def run_scripted(tokenizer, scripts, **config) -> tuple[list, object, Collaboration]:
     engine = ScriptedEngine(tokenizer, scripts)
     run = Collaboration(engine, "Add 2 and 3.", CollabConfig(workers=len(scripts), **config))
-    events = list(run.run())
+    events = list(engine.stream(run))
     assert isinstance(events[-1], Done)
     return events, events[-1].result, run
 

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from tiny import FAMILIES, TinyModel
 
-from hogwild.attention import Row, StepPlan
-from hogwild.cache.blocks import KVCache
+from hogwild.attention import Row
 from hogwild.errors import HogwildError
 from hogwild.model.kernels import CpuFacts, Linear, choose
 
@@ -103,11 +102,7 @@ def test_decoder_path_matches_float32_reference(family: str, dtype: torch.dtype,
     reference = TinyModel(family, seed=3)
     forced = TinyModel(family, seed=3, dtype=dtype, linear=linear)
     tokens = torch.randint(0, reference.config.vocab_size, (11,), generator=torch.Generator().manual_seed(5)).tolist()
-    logits = []
-    for tm in (reference, forced):
-        block = KVCache(tm.config, tm.rope, torch.float32).new_block("s")
-        plan = StepPlan([Row([block], tokens)], tm.config, tm.rope, out_dtype=tm.model.dtype)
-        logits.append(tm.model.forward(torch.tensor([tokens]), plan, logits_at=None)[0].float())
+    logits = [tm.step([Row([tm.ledger().new_block("s")], tokens)])[0] for tm in (reference, forced)]
     diff = (logits[0] - logits[1]).abs().max().item()
     spread = logits[0].std().item()
     if dtype == torch.float32:

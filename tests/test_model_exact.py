@@ -1,5 +1,5 @@
-"""hogwild's decoder against transformers: tiny random models of every family in float32 (prefill, decode, a padded
-batch), the real default model's greedy tokens, and a bf16 sanity check."""
+"""hogwild's decoder against transformers: tiny random models of every family in float32 (prefill, decode, a flat
+batch of rows of different lengths), the real default model's greedy tokens, and a bf16 sanity check."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 from tiny import FAMILIES, TinyModel
 
-from hogwild.attention import Row, StepPlan
-from hogwild.cache.blocks import KVCache
+from hogwild.attention import Row
 from hogwild.engine import Engine, EngineConfig
 from hogwild.sampling import SamplingParams
 
@@ -35,17 +34,6 @@ def prompt(seed: int, length: int, vocab: int) -> list[int]:
     return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@torch.no_grad()
-def step(tm: TinyModel, rows: list[Row]) -> torch.Tensor:
-    """One forward of `rows` through hogwild's decoder: logits [R, T, vocab] at every (padded) position."""
-    width = max(len(row.tokens) for row in rows)
-    tokens = torch.tensor([row.tokens + [0] * (width - len(row.tokens)) for row in rows])
-    plan = StepPlan(rows, tm.config, tm.rope)
-    logits = tm.model.forward(tokens, plan, logits_at=None)
-    plan.commit()
-    return logits.float()
-
-
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
     return (a - b).abs().max().item()
@@ -53,37 +41,37 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_tiny_prefill_and_decode_match_transformers(tiny: TinyModel) -> None:
     tokens = prompt(0, 13, tiny.config.vocab_size)
-    block = KVCache(tiny.config, tiny.rope, torch.float32).new_block("s")
-    logits = step(tiny, [Row([block], tokens)])[0]  # [T, vocab]
+    block = tiny.ledger().new_block("s")
+    logits = tiny.step([Row([block], tokens)])[0]  # [T, vocab]
     assert max_diff(logits, tiny.hf_logits(tokens)) < TOL
     generated = []
     for _ in range(DECODE_STEPS):
         token = int(logits[-1].argmax())
         tokens = tokens + [token]
         generated.append(token)
-        logits = step(tiny, [Row([block], [token])])[0]
+        logits = tiny.step([Row([block], [token])])[0]
         assert block.length == len(tokens)
         assert max_diff(logits[-1], tiny.hf_logits(tokens)[-1]) < TOL, f"decode step {len(generated)}"
     assert len(set(generated)) > 1, "greedy decode stuck on one token: the comparison would prove little"
 
 
-def test_tiny_padded_batch_matches_transformers(tiny: TinyModel) -> None:
+def test_tiny_flat_batch_of_uneven_rows_matches_transformers(tiny: TinyModel) -> None:
     vocab = tiny.config.vocab_size
     prompts = [prompt(10, 5, vocab), prompt(11, 17, vocab), prompt(12, 1, vocab)]
-    cache = KVCache(tiny.config, tiny.rope, torch.float32)
-    blocks = [cache.new_block(f"s{i}") for i in range(len(prompts))]
-    # [3, 17, vocab]: rows 0 and 2 are padded
-    logits = step(tiny, [Row([b], p) for b, p in zip(blocks, prompts, strict=True)])
+    ledger = tiny.ledger()
+    blocks = [ledger.new_block(f"s{i}") for i in range(len(prompts))]
+    # one flat batch of 5 + 17 + 1 tokens: no row is padded to another's width
+    logits = tiny.step([Row([b], p) for b, p in zip(blocks, prompts, strict=True)])
     for r, tokens in enumerate(prompts):
-        assert max_diff(logits[r, : len(tokens)], tiny.hf_logits(tokens)) < TOL, f"row {r} prefill"
+        assert max_diff(logits[r], tiny.hf_logits(tokens)) < TOL, f"row {r} prefill"
     seqs = [list(p) for p in prompts]
-    last = [logits[r, len(p) - 1] for r, p in enumerate(prompts)]
+    last = [logits[r][-1] for r in range(len(prompts))]
     for i in range(5):
         feed = [int(x.argmax()) for x in last]
         for seq, token in zip(seqs, feed, strict=True):
             seq.append(token)
-        logits = step(tiny, [Row([b], [t]) for b, t in zip(blocks, feed, strict=True)])  # [3, 1, vocab]
-        last = [logits[r, 0] for r in range(len(seqs))]
+        logits = tiny.step([Row([b], [t]) for b, t in zip(blocks, feed, strict=True)])  # 3 x [1, vocab]
+        last = [logits[r][0] for r in range(len(seqs))]
         for r, seq in enumerate(seqs):
             assert max_diff(last[r], tiny.hf_logits(seq)[-1]) < TOL, f"row {r} decode step {i + 1}"
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hogwild.engine import Engine, EngineConfig, Generation, _find_stop, _stop_prefix_length
+from hogwild.engine import Engine, EngineConfig, Generation
+from hogwild.runs import find_stop as _find_stop
+from hogwild.runs import stop_prefix_length as _stop_prefix_length
 from hogwild.errors import HogwildError
 from hogwild.sampling import SamplingParams, sample
 

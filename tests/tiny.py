@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import transformers
 
+from hogwild.attention import Row, StepPlan
+from hogwild.cache.pool import KVPool, Ledger
 from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
 from hogwild.model.rope import Rope
@@ -53,7 +55,38 @@ class TinyModel:
         self.model = Decoder(self.config, dict(hf.state_dict()), dtype, linear=linear)
         self.rope = Rope(self.config, torch.float32)  # the cache dtype on CPU
 
+    def ledger(self, tokens: int = 1 << 15) -> Ledger:
+        return new_ledger(self.config, self.rope, tokens)
+
+    def step(self, rows: list[Row], publish: bool = True) -> list[torch.Tensor]:
+        return step_rows(self.model, self.rope, rows, publish)
+
     @torch.no_grad()
     def hf_logits(self, tokens: list[int]) -> torch.Tensor:
         """Reference logits [len(tokens), vocab] from transformers, recomputed from scratch."""
         return self.hf(torch.tensor([tokens])).logits[0].float()
+
+
+def new_ledger(config: ModelConfig, rope: Rope, tokens: int = 1 << 15) -> Ledger:
+    """A ledger of `tokens` tokens in a pool of its own, float32 K/V (the CPU cache dtype)."""
+    pool = KVPool(config, rope, torch.float32, "cpu", budget_bytes=tokens * _token_bytes(config))
+    return pool.open(pool.capacity)
+
+
+def _token_bytes(config: ModelConfig) -> int:
+    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
+
+
+@torch.no_grad()
+def step_rows(model: Decoder, rope: Rope, rows: list[Row], publish: bool = True) -> list[torch.Tensor]:
+    """One step of `rows` through the fast path as one flat batch, as the engine runs it: reserve the own blocks,
+    forward, commit, publish. Returns each row's logits [len(tokens), vocab] at every position."""
+    for row in rows:
+        row.own.ledger.reserve([(row.own, row.own.length + len(row.tokens))])
+    plan = StepPlan(rows, model.config, rope, out_dtype=model.dtype)
+    logits = model.forward(torch.tensor([t for row in rows for t in row.tokens]), plan, logits_at=None).float()
+    plan.commit()
+    if publish:
+        for row in rows:
+            row.own.publish()
+    return [logits[start : start + len(row.tokens)] for start, row in zip(plan.starts, rows, strict=True)]

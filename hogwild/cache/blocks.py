@@ -130,9 +130,8 @@ class Block:
         self.published = 0
 
     def release(self) -> None:
+        """Free the K/V (the run ended); the token ids stay readable."""
         self._set_storage(None)
-        self.tokens = []
-        self.published = 0
 
     def publish(self) -> None:
         self.published = self.length

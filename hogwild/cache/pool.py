@@ -57,7 +57,7 @@ class KVPool:
         n, start = src.length, dst.length
         if n == 0:
             return
-        dst.reserve(start + n)
+        dst.ledger.reserve([(dst, start + n)])
         cos, sin = self.rope.angles_for(start, self.dtype)
         src_kv = src.kv[:, :, :, :n]
         dst.kv[:, 0, :, start : start + n] = apply_rope(src_kv[:, 0], cos.to(self.device), sin.to(self.device))
@@ -74,6 +74,7 @@ class Ledger:
         self.pool = pool
         self.limit = limit
         self.charged = 0  # capacity held by this ledger's blocks (a fork is charged for the storage it shares)
+        self.keep = 0  # room that growth slack may not take: what the run needs for its last phase
         self.blocks: list[Block] = []
 
     @property
@@ -102,7 +103,7 @@ class Ledger:
         """Grow each block to hold its length; growth slack is given only when every block's need fits with it."""
         total = sum(block.growth(length) for block, length in needs)
         assert total <= self.room, f"the run needs {total} more tokens of KV; its ledger has room for {self.room}"
-        slack = sum(block.growth(length, slack=True) for block, length in needs) <= self.room
+        slack = sum(block.growth(length, slack=True) for block, length in needs) <= self.room - self.keep
         for block, length in needs:
             block.reserve(length, slack=slack)
 

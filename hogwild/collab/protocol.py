@@ -321,6 +321,7 @@ class Collaboration(Run):
         assert self.ledger is not None
         config = self.config
         self.shared = shared = SharedCache(self.ledger, config.workers, self.layout, private=self.groupthink)
+        self.ledger.keep = self.reserve + 64  # the finisher's room (and a last header) is never growth slack
         generator = self.sampling.generator()
         workers = self.workers
         yield [Feed([shared.prompt], self.prompt_ids)]
