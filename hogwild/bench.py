@@ -190,6 +190,7 @@ def _time_runs(engine: Engine, runs: list[GreedyDecode], steps: int) -> tuple[fl
     """Add the runs, let them reach decoding (untimed), time `steps` engine steps -> (seconds, kv bytes)."""
     for run in runs:
         engine.add(run)
+    engine.admit()
     while not all(run.decoding for run in runs):
         engine.step()
     device = engine.model.device

@@ -198,10 +198,14 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
+    def admit(self) -> list[Run]:
+        """Start the waiting runs that fit now (`step` does this first); returns them."""
+        return self.scheduler.admit()
+
     def step(self) -> list[tuple[Run, Event]]:
         """One forward pass over the scheduled rows of every running run; returns the events it produced."""
         start = time.perf_counter()
-        touched = self.scheduler.admit()
+        touched = self.admit()
         chunks = self.scheduler.schedule()
         if chunks:
             touched += self._forward(chunks)
