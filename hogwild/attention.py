@@ -207,11 +207,13 @@ class StepPlan:
 
 
 def _offset_in_view(view: list[Block], block: Block) -> int | None:
+    """Flat offset of `block` in `view`, counting the published length of the blocks before it (the own block is
+    last, so every block before it is read up to `published`)."""
     offset = 0
     for b in view:
         if b is block:
             return offset
-        offset += b.length
+        offset += b.published
     return None
 
 

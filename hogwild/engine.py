@@ -174,13 +174,23 @@ class Engine:
     # the loop
 
     def add(self, run: Run) -> Run:
-        """Queue `run`; it starts when its KV reservation fits. Returns the run (its own handle)."""
+        """Queue `run`; it starts when its KV reservation fits (a run marked `immediate` starts now, or is refused).
+        Returns the run (its own handle)."""
         if run.kv_tokens > self.pool.capacity:
             raise HogwildError(
                 f"the run needs up to {run.kv_tokens} tokens of KV cache "
                 f"({run.kv_tokens * self.pool.token_bytes / 2**20:.0f} MiB); the KV budget holds "
                 f"{self.pool.capacity} ({self.pool.budget_bytes / 2**20:.0f} MiB): raise --kv-memory"
             )
+        if run.immediate:
+            # a snapshot of a live run (a probe) starts now or never: later, what it forks would have moved on
+            if not self.pool.fits(run.kv_tokens):
+                raise HogwildError(
+                    f"no KV room for a {run} of {run.kv_tokens} tokens now "
+                    f"({self.pool.reserved}/{self.pool.capacity} reserved): raise --kv-memory or run fewer at once"
+                )
+            self.scheduler.start(run)
+            return run
         self.scheduler.add(run)
         return run
 

@@ -79,7 +79,8 @@ class Run:
       distinct blocks and see each other's tokens only from the next step on.
     - `take(samples)`: the samples for the feeds that asked for logits, in feed order; the run advances.
     - `abort(reason)`: stop now; the run still ends with `Done` (its result so far).
-    Events accumulate in `events` (drained by the engine into `outbox` for the run's consumer).
+    Events accumulate in `events` (drained by the engine into `outbox` for the run's consumer); the result in
+    the last one, `Done`, is also kept in `final`.
     """
 
     def __init__(self) -> None:
@@ -89,6 +90,8 @@ class Run:
         self.events: list[Event] = []
         self.outbox: deque[Event] = deque()  # events not yet read by the run's consumer
         self.admitted_at: float | None = None
+        self.final: object | None = None  # the result, once `Done` is emitted
+        self.immediate = False  # start at once when added, or be refused (never queued)
         self._script: Generator[list[Feed], list[Sample], None] | None = None
 
     def __repr__(self) -> str:
@@ -107,6 +110,8 @@ class Run:
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
+        if isinstance(event, Done):
+            self.final = event.result
 
     def start(self, ledger: Ledger) -> None:
         self.ledger = ledger
@@ -281,8 +286,8 @@ class ProbeResult:
 
 
 class Probe(Run):
-    """A throwaway greedy continuation of a live view: the view's blocks are forked as they are now (sharing their
-    storage, never writing it), `prefix` is written into a block of the probe's own after them, and up to
+    """A throwaway greedy continuation of a live view: the view's blocks are forked when the probe is added to the
+    engine (it starts at once, or is refused: it never queues), sharing their storage and never writing it; `prefix` is written into a block of the probe's own after them, and up to
     `max_tokens` are decoded. The run it forks from goes on untouched; the probe's blocks are freed when it ends.
     `answer(text, final)` reads the answer from the text so far (final: decoding is over); the probe stops as soon
     as it finds one."""
@@ -301,6 +306,7 @@ class Probe(Run):
         self.stream = TextStream(engine.tokenizer)
         self.text = ""
         self.tokens: list[int] = []
+        self.immediate = True  # the forks must be taken now, before the source run moves on
 
     @property
     def kv_tokens(self) -> int:

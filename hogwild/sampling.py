@@ -56,20 +56,23 @@ def sample_rows(
     drawn = [r for r, p in enumerate(params) if p.temperature > 0]
     if drawn:
         index = torch.tensor(drawn)
-        sub = logits.index_select(0, index)
         temperature = torch.tensor([params[r].temperature for r in drawn]).unsqueeze(1)
-        sorted_logits, order = (sub / temperature).sort(dim=-1, descending=True)
-        rank = torch.arange(sub.shape[1]).unsqueeze(0)
-        top_k = torch.tensor([params[r].top_k or sub.shape[1] for r in drawn]).unsqueeze(1)
-        probs = sorted_logits.softmax(dim=-1).masked_fill_(rank >= top_k, 0.0)
-        probs /= probs.sum(dim=-1, keepdim=True)
-        # nucleus: drop a token once the mass before it already reaches top_p; the most likely token always stays
+        probs = (logits.index_select(0, index) / temperature).softmax(dim=-1)  # [drawn, vocab], in vocab order
+        vocab = probs.shape[1]
+        top_k = torch.tensor([params[r].top_k or vocab for r in drawn]).unsqueeze(1)
+        ranked = probs.sort(dim=-1, descending=True).values
+        # keep a token when its probability reaches the k-th largest and the nucleus threshold: the smallest
+        # probability whose mass before it is still under top_p (the most likely token always stays)
+        kth = ranked.gather(1, (top_k - 1).clamp(max=vocab - 1))
         top_p = torch.tensor([params[r].top_p for r in drawn]).unsqueeze(1)
-        probs.masked_fill_(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+        inside = (ranked.cumsum(dim=-1) - ranked) < top_p
+        nucleus = ranked.masked_fill(~inside, float("inf")).amin(dim=-1, keepdim=True)
+        probs = probs.masked_fill_((probs < kth) | (probs < nucleus), 0.0)
+        # inverse CDF in vocabulary order: a tiny change in the logits moves the boundaries a tiny bit, where a
+        # sorted order could swap near-tied tokens, so a seeded run draws the same tokens alone or batched
         cdf = probs.cumsum(dim=-1)
         uniform = torch.cat([torch.rand(1, generator=generators[r]) for r in drawn]).unsqueeze(1)
-        picked = torch.searchsorted(cdf, uniform * cdf[:, -1:]).clamp_(max=sub.shape[1] - 1)
-        tokens[index] = order.gather(1, picked).squeeze(1)
+        tokens[index] = torch.searchsorted(cdf, uniform * cdf[:, -1:]).clamp_(max=vocab - 1).squeeze(1)
     return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
 

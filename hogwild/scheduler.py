@@ -69,10 +69,13 @@ class Scheduler:
             if not self.pool.fits(head.kv_tokens):
                 break
             self.waiting.popleft()
-            head.start(self.pool.open(head.kv_tokens))
-            self.running.append(head)
+            self.start(head)
             started.append(head)
         return started
+
+    def start(self, run: Run) -> None:
+        run.start(self.pool.open(run.kv_tokens))
+        self.running.append(run)
 
     def schedule(self) -> list[Chunk]:
         """The chunks of this step: the runs' pending rows, oldest run first, within `step_tokens` tokens."""
@@ -104,8 +107,10 @@ class Scheduler:
         complete = []
         for run in self.running:
             progress = self.progress.get(run.id)
-            if run.feed and progress is not None and all(
-                fed == len(feed.tokens) for fed, feed in zip(progress.fed, run.feed, strict=True)
+            if (
+                run.feed
+                and progress is not None
+                and all(fed == len(feed.tokens) for fed, feed in zip(progress.fed, run.feed, strict=True))
             ):
                 complete.append(run)
         return complete

@@ -7,6 +7,7 @@ import transformers
 
 from hogwild.attention import Row, StepPlan
 from hogwild.cache.pool import KVPool, Ledger
+from hogwild.engine import Engine, EngineConfig
 from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
 from hogwild.model.rope import Rope
@@ -90,3 +91,19 @@ def step_rows(model: Decoder, rope: Rope, rows: list[Row], publish: bool = True)
         for row in rows:
             row.own.publish()
     return [logits[start : start + len(row.tokens)] for start, row in zip(plan.starts, rows, strict=True)]
+
+
+def tiny_engine(tokenizer, seed: int = 0, **config) -> Engine:
+    """A real engine (pool, scheduler, runs) over a small random Llama with the default model's tokenizer, float32,
+    so whole runs of every kind take milliseconds a step. `config`: EngineConfig fields (step_tokens, kv_memory...)."""
+    torch.manual_seed(seed)
+    hf = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(hf)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.5)  # sharper logits than the default init (|logits| ~ 10), so greedy choices are far from ties
+    decoder = Decoder(ModelConfig.from_hf(hf.to_dict()), dict(model.state_dict()), torch.float32)
+    return Engine(decoder, tokenizer, EngineConfig(**{"kv_memory": "256MiB", **config}))

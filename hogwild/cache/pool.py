@@ -82,6 +82,8 @@ class Ledger:
         return self.limit - self.charged
 
     def new_block(self, name: str, limit: int | None = None) -> Block:
+        """A new, empty block. `limit`: the most tokens it will ever hold; a run whose reservation is exact gives
+        every block its limit, so growth slack never takes room another block needs."""
         block = Block(name, self, limit)
         self.blocks.append(block)
         return block
