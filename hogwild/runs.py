@@ -286,11 +286,11 @@ class ProbeResult:
 
 
 class Probe(Run):
-    """A throwaway greedy continuation of a live view: the view's blocks are forked when the probe is added to the
-    engine (it starts at once, or is refused: it never queues), sharing their storage and never writing it; `prefix` is written into a block of the probe's own after them, and up to
-    `max_tokens` are decoded. The run it forks from goes on untouched; the probe's blocks are freed when it ends.
-    `answer(text, final)` reads the answer from the text so far (final: decoding is over); the probe stops as soon
-    as it finds one."""
+    """A throwaway greedy continuation of a live view. The view's blocks are forked when the probe is added to the
+    engine (it starts at once, or is refused: it never queues), sharing their storage and never writing it;
+    `prefix` is written into a block of the probe's own after them, and up to `max_tokens` are decoded. The run it
+    forks from goes on untouched; the probe's blocks are freed when it ends. `answer(text, final)` reads the answer
+    from the text so far (final: decoding is over); the probe stops as soon as it finds one."""
 
     def __init__(
         self, engine: Engine, view: list[Block], prefix: list[int], max_tokens: int, answer=None, worker: int = 0

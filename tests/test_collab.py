@@ -14,13 +14,13 @@ import hogwild
 from hogwild.attention import Row
 from hogwild.collab import prompts
 from hogwild.collab.protocol import CollabConfig, Collaboration, NudgeInserted, StepFinished, StepStarted
-from hogwild.runs import Done, Token
 from hogwild.collab.text import boxed_answer, step_ends
 from hogwild.engine import Engine, EngineConfig
 from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
 from hogwild.model.tokenizer import Tokenizer
+from hogwild.runs import Done, Token
 
 
 class ScriptedEngine(Engine):

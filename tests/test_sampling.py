@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from hogwild.engine import Engine, EngineConfig, Generation
-from hogwild.runs import find_stop as _find_stop
-from hogwild.runs import stop_prefix_length as _stop_prefix_length
 from hogwild.errors import HogwildError
+from hogwild.runs import find_stop, stop_prefix_length
 from hogwild.sampling import SamplingParams, sample
 
 
@@ -52,10 +51,10 @@ def test_bad_sampling_params(kwargs):
 
 
 def test_stop_helpers():
-    assert _find_stop("abc END def", ("END",)) == 4
-    assert _find_stop("abc", ("END",)) is None
-    assert _stop_prefix_length("abc EN", ("END",)) == 2
-    assert _stop_prefix_length("abc", ("END",)) == 0
+    assert find_stop("abc END def", ("END",)) == 4
+    assert find_stop("abc", ("END",)) is None
+    assert stop_prefix_length("abc EN", ("END",)) == 2
+    assert stop_prefix_length("abc", ("END",)) == 0
 
 
 def test_generate_text_cuts_at_the_stop_string(default_model_dir):
