@@ -93,26 +93,29 @@ class StepPlan:
         self.sin_k = rope.signed_sin[local].unsqueeze(1)
         self.writes = [(row.own, row.own.length, len(row.tokens), self.starts[r]) for r, row in enumerate(rows)]
 
-        # blocks in first-appearance order; each (block, token of a row that sees it) pair is one query slot
-        order: dict[int, Block] = {}
-        for row in rows:
+        # blocks in first-appearance order, with the rows that read each and where it sits in their view; each
+        # (block, token of a row that reads it) pair is one query slot
+        readers: dict[int, tuple[Block, list[tuple[int, int]]]] = {}
+        firsts = []
+        for r, row in enumerate(rows):
+            offset = 0
             for block in row.view:
-                order.setdefault(id(block), block)
-        firsts = [row.first_position for row in rows]
+                readers.setdefault(id(block), (block, []))[1].append((r, offset))
+                offset += block.published
+            firsts.append(offset - row.own.published + row.own.length)  # flat position of the row's first token
         slot_tokens: list[int] = []
         deltas: list[int] = []
         self.reads: list[_BlockRead] = []
-        for block in order.values():
+        for block, seen_by in readers.values():
             writer = writers.get(id(block))
             new = len(rows[writer].tokens) if writer is not None else 0
             length = block.length + new if writer is not None else block.published
             start = len(slot_tokens)
             masks = []
-            for r, row in enumerate(rows):
-                offset = _offset_in_view(row.view, block)
-                if offset is None or (r != writer and block.published == 0):
+            for r, offset in seen_by:
+                if r != writer and block.published == 0:
                     continue
-                n = len(row.tokens)
+                n = len(rows[r].tokens)
                 slot_tokens.extend(range(self.starts[r], self.starts[r] + n))
                 deltas.extend(firsts[r] + t - offset for t in range(n))
                 if length > block.published:
@@ -204,17 +207,6 @@ class StepPlan:
         the engine publishes a run's blocks when its step ends."""
         for row in self.rows:
             row.own.tokens.extend(row.tokens)
-
-
-def _offset_in_view(view: list[Block], block: Block) -> int | None:
-    """Flat offset of `block` in `view`, counting the published length of the blocks before it (the own block is
-    last, so every block before it is read up to `published`)."""
-    offset = 0
-    for b in view:
-        if b is block:
-            return offset
-        offset += b.published
-    return None
 
 
 class FlatReference:

@@ -173,15 +173,19 @@ class Engine:
 
     # the loop
 
-    def add(self, run: Run) -> Run:
-        """Queue `run`; it starts when its KV reservation fits (a run marked `immediate` starts now, or is refused).
-        Returns the run (its own handle)."""
+    def check_fits_pool(self, run: Run) -> None:
+        """Refuse, with a clear error, a run that could never fit the KV budget."""
         if run.kv_tokens > self.pool.capacity:
             raise HogwildError(
                 f"the run needs up to {run.kv_tokens} tokens of KV cache "
                 f"({run.kv_tokens * self.pool.token_bytes / 2**20:.0f} MiB); the KV budget holds "
                 f"{self.pool.capacity} ({self.pool.budget_bytes / 2**20:.0f} MiB): raise --kv-memory"
             )
+
+    def add(self, run: Run) -> Run:
+        """Queue `run`; it starts when its KV reservation fits (a run marked `immediate` starts now, or is refused).
+        Returns the run (its own handle)."""
+        self.check_fits_pool(run)
         if run.immediate:
             # a snapshot of a live run (a probe) starts now or never: later, what it forks would have moved on
             if not self.pool.fits(run.kv_tokens):

@@ -89,7 +89,6 @@ class Run:
         self.feed: list[Feed] | None = []
         self.events: list[Event] = []
         self.outbox: deque[Event] = deque()  # events not yet read by the run's consumer
-        self.admitted_at: float | None = None
         self.final: object | None = None  # the result, once `Done` is emitted
         self.immediate = False  # start at once when added, or be refused (never queued)
         self._script: Generator[list[Feed], list[Sample], None] | None = None
@@ -115,7 +114,6 @@ class Run:
 
     def start(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self.admitted_at = time.perf_counter()
         self._script = self.script()
         self._advance(None)
 

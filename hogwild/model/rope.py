@@ -11,16 +11,11 @@ import torch
 from hogwild.model.config import ModelConfig
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [..., head_dim] by angles whose cos and signed sin (see `sign_sin`) broadcast against it.
 
-    Equals x * cos + rotate_half(x) * sin; rolling the halves and folding the sign into the table takes two
-    fewer ops than slicing, negating and concatenating."""
+    Equals x * cos + cat(-x2, x1) * sin (x1, x2 the halves of x); rolling the halves and folding the sign into
+    the table takes two fewer ops than slicing, negating and concatenating."""
     return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin)
 
 

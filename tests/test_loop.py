@@ -1,0 +1,104 @@
+"""The engine in a background thread: runs submitted from threads and asyncio tasks, batched, cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+from tiny import tiny_engine
+
+from hogwild.collab.protocol import CollabConfig, Collaboration
+from hogwild.errors import HogwildError
+from hogwild.loop import EngineLoop
+from hogwild.model.tokenizer import Tokenizer
+from hogwild.runs import Done, Sampled, Token
+from hogwild.sampling import SamplingParams
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return Tokenizer.from_folder(default_model_dir)
+
+
+def test_threads_submit_and_each_gets_its_own_run(tokenizer):
+    engine = tiny_engine(tokenizer)
+    loop = EngineLoop(engine)
+    expected = {}
+    for n in (5, 9, 13):
+        alone = tiny_engine(tokenizer)
+        expected[n] = "".join(alone.generate_text(alone.encode_prompt(f"Count {n}"), SamplingParams(max_tokens=n)))
+    texts = {}
+
+    def consume(n: int) -> None:
+        ticket = loop.submit(Sampled(engine, engine.encode_prompt(f"Count {n}"), SamplingParams(max_tokens=n)))
+        events = list(ticket)
+        assert isinstance(events[-1], Done)
+        texts[n] = "".join(e.text for e in events if isinstance(e, Token))
+
+    threads = [threading.Thread(target=consume, args=(n,)) for n in expected]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    loop.close()
+    assert texts == expected
+    assert max(engine.stats.per_step_rows) >= 2, "the threads' runs never shared a forward pass"
+    assert engine.pool.in_use_bytes == 0
+
+
+def test_asyncio_consumers_cancel_and_the_event_loop_stays_free(tokenizer):
+    engine = tiny_engine(tokenizer)
+    loop = EngineLoop(engine)
+
+    async def main() -> tuple[int, object, object]:
+        aio = asyncio.get_running_loop()
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        tick_task = asyncio.create_task(ticker())
+        long_run = Collaboration(engine, "Add 2 and 3.", CollabConfig(workers=3, budget=400, self_check_every=0))
+        ticket = loop.submit(long_run, aio)
+        short = loop.submit(Sampled(engine, engine.encode_prompt("Hi"), SamplingParams(max_tokens=12)), aio)
+        seen = 0
+        async for event in ticket:
+            if isinstance(event, Token):
+                seen += 1
+                if seen == 30:
+                    ticket.cancel()
+            last = event
+        short_events = [e async for e in short]
+        stop.set()
+        await tick_task
+        return ticks, last, short_events[-1]
+
+    ticks, last, short_done = asyncio.run(main())
+    loop.close()
+    assert isinstance(last, Done) and last.result.finished_by == "cancelled"
+    assert last.result.forward_passes < 400
+    assert isinstance(short_done, Done) and short_done.result.samples[0].finish_reason in ("stop", "length")
+    assert ticks > 10, "the event loop was blocked while the engine ran"
+    deadline = time.time() + 5
+    while engine.pool.in_use_bytes and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.pool.in_use_bytes == 0
+
+
+def test_a_run_too_large_is_refused_in_submit(tokenizer):
+    engine = tiny_engine(tokenizer, kv_memory="1MiB")
+    loop = EngineLoop(engine)
+    with pytest.raises(HogwildError, match="raise --kv-memory"):
+        loop.submit(Sampled(engine, [1, 2, 3], SamplingParams(max_tokens=4000)))
+    loop.close()
+    with pytest.raises(HogwildError, match="stopped"):
+        loop.submit(Sampled(engine, [1, 2, 3], SamplingParams(max_tokens=4)))
