@@ -355,6 +355,7 @@ class Collaboration(Run):
                     w.feed, w.closing = self._encode("\n\n"), not self.groupthink
                     w.step_text += "\n\n"
                     w.text += "\n\n"
+                    self.emit(Token(w.index, -1, "\n\n"))  # so a stream of the events spells out w.text
             self.emit(Pass(self.passes, config.budget))
             if ended:
                 finished_by = "eos"
