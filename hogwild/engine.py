@@ -133,6 +133,7 @@ class Engine:
         self.pool = KVPool(model.config, self.rope, self.cache_dtype, model.device, budget)
         self.scheduler = Scheduler(self.pool, config.step_tokens, config.max_runs)
         self.stats = Stats()
+        self.progressed = False  # whether the last step admitted, fed or ended anything
 
     @classmethod
     def load(cls, config: EngineConfig = EngineConfig()) -> Engine:
@@ -226,6 +227,7 @@ class Engine:
         else:
             touched += [run for run in self.scheduler.running if run.done]
         self.stats.busy_s += time.perf_counter() - start
+        self.progressed = bool(touched or chunks)
         return self._collect(touched)
 
     def _forward(self, chunks) -> list[Run]:
@@ -302,6 +304,8 @@ class Engine:
                 if run.done:
                     return
                 self.step()
+                if not self.progressed:
+                    raise HogwildError(f"{run} cannot start: the KV budget is held by runs that are not advancing")
         except KeyboardInterrupt:
             self.abort(run)
             while run.outbox:

@@ -51,7 +51,6 @@ def sample_rows(
 
     Row r uses `params[r]`; rows with a temperature draw from `generators[r]` (greedy rows need none)."""
     logits = logits.float().cpu()
-    logprobs = torch.log_softmax(logits, dim=-1)
     tokens = logits.argmax(dim=-1)
     drawn = [r for r, p in enumerate(params) if p.temperature > 0]
     if drawn:
@@ -73,7 +72,8 @@ def sample_rows(
         cdf = probs.cumsum(dim=-1)
         uniform = torch.cat([torch.rand(1, generator=generators[r]) for r in drawn]).unsqueeze(1)
         tokens[index] = torch.searchsorted(cdf, uniform * cdf[:, -1:]).clamp_(max=vocab - 1).squeeze(1)
-    return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    # log-probability of the chosen token only: one logsumexp pass, no [rows, vocab] log-softmax
+    return tokens, logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
