@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hogwild.server.command import add_parser as add_serve_parser
 
     add_serve_parser(sub, add_engine_arguments, engine_config)
+    from hogwild.eval import cli as eval_cli
+
+    eval_cli.add_parser(sub, add_engine_arguments)
     return parser
 
 

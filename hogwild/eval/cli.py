@@ -1,0 +1,235 @@
+"""`hogwild eval`: run a task's problems through every strategy at every budget and write the results, and
+`hogwild eval report DIR` to redraw the tables and plot from a results.jsonl. Defaults come from `EvalConfig` and
+`TaskConfig`; a bad flag, task, strategy, budget list or dataset file is one line and exit 2 (HogwildError)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from hogwild.errors import HogwildError
+from hogwild.eval import report, tasks
+from hogwild.eval.runner import EvalConfig, Job, Progress, done_pairs, make_jobs, read_results, run_jobs
+
+# what a results folder's numbers depend on: a re-run must match them to resume (strategies may be added)
+SETTINGS = ("model", "task", "budgets", "layout", "temperature", "top_p", "seed", "probe_tokens")
+
+
+def _default(cls: type, name: str):
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def add_parser(sub, add_engine_arguments) -> None:
+    """Register `hogwild eval` (and `hogwild eval report DIR`) on the main parser's subcommands."""
+    p = sub.add_parser(
+        "eval",
+        help="accuracy against sequential forward passes, per strategy",
+        description="Evaluate strategies on a task: each problem runs once per strategy to the largest budget of "
+        "sequential forward passes, and a finisher probe forked off the live cache reads its answer at each "
+        "smaller budget. Writes results.jsonl, summary.json, results.md and accuracy.png to --out; a re-run with "
+        "the same --out resumes, skipping what is done. `hogwild eval report DIR` redraws the files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t = p.add_argument_group("task")
+    t.add_argument("--task", default=_default(tasks.TaskConfig, "name"), help=f"one of {', '.join(tasks.TASKS)}")
+    t.add_argument(
+        "--data", default=None, help="JSONL dataset (gsm8k, gsm8k-multi: default the shipped 20-problem sample)"
+    )
+    t.add_argument("--limit", type=int, default=_default(tasks.TaskConfig, "limit"), help="first N problems (0: all)")
+    t.add_argument("--k", type=int, default=_default(tasks.TaskConfig, "k"), help="gsm8k-multi: problems per prompt")
+    t.add_argument(
+        "--difficulty", type=int, default=_default(tasks.TaskConfig, "difficulty"), help="arithmetic: 1 and up"
+    )
+    t.add_argument("--question-field", default=_default(tasks.TaskConfig, "question_field"), help="jsonl: field")
+    t.add_argument("--answer-field", default=_default(tasks.TaskConfig, "answer_field"), help="jsonl: field")
+    e = p.add_argument_group("evaluation")
+    e.add_argument(
+        "--strategies",
+        default=_default(EvalConfig, "strategies"),
+        help="comma-separated: single, hogwild:N, groupthink:N, vote:N (majority of N samples), best:N (highest "
+        "mean log-probability of N samples)",
+    )
+    e.add_argument(
+        "--budgets", default=_default(EvalConfig, "budgets"), help="increasing sequential forward pass budgets"
+    )
+    e.add_argument("--layout", default=_default(EvalConfig, "layout"), help="hogwild:N's cache layout")
+    e.add_argument(
+        "--temperature", type=float, default=_default(EvalConfig, "temperature"), help="vote and best samples"
+    )
+    e.add_argument("--top-p", type=float, default=_default(EvalConfig, "top_p"), help="vote and best samples")
+    e.add_argument(
+        "--seed",
+        type=int,
+        default=_default(EvalConfig, "seed"),
+        help="seeds every run (per problem and strategy) and picks the arithmetic problems",
+    )
+    e.add_argument(
+        "--concurrency",
+        type=int,
+        default=_default(EvalConfig, "concurrency"),
+        help="runs in flight at once (0: as many as the KV budget holds, with room kept for probes)",
+    )
+    e.add_argument("--out", default="eval-results", help="folder for results.jsonl and the reports")
+    e.add_argument(
+        "--throughput",
+        action="store_true",
+        help="measure instead: run the problems at --concurrency, then again one at a time, print both "
+        "throughputs; writes nothing",
+    )
+    add_engine_arguments(p)
+    p.set_defaults(func=cmd_eval)
+    reports = p.add_subparsers(dest="eval_command", metavar="report DIR")
+    r = reports.add_parser("report", help="redraw summary.json, results.md and accuracy.png from DIR/results.jsonl")
+    r.add_argument("dir", help="a folder written by hogwild eval")
+    r.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    out = Path(args.dir)
+    rows = report.write(out)
+    print(report.markdown(rows), end="")
+    print(f"hogwild: wrote {out / 'summary.json'}, {out / 'results.md'}, {out / 'accuracy.png'}", file=sys.stderr)
+    return 0
+
+
+def _configs(args: argparse.Namespace) -> tuple[tasks.TaskConfig, EvalConfig]:
+    task = tasks.TaskConfig(
+        name=args.task, data=args.data, limit=args.limit, k=args.k, difficulty=args.difficulty, seed=args.seed,
+        question_field=args.question_field, answer_field=args.answer_field,
+    )  # fmt: skip
+    config = EvalConfig(
+        strategies=args.strategies, budgets=args.budgets, layout=args.layout, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
+    )  # fmt: skip
+    return task, config
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hogwild.cli import engine_config
+    from hogwild.engine import Engine
+
+    task, config = _configs(args)  # flags first: a mistake costs no model load
+    problems = tasks.load(task)
+    settings = {
+        "model": args.model or "smollm2-135m",
+        "task": dataclasses.asdict(task) | {"data": str(Path(task.data).resolve()) if task.data else None},
+        **{k: v for k, v in dataclasses.asdict(config).items() if k in SETTINGS},
+    }
+    out = Path(args.out)
+    if not args.throughput:
+        _check_resume(out, settings)
+    engine = Engine.load(engine_config(args))
+    if args.throughput:
+        return _throughput(engine, problems, config)
+
+    outcome = evaluate(engine, problems, task, config, out, settings)
+    return 130 if outcome.interrupted else 0
+
+
+def evaluate(
+    engine, problems: list[tasks.Problem], task: tasks.TaskConfig, config: EvalConfig, out: Path, settings: dict
+):
+    """Run what `out` does not hold yet, append it to out/results.jsonl, and write the reports; returns the outcome."""
+    records_path = out / report.RESULTS
+    _, budgets = config.plan
+    skip = done_pairs(read_results(records_path), budgets)
+    jobs = make_jobs(engine, problems, config, skip)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / report.CONFIG).write_text(json.dumps(settings | {"strategies": config.strategies}, indent=2) + "\n")
+    if skip:
+        print(f"hogwild: resuming: {len(skip)} (problem, strategy) pairs already in {records_path}", file=sys.stderr)
+    outcome = _run_with_progress(engine, jobs, config, records_path, task.name)
+    if outcome.interrupted:
+        print(
+            f"\nhogwild: interrupted after {outcome.jobs_done} of {len(jobs)} runs; run the same command again to "
+            "resume",
+            file=sys.stderr,
+        )
+    if read_results(records_path):
+        run = {
+            "wall_s": round(outcome.wall_s, 2), "runs": outcome.jobs_done, "steps": outcome.steps,
+            "sampled_tokens": outcome.sampled_tokens, "max_in_flight": outcome.max_in_flight,
+            "interrupted": outcome.interrupted,
+        }  # fmt: skip
+        rows = report.write(out, run)
+        print(report.markdown(rows, f"**{report.title_of(json.loads((out / report.CONFIG).read_text()))}**"))
+        print(
+            f"hogwild: {outcome.jobs_done} runs in {outcome.wall_s:.1f} s ({outcome.sampled_tokens} tokens, "
+            f"{outcome.sampled_tokens / max(outcome.wall_s, 1e-9):.1f} tok/s); wrote {out}",
+            file=sys.stderr,
+        )
+    return outcome
+
+
+def _check_resume(out: Path, settings: dict) -> None:
+    path = out / report.CONFIG
+    if not path.exists() or not (out / report.RESULTS).exists():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise HogwildError(f"{path} is not JSON; remove it or use another --out") from None
+    differ = [k for k in SETTINGS if before.get(k) != settings[k]]
+    if differ:
+        raise HogwildError(
+            f"{out} holds results with other settings ({', '.join(differ)}); use another --out to start afresh"
+        )
+
+
+def _run_with_progress(engine, jobs: list[Job], config: EvalConfig, records_path: Path, task: str):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
+
+    console = Console(stderr=True)
+    records_path.parent.mkdir(parents=True, exist_ok=True)
+
+    with records_path.open("a", encoding="utf-8") as sink:
+
+        def on_records(records: list[dict]) -> None:
+            sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            sink.flush()
+
+        with Bar(
+            TextColumn("[bold]eval[/bold] {task.fields[runs]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("passes"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            disable=not console.is_terminal,
+        ) as bar:  # fmt: skip
+            total = sum(job.budgets[-1] for job in jobs)
+            progress_task = bar.add_task("eval", total=total, runs=f"0/{len(jobs)} runs")
+            last = [0, time.perf_counter()]
+
+            def on_progress(p: Progress) -> None:
+                bar.update(progress_task, completed=p.passes, runs=f"{p.jobs_done}/{p.jobs} runs")
+                if not console.is_terminal and p.jobs_done != last[0] and time.perf_counter() - last[1] > 30:
+                    last[:] = [p.jobs_done, time.perf_counter()]
+                    print(f"hogwild: {p.jobs_done}/{p.jobs} runs done, {p.passes}/{p.total} passes", file=sys.stderr)
+
+            return run_jobs(engine, jobs, config, on_records, on_progress, extra={"task": task})
+
+
+def _throughput(engine, problems, config: EvalConfig) -> int:
+    """The same problems at --concurrency and one at a time, on this engine, side by side."""
+    rows = []
+    for concurrency in (config.concurrency, 1):
+        one = dataclasses.replace(config, concurrency=concurrency)
+        jobs = make_jobs(engine, problems, one)
+        outcome = run_jobs(engine, jobs, one)
+        if outcome.interrupted:
+            print("hogwild: interrupted", file=sys.stderr)
+            return 130
+        rows.append((concurrency, outcome, len(problems)))
+    print(f"{len(problems)} problems, strategies {config.strategies}, budgets {config.budgets}")
+    print("concurrency  runs  max in flight  wall s  problems/min  sampled tok/s  steps")
+    for concurrency, o, n in rows:
+        label = "default (0)" if concurrency == 0 else str(concurrency)
+        print(
+            f"{label:>11}  {o.jobs_done:>4}  {o.max_in_flight:>13}  {o.wall_s:>6.1f}  {60 * n / o.wall_s:>12.2f}  "
+            f"{o.sampled_tokens / o.wall_s:>13.1f}  {o.steps:>5}"
+        )
+    print(f"speed-up: {rows[1][1].wall_s / rows[0][1].wall_s:.2f}x")
+    return 0

@@ -1,0 +1,363 @@
+"""The evaluation harness: answer extraction and grading, the tasks, flag errors, an end-to-end eval on a tiny random
+model (every file written, the table equal to a recount of results.jsonl, resume), and probes that leave the runs
+they read exactly as they were."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+
+import pytest
+import torch
+from tiny import tiny_engine
+
+from hogwild.cli import main
+from hogwild.collab.protocol import Collaboration
+from hogwild.errors import HogwildError
+from hogwild.eval import grading, tasks
+from hogwild.eval.cli import evaluate
+from hogwild.eval.runner import EvalConfig, Job, make_jobs, parse_budgets, parse_strategies, run_jobs
+from hogwild.model.tokenizer import Tokenizer
+from hogwild.runs import Sampled
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return Tokenizer.from_folder(default_model_dir)
+
+
+# grading
+
+
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("so 3 + 4 = 7, and \\boxed{7}. Then more words 9", "7"),
+        ("nested \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
+        ("first \\boxed{1} then \\boxed{2}", "2"),
+        ("Therefore, the answer is $18.", "$18"),
+        ("The final answer is: 42\nextra 7", "42"),
+        ("She has 12 apples and gives away 5, leaving 7", "7"),
+        ("no number here", None),
+    ],
+)
+def test_extract_answer(text, answer):
+    assert grading.extract_answer(text) == answer
+
+
+@pytest.mark.parametrize(
+    "answer, gold",
+    [
+        ("18", "18"),
+        ("$18", "18"),
+        ("\\$18.00", "18"),
+        ("1,000", "1000"),
+        ("70,000 dollars", "70000"),
+        ("18 eggs", "18"),
+        ("\\text{18 eggs}", "18"),
+        ("-3", "-3"),
+        ("−3", "-3"),
+        ("0.5", "1/2"),
+        ("\\frac{1}{2}", "0.5"),
+        ("\\dfrac{3}{4}", "3/4"),
+        ("1 1/2", "1.5"),
+        ("x = 5", "5"),
+        ("25\\%", "25"),
+        ("2\\sqrt{2}", "\\sqrt{8}"),  # math-verify: symbolic equality
+        ("\\frac{\\pi}{2}", "\\pi/2"),
+    ],
+)
+def test_grade_accepts_equal_answers(answer, gold):
+    assert grading.grade(answer, gold), (answer, gold)
+
+
+@pytest.mark.parametrize(
+    "answer, gold",
+    [("17", "18"), ("-18", "18"), ("1,2", "12"), ("1/3", "0.33"), ("", "5"), (None, "5"), ("\\sqrt{2}", "2")],
+)
+def test_grade_rejects_different_answers(answer, gold):
+    assert not grading.grade(answer, gold), (answer, gold)
+
+
+def test_grade_all_needs_every_answer_in_order():
+    assert grading.grade_all("18; 3; 70,000", ["18", "3", "70000"])
+    assert grading.grade_all("18, 3, 70000", ["18", "3", "70000"])
+    assert not grading.grade_all("3; 18; 70000", ["18", "3", "70000"])
+    assert not grading.grade_all("18; 3", ["18", "3", "70000"])
+
+
+def test_a_stuck_verifier_is_killed_at_its_timeout_and_restarted():
+    sleeper = "import json, time; print(json.dumps('ready'), flush=True); time.sleep(60)"
+    verifier = grading._Verifier(timeout_s=0.3, code=sleeper)
+    verifier.available = True
+    start = time.perf_counter()
+    assert verifier.equal("1", "1") is None
+    assert time.perf_counter() - start < 10
+    assert verifier.process is None, "the stuck helper was not killed"
+    answering = (
+        "import json, sys; print(json.dumps('ready'), flush=True)\nfor _ in sys.stdin: print('true', flush=True)"
+    )
+    verifier.code = answering
+    assert verifier.equal("1", "1") is True  # a fresh helper
+    verifier.stop()
+
+
+# tasks
+
+
+def test_gsm8k_sample_and_multi():
+    problems = tasks.load(tasks.TaskConfig("gsm8k"))
+    assert len(problems) == 20
+    assert problems[0].golds == ("18",) and "Janet" in problems[0].question and "\\boxed{}" in problems[0].question
+    multi = tasks.load(tasks.TaskConfig("gsm8k-multi", k=3, limit=2))
+    assert len(multi) == 2
+    assert multi[1].golds == tuple(p.golds[0] for p in problems[3:6])
+    assert "Problem 3:" in multi[0].question and "semicolons" in multi[0].question
+
+
+def test_arithmetic_is_seeded_and_its_golds_are_right():
+    a = tasks.load(tasks.TaskConfig("arithmetic", difficulty=2, limit=30, seed=1))
+    assert a == tasks.load(tasks.TaskConfig("arithmetic", difficulty=2, limit=30, seed=1))
+    assert a != tasks.load(tasks.TaskConfig("arithmetic", difficulty=2, limit=30, seed=2))
+    for p in a:
+        expr = p.question.removeprefix("Compute ").split(".")[0]
+        assert expr.count(" ") == 2 * 3, "difficulty 2: four operands"
+        assert str(eval(expr)) == p.golds[0]
+    assert len(tasks.load(tasks.TaskConfig("arithmetic"))) == tasks.TaskConfig().arithmetic_problems
+
+
+def test_jsonl_task_with_its_own_fields(tmp_path):
+    path = tmp_path / "math.jsonl"
+    path.write_text(
+        '{"problem": "What is 1/2 + 1/4?", "solution": "\\\\frac{3}{4}"}\n\n{"problem": "2+2?", "solution": 4}\n'
+    )
+    problems = tasks.load(tasks.TaskConfig("jsonl", data=str(path), question_field="problem", answer_field="solution"))
+    assert [p.golds for p in problems] == [("\\frac{3}{4}",), ("4",)]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no dataset file"),
+        ('{"question": "q", "answer": "#### 1"}\n{"question": "q"\n', ":2: not JSON"),
+        ('{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n', ":2: no 'answer' field"),
+        ('["q", "a"]\n', ":1: a line must be a JSON object"),
+        ('{"question": "q", "answer": "1"}\n', "no '#### ' line"),
+        ("\n", "holds no problems"),
+    ],
+)
+def test_bad_dataset_files_are_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(HogwildError, match=message):
+        tasks.load(tasks.TaskConfig("gsm8k", data=str(path)))
+
+
+def test_strategies_and_budgets_parse():
+    assert [s.name for s in parse_strategies("single,hogwild:2,groupthink:3,vote:4,best:4")] == [
+        "single", "hogwild:2", "groupthink:3", "vote:4", "best:4",
+    ]  # fmt: skip
+    assert parse_budgets("16,32,64") == (16, 32, 64)
+    for bad in ("hogwild", "single:2", "vote:0", "mcts:2", "single,single"):
+        with pytest.raises(HogwildError):
+            parse_strategies(bad)
+    for bad in ("", "64,32", "0,16", "a,b", "32,32", "-8,16"):
+        with pytest.raises(HogwildError):
+            parse_budgets(bad)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--strategies", "single,mcts:2"], "unknown strategy 'mcts:2'"),
+        (["--task", "mmlu"], "unknown task 'mmlu'"),
+        (["--budgets", "256,128"], "--budgets takes increasing"),
+        (["--budgets", "128,x"], "--budgets takes increasing"),
+        (["--data", "/no/such/file.jsonl"], "no dataset file at /no/such/file.jsonl"),
+        (["--task", "jsonl"], "--task jsonl needs --data"),
+        (["--concurrency", "-1"], "--concurrency must be >= 0"),
+        (["--layout", "spiral"], "unknown layout 'spiral'"),
+    ],
+)
+def test_eval_flag_mistakes_are_one_line_and_exit_2(capsys, flags, message):
+    assert main(["eval", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("hogwild: error: ") and message in err, err
+
+
+def test_a_malformed_dataset_exits_2(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("not json\n")
+    assert main(["eval", "--data", str(path)]) == 2
+    assert f"{path}:1: not JSON" in capsys.readouterr().err
+
+
+# end to end
+
+
+def _recount(records: list[dict]) -> dict[tuple[str, int], tuple[int, int, float]]:
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["strategy"], r["budget"])].append(r)
+    return {
+        key: (len(g), sum(r["correct"] for r in g), sum(r["tokens"] for r in g) / len(g)) for key, g in groups.items()
+    }
+
+
+def _check_table(out, records: list[dict]) -> None:
+    recount = _recount(records)
+    table = [line.split("|")[1:-1] for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(recount)
+    for cells in table[1:]:
+        strategy, budget, n, accuracy, tokens = (c.strip() for c in cells[:5])
+        count, correct, mean_tokens = recount[(strategy, int(budget))]
+        assert int(n) == count and accuracy == f"{correct / count:.1%} ({correct})"
+        assert float(tokens) == round(mean_tokens, 1)
+
+
+def test_end_to_end_eval_writes_every_file_and_the_table_is_a_recount(tokenizer, tmp_path, capsys):
+    engine = tiny_engine(tokenizer)
+    task = tasks.TaskConfig("gsm8k", limit=3)
+    problems = tasks.load(task)
+    config = EvalConfig(strategies="single,hogwild:2,groupthink:2,vote:2,best:2", budgets="16,32")
+    out = tmp_path / "eval"
+    settings = {"model": "tiny", "task": {"name": "gsm8k"}}
+    start = time.perf_counter()
+    outcome = evaluate(engine, problems, task, config, out, settings)
+    assert time.perf_counter() - start < 60
+    assert outcome.jobs_done == 3 * 4 and not outcome.interrupted  # vote:2 and best:2 share one run
+    for name in ("results.jsonl", "summary.json", "results.md", "accuracy.png", "config.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 5 * 2
+    assert {(r["problem"], r["strategy"], r["budget"]) for r in records} == {
+        (p.id, s, b) for p in problems for s in config.strategies.split(",") for b in (16, 32)
+    }
+    for r in records:
+        assert r["passes"] <= r["budget"] and r["transcript"] and r["gold"] and r["tokens"] > 0
+        assert r["correct"] == grading.grade(r["answer"], r["gold"])
+    # the markdown table and summary.json equal a recount from results.jsonl
+    _check_table(out, records)
+    recount = _recount(records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["strategy"] for r in summary["rows"]][::2] == config.strategies.split(",")
+    for row in summary["rows"]:
+        count, correct, mean_tokens = recount[(row["strategy"], row["budget"])]
+        assert (row["problems"], row["correct"]) == (count, correct) and row["mean_tokens"] == pytest.approx(
+            mean_tokens
+        )
+    # vote:2 and best:2 read the same samples: same token counts at every budget
+    by = {(r["problem"], r["strategy"], r["budget"]): r for r in records}
+    assert all(
+        by[(p.id, "vote:2", b)]["tokens"] == by[(p.id, "best:2", b)]["tokens"] for p in problems for b in (16, 32)
+    )
+    assert engine.pool.reserved == 0 and engine.pool.in_use_bytes == 0
+
+    # a re-run resumes: nothing left to do; a lost record is run again, alone
+    outcome = evaluate(engine, problems, task, config, out, settings)
+    assert outcome.jobs_done == 0 and len((out / "results.jsonl").read_text().splitlines()) == len(records)
+    kept = [r for r in records if not (r["problem"] == problems[1].id and r["strategy"] == "hogwild:2")]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    outcome = evaluate(engine, problems, task, config, out, settings)
+    assert outcome.jobs_done == 1 and len((out / "results.jsonl").read_text().splitlines()) == len(records)
+
+    # `hogwild eval report DIR` redraws the table from results.jsonl alone (here with some answers marked right,
+    # which a random model never gives)
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for i, r in enumerate(records):
+        r["correct"] = i % 3 == 0
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "accuracy.png").unlink()
+    assert main(["eval", "report", str(out)]) == 0
+    _check_table(out, records)
+    assert (out / "accuracy.png").exists() and "| single | 16 | 3 |" in capsys.readouterr().out
+
+
+def test_a_resume_with_other_settings_is_refused(tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "results.jsonl").write_text("")
+    (out / "config.json").write_text(json.dumps({"model": "other"}))
+    assert main(["eval", "--out", str(out), "--limit", "1"]) == 2
+    assert "holds results with other settings (model" in capsys.readouterr().err
+
+
+def test_concurrency_limits_the_runs_in_flight(tokenizer):
+    engine = tiny_engine(tokenizer)
+    problems = tasks.load(tasks.TaskConfig("arithmetic", limit=3))
+    for concurrency, most in ((0, 6), (1, 1), (2, 2)):
+        config = EvalConfig(strategies="single,vote:2", budgets="16,24", concurrency=concurrency)
+        outcome = run_jobs(engine, make_jobs(engine, problems, config), config)
+        assert outcome.max_in_flight == most and outcome.jobs_done == 6
+
+
+# probes leave the runs they read untouched
+
+
+class Recorder:
+    """Keeps, per run, the logits of every row it sampled (probes excluded)."""
+
+    def __init__(self, engine, run) -> None:
+        self.logits: list[torch.Tensor] = []
+        inner = engine.run_model
+
+        def run_model(rows, wanted):
+            out = inner(rows, wanted)
+            self.logits += [out[i].clone() for i, r in enumerate(wanted) if rows[r].own.ledger is run.ledger]
+            return out
+
+        engine.run_model = run_model
+
+
+def _fresh(engine, run):
+    """A copy of `run`, not started, on `engine`."""
+    if isinstance(run, Collaboration):
+        return Collaboration(engine, run.problem, run.config, run.sampling)
+    return Sampled(engine, run.prompt_ids, run.params, n=run.n)
+
+
+def _written(run) -> list[list[int]]:
+    result = run.final
+    return [w.tokens for w in result.workers] if isinstance(run, Collaboration) else [s.tokens for s in result.samples]
+
+
+@pytest.mark.parametrize("strategy", ["hogwild:2", "vote:2"])
+def test_eval_probes_leave_the_run_untouched(tokenizer, monkeypatch, strategy):
+    """The job probes at 12 and 24 passes; the same run alone, never probed, computes the same next-token logits
+    at every step and writes the same transcript. (The collaboration's own probe has its check in
+    test_scheduler.py::test_probe_leaves_the_collaboration_untouched; this one goes through the eval's jobs and
+    covers the probes forked off independent samples too.)"""
+    config = EvalConfig(strategies=strategy, budgets="12,24,40")
+    problem = tasks.load(tasks.TaskConfig("arithmetic", limit=1))[0]
+    engine = tiny_engine(tokenizer)
+    (job,) = make_jobs(engine, [problem], config)
+    probed = Recorder(engine, job.run)
+    probes = []
+    add_probe = Job._add_probe
+
+    def counting(self, probe, record):
+        probes.append(probe)
+        return add_probe(self, probe, record)
+
+    monkeypatch.setattr(Job, "_add_probe", counting)
+    run_jobs(engine, [job], config)
+    assert len(probes) >= 2 and all(p.done and p.final.tokens for p in probes), "the job never probed"
+
+    alone = tiny_engine(tokenizer)
+    again = _fresh(alone, job.run)
+    plain = Recorder(alone, again)
+    for _ in alone.stream(again):
+        pass
+    if isinstance(again, Collaboration):
+        assert [w.text for w in again.final.workers] == [w.text for w in job.run.final.workers]
+        assert len(plain.logits) == len(probed.logits)
+    else:  # the job stops its samples once every budget is read (at 41 tokens): compare up to there
+        assert [t[:41] for t in _written(again)] == _written(job.run)
+    assert len(probed.logits) >= 40
+    worst = max((a - b).abs().max().item() for a, b in zip(probed.logits, plain.logits, strict=False))
+    assert worst < 1e-5, f"the probes changed the run's next-token logits by {worst}"
