@@ -204,8 +204,9 @@ class Collaboration(Run):
                 f"give at least {minimum + 8}"
             )
         # K/V reserved: the prompt, the setup, each worker's tokens with room for headers and nudges, the finisher
-        self._kv_tokens = len(self.prompt_ids) + setup_tokens + self.reserve
-        self._kv_tokens += config.workers * (config.budget + config.budget // 2 + 64)
+        # (no worker writes more than the context window: the run ends at "context" first)
+        per_worker = min(config.budget + config.budget // 2 + 64, engine.context_window)
+        self._kv_tokens = len(self.prompt_ids) + setup_tokens + self.reserve + config.workers * per_worker
 
     @property
     def kv_tokens(self) -> int:
