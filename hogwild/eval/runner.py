@@ -125,7 +125,7 @@ class Point:
 
     answer: str | None
     passes: int  # sequential forward passes the answer rests on (<= the budget, or the pass a late probe read)
-    tokens: int  # tokens written by all workers or samples, probe tokens included
+    tokens: int  # tokens written by all workers or samples up to then (probe and finisher tokens not counted)
     wall_s: float  # from the job's start to this answer
     transcript: str
 
