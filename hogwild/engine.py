@@ -75,6 +75,13 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
 def default_kv_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -177,10 +184,10 @@ class Engine:
     def check_fits_pool(self, run: Run) -> None:
         """Refuse, with a clear error, a run that could never fit the KV budget."""
         if run.kv_tokens > self.pool.capacity:
+            needs = _size(run.kv_tokens * self.pool.token_bytes)
             raise HogwildError(
-                f"the run needs up to {run.kv_tokens} tokens of KV cache "
-                f"({run.kv_tokens * self.pool.token_bytes / 2**20:.0f} MiB); the KV budget holds "
-                f"{self.pool.capacity} ({self.pool.budget_bytes / 2**20:.0f} MiB): raise --kv-memory"
+                f"the run needs up to {run.kv_tokens} tokens of KV cache ({needs}); the KV budget holds "
+                f"{self.pool.capacity} ({_size(self.pool.budget_bytes)}): raise --kv-memory"
             )
 
     def add(self, run: Run) -> Run:

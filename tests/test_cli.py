@@ -140,3 +140,16 @@ def test_generate_default_model(default_model_dir: Path) -> None:  # the fixture
     assert "Traceback" not in run.stderr
     assert any(c.isalnum() for c in run.stdout), run.stdout
     assert run.stderr.strip().splitlines()[-1].startswith("[8 tokens,"), run.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--kv-memory", "lots"], ["--kv-memory takes a size"]),
+        (["--kv-memory", "1B"], ["holds no token"]),
+        (["--kv-memory", "2KiB"], ["KV cache", "raise --kv-memory"]),
+        (["--step-tokens", "0"], ["step_tokens must be >= 1"]),
+    ],
+)
+def test_bad_engine_budgets(tiny_llama_dir: Path, flags: list[str], words: list[str]) -> None:
+    assert_one_error_line(hogwild("generate", "Hi", "--model", str(tiny_llama_dir), "--threads", "1", *flags), *words)
