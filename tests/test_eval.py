@@ -76,7 +76,18 @@ def test_grade_accepts_equal_answers(answer, gold):
 
 @pytest.mark.parametrize(
     "answer, gold",
-    [("17", "18"), ("-18", "18"), ("1,2", "12"), ("1/3", "0.33"), ("", "5"), (None, "5"), ("\\sqrt{2}", "2")],
+    [
+        ("17", "18"),
+        ("-18", "18"),
+        ("1,2", "12"),
+        ("1/3", "0.33"),
+        ("", "5"),
+        (None, "5"),
+        ("\\sqrt{2}", "2"),
+        ("2 + 5 + 2 * 18 + 21", "64"),
+        ("(13 - 25) + 19 \\times 15", "273"),
+        ("8 \\cdot 8", "64"),
+    ],  # fmt: skip
 )
 def test_grade_rejects_different_answers(answer, gold):
     assert not grading.grade(answer, gold), (answer, gold)
@@ -276,6 +287,10 @@ def test_end_to_end_eval_writes_every_file_and_the_table_is_a_recount(tokenizer,
     assert main(["eval", "report", str(out)]) == 0
     _check_table(out, records)
     assert (out / "accuracy.png").exists() and "| single | 16 | 3 |" in capsys.readouterr().out
+    # --regrade grades the stored answers again: the random model's answers are all wrong
+    assert main(["eval", "report", str(out), "--regrade"]) == 0
+    assert f"regraded: {sum(r['correct'] for r in records)} grades changed" in capsys.readouterr().err
+    _check_table(out, [r | {"correct": False} for r in records])
 
 
 def test_a_resume_with_other_settings_is_refused(tmp_path, capsys):

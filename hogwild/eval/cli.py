@@ -85,11 +85,16 @@ def add_parser(sub, add_engine_arguments) -> None:
     reports = p.add_subparsers(dest="eval_command", metavar="report DIR")
     r = reports.add_parser("report", help="redraw summary.json, results.md and accuracy.png from DIR/results.jsonl")
     r.add_argument("dir", help="a folder written by hogwild eval")
+    r.add_argument("--regrade", action="store_true", help="grade the stored answers again with the current grader")
     r.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.dir)
+    if args.regrade:
+        if not (out / report.RESULTS).exists():
+            raise HogwildError(f"no {report.RESULTS} in {out}")
+        print(f"hogwild: regraded: {report.regrade(out)} grades changed", file=sys.stderr)
     rows = report.write(out)
     print(report.markdown(rows), end="")
     print(f"hogwild: wrote {out / 'summary.json'}, {out / 'results.md'}, {out / 'accuracy.png'}", file=sys.stderr)

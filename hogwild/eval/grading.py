@@ -4,10 +4,11 @@
 `grade` counts an answer right when math-verify shows it equal to the gold (LaTeX, fractions, percentages,
 equations, symbolic equality) or when both are plainly the same number (commas, dollar signs, units, `\\text{}` and
 trailing words stripped, which math-verify reads as symbols), so "$1,000.00", "1000 dollars" and "\\frac{2000}{2}"
-all equal a gold "1000". The numeric comparison is tried first because it is instant. math-verify's own timeouts
-use `signal.alarm`, which only works in a process's main thread, so they are disabled; it runs instead in one
-helper process of its own that is killed and restarted when a comparison takes longer than `timeout_s` (sympy can
-hang on adversarial input).
+all equal a gold "1000". An answer that leaves arithmetic undone ("2 + 3 * 4") never equals a numeric gold,
+though math-verify would evaluate it. The numeric comparison is tried first because it is instant.
+math-verify's own timeouts use `signal.alarm`, which only works in a process's main thread, so they are disabled;
+it runs instead in one helper process of its own that is killed and restarted when a comparison takes longer than
+`timeout_s` (sympy can hang on adversarial input).
 Without math-verify installed (it is the `eval` extra), only the numeric comparison runs.
 """
 
@@ -35,6 +36,8 @@ _LAST_NUMBER = re.compile(_NUMBER)
 _FRAC = re.compile(r"^\\[dt]?frac\{\s*(-?[\d.]+)\s*\}\{\s*(-?[\d.]+)\s*\}$")
 _PLAIN_FRACTION = re.compile(r"^(-?\d+)\s*/\s*(\d+)$")
 _MIXED = re.compile(r"^(-?\d+)\s+(\d+)\s*/\s*(\d+)$")
+# arithmetic left undone: a +, *, x or a minus between two numbers (a fraction's slash is a number's own)
+_UNEVALUATED = re.compile(r"\d\s*(?:[-+*×÷]|\\times|\\cdot|\\div)\s*\(?\s*-?\d")
 _DECIMAL = re.compile(r"^-?(?:\d+(?:,\d{3})*|\d+)?(?:\.\d+)?$")
 
 
@@ -183,6 +186,8 @@ def grade(answer: str | None, gold: str) -> bool:
         return False
     if numbers_equal(answer, gold):
         return True
+    if to_number(gold) is not None and _UNEVALUATED.search(answer):
+        return False  # "\\boxed{2 + 3 * 4}" restates the question; math-verify would evaluate it to the gold
     return bool(_verifier.equal(answer, gold))
 
 

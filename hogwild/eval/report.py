@@ -77,6 +77,24 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def regrade(out: Path) -> int:
+    """Grade every record of out/results.jsonl again with the current grader (its answers and golds are kept);
+    rewrites the file and returns how many grades changed."""
+    from hogwild.eval import grading
+    from hogwild.eval.runner import read_results
+
+    path = out / RESULTS
+    records = read_results(path)
+    changed = 0
+    for r in records:
+        gold = r["gold"]
+        correct = grading.grade_all(r["answer"], gold) if isinstance(gold, list) else grading.grade(r["answer"], gold)
+        changed += correct != r["correct"]
+        r["correct"] = correct
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return changed
+
+
 def title_of(config: dict) -> str:
     task = config.get("task", {})
     name = task.get("name", "?")
