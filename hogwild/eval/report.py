@@ -117,6 +117,9 @@ def write(out: Path, run: dict | None = None) -> list[dict]:
     rows = summarize(records, [s.strip() for s in config.get("strategies", "").split(",") if s.strip()])
     title = title_of(config) if config else ""
     summary = {"config": config, "rows": rows}
+    before = out / "summary.json"
+    if run is None and before.exists():  # a redraw keeps what the run that wrote the results measured
+        run = json.loads(before.read_text()).get("run")
     if run:
         summary["run"] = run
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
