@@ -17,7 +17,7 @@ from hogwild.collab.protocol import Collaboration
 from hogwild.errors import HogwildError
 from hogwild.eval import grading, tasks
 from hogwild.eval.cli import evaluate
-from hogwild.eval.runner import EvalConfig, Job, make_jobs, parse_budgets, parse_strategies, run_jobs
+from hogwild.eval.runner import EvalConfig, Job, make_jobs, parse_budgets, parse_strategies, run_jobs, seed_for
 from hogwild.model.tokenizer import Tokenizer
 from hogwild.runs import Sampled
 
@@ -376,3 +376,25 @@ def test_eval_probes_leave_the_run_untouched(tokenizer, monkeypatch, strategy):
     assert len(probed.logits) >= 40
     worst = max((a - b).abs().max().item() for a, b in zip(probed.logits, plain.logits, strict=False))
     assert worst < 1e-5, f"the probes changed the run's next-token logits by {worst}"
+
+
+def test_limit_seed_and_layout_reach_the_runs(tokenizer):
+    from hogwild.cli import build_parser
+    from hogwild.eval.cli import _configs
+
+    engine = tiny_engine(tokenizer)
+
+    def jobs(*flags):
+        task, config = _configs(build_parser().parse_args(["eval", "--strategies", "hogwild:2,vote:2", *flags]))
+        problems = tasks.load(task)
+        return problems, make_jobs(engine, problems, config)
+
+    problems, a = jobs("--task", "arithmetic", "--limit", "3", "--layout", "interleaved", "--seed", "5")
+    assert len(problems) == 3 and len(a) == 6
+    assert a[0].run.config.layout == "interleaved" and a[0].run.config.budget == 512
+    _, b = jobs("--task", "arithmetic", "--limit", "3", "--seed", "5")
+    _, c = jobs("--task", "arithmetic", "--limit", "3", "--seed", "6")
+    assert b[0].run.config.layout == "combined"
+    assert [j.problem for j in a] == [j.problem for j in b] != [j.problem for j in c]
+    assert a[1].run.params.seed == b[1].run.params.seed and a[1].run.params.temperature == 0.7
+    assert a[1].run.params.seed != seed_for(6, a[1].problem, "sampled:2")
