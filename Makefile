@@ -5,15 +5,21 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hogwild-installed
 
-.PHONY: demo test test-models install model-smollm2-135m model-qwen2.5-coder-0.5b model-qwen2.5-coder-1.5b
+.PHONY: demo test chromium test-models install model-smollm2-135m model-qwen2.5-coder-0.5b model-qwen2.5-coder-1.5b
 
 demo: $(STAMP)
 	$(VENV)/bin/hogwild generate "What is 2+2? Answer in one sentence." --max-tokens 48
 	$(VENV)/bin/hogwild solve "What is 17 * 23? Answer in \\boxed{}." --workers 2 --budget 256
 
 # -q comes from pyproject.toml's addopts; a second -q would hide pytest's closing "N passed" line
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest
+
+# the web page's test drives Debian's chromium through chromedriver; installed once (apt, as root or with sudo)
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 # the real-model checks against transformers (minutes and several GB of memory each; skipped unless installed)
 test-models: $(STAMP)

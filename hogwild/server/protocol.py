@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -31,6 +32,7 @@ from hogwild.collab.protocol import (
 )
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
+from hogwild.model import registry
 from hogwild.runs import Done, Event, GenerationResult, Run, Sampled, Token
 from hogwild.sampling import SamplingParams
 
@@ -284,10 +286,6 @@ def _collaboration(
 
 def model_name(engine: Engine) -> str:
     """The model id a server gives its engine's model: the name it was loaded by."""
-    from pathlib import Path
-
-    from hogwild.model import registry
-
     name = engine.config.model or registry.DEFAULT
     return Path(name).name if "/" in name or name.endswith(".gguf") else name
 

@@ -144,6 +144,7 @@ async function solve(event) {
     budget: Number($("budget").value),
     temperature: Number($("temperature").value),
   };
+  if ($("seed").value !== "") request.seed = Number($("seed").value);
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",

@@ -1,0 +1,260 @@
+"""Load test of `hogwild serve` on loopback: N concurrent streaming chat requests of mixed worker counts.
+
+By default it starts two servers of the default model in turn, one batching every request into each forward pass
+(the normal scheduler) and one with `--max-runs 1` (one request at a time), sends each the same requests all at
+once, checks every response is whole (status 200, no error event, a finish reason, usage, `data: [DONE]`, and for
+a collaboration every worker's text and the closing `done` event), and prints one table side by side: requests/s,
+p50/p95 latency, time to the first text, sampled tokens/s, and the mean rows per forward pass read from /metrics.
+With `--url` it measures a server already running on loopback instead. Bounded: at most 256 requests, each with a
+timeout, the whole run with a deadline; it only ever connects to 127.0.0.0/8 or ::1.
+
+    flock /tmp/hogwild-cpu.lock .venv/bin/python scripts/load_test.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import httpx
+
+from hogwild.server.config import is_loopback
+
+PROBLEMS = [
+    "What is 17 * 23? Answer in \\boxed{}.",
+    "A train travels 60 km in 45 minutes. What is its speed in km/h? Answer in \\boxed{}.",
+    "What is the sum of the first 20 positive integers? Answer in \\boxed{}.",
+    "How many minutes are there in 3.5 hours? Answer in \\boxed{}.",
+    "What is 2 to the power 10? Answer in \\boxed{}.",
+    "A box holds 12 eggs. How many boxes do 150 eggs fill completely? Answer in \\boxed{}.",
+    "What is 15% of 240? Answer in \\boxed{}.",
+    "What is the greatest common divisor of 84 and 126? Answer in \\boxed{}.",
+]
+WORKER_MIX = (None, 1, 2, 4)  # None: a plain single-stream completion
+MAX_REQUESTS = 256
+
+
+@dataclass
+class Outcome:
+    workers: int | None
+    latency: float = 0.0
+    first_text: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Load:
+    scheduler: str
+    model: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    wall: float = 0.0
+    passes: float = 0.0
+    rows: float = 0.0
+
+
+def body(i: int, model: str, workers: int | None, tokens: int) -> dict:
+    request = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROBLEMS[i % len(PROBLEMS)]}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.7,
+        "seed": i,
+    }
+    if workers is None:
+        return {**request, "max_tokens": tokens}
+    return {**request, "workers": workers, "budget": tokens}
+
+
+async def one(client: httpx.AsyncClient, url: str, request: dict, timeout: float) -> Outcome:
+    outcome = Outcome(request.get("workers"))
+    start = time.perf_counter()
+    finish, usage, done, ended = None, None, None, False
+    names: list[str] = []
+    texts: dict[int, str] = {}
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=request, timeout=timeout) as response:
+            if response.status_code != 200:
+                outcome.error = f"status {response.status_code}: {(await response.aread())[:200]!r}"
+                return outcome
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    ended = True
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    outcome.error = chunk["error"]["message"]
+                    return outcome
+                usage = chunk.get("usage") or usage
+                for choice in chunk["choices"]:
+                    delta = choice["delta"]
+                    event = delta.get("hogwild") or {}
+                    if (delta.get("content") or event.get("type") == "text") and outcome.first_text is None:
+                        outcome.first_text = time.perf_counter() - start
+                    if event.get("type") == "start":
+                        names = event["workers"]
+                    elif event.get("type") == "text":
+                        texts[event["worker"]] = texts.get(event["worker"], "") + event["text"]
+                    elif event.get("type") == "done":
+                        done = event
+                    finish = choice["finish_reason"] or finish
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
+        outcome.error = f"{type(e).__name__}: {e}"
+        return outcome
+    outcome.latency = time.perf_counter() - start
+    outcome.tokens = usage["completion_tokens"] if usage else 0
+    whole = ended and finish in ("stop", "length") and usage and usage["completion_tokens"] > 0
+    if request.get("workers"):
+        whole = whole and done is not None and len(names) == request["workers"]
+        whole = whole and all(texts.get(w) for w in range(len(names)))
+    if not whole:
+        outcome.error = f"incomplete response (done {ended}, finish {finish}, usage {usage}, workers {len(texts)})"
+    return outcome
+
+
+def metrics(url: str) -> dict[str, float]:
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(("hogwild_forward_passes_total ", "hogwild_rows_total ")):
+            name, value = line.split()
+            values[name] = float(value)
+    return values
+
+
+async def run_load(url: str, scheduler: str, requests: int, tokens: int, timeout: float) -> Load:
+    model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+    before = metrics(url)
+    bodies = [body(i, model, WORKER_MIX[i % len(WORKER_MIX)], tokens) for i in range(requests)]
+    limits = httpx.Limits(max_connections=requests, max_keepalive_connections=requests)
+    async with httpx.AsyncClient(limits=limits) as client:
+        start = time.perf_counter()
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(one(client, url, b, timeout) for b in bodies)), timeout=timeout + 30
+        )
+        wall = time.perf_counter() - start
+    after = metrics(url)
+    load = Load(scheduler, model, list(outcomes), wall)
+    load.passes = after["hogwild_forward_passes_total"] - before["hogwild_forward_passes_total"]
+    load.rows = after["hogwild_rows_total"] - before["hogwild_rows_total"]
+    return load
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(port: int, threads: int, max_runs: int, extra: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "hogwild", "serve", "--port", str(port), "--threads", str(threads)]
+    command += ["--max-runs", str(max_runs), *extra]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"load_test: the server exited: {server.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.kill()
+    raise SystemExit("load_test: the server did not come up in 180 s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        return name + (" with AVX-512" if "avx512f" in info else "")
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def table(loads: list[Load], args: argparse.Namespace) -> str:
+    mix = ", ".join("plain" if w is None else f"{w} worker{'s' * (w > 1)}" for w in WORKER_MIX)
+    lines = [
+        f"{args.requests} concurrent streaming chat requests ({mix} in turn; max_tokens / budget {args.tokens}),",
+        f"{loads[0].model}, {args.threads} torch thread{'s' * (args.threads > 1)} on {cpu_name()}, "
+        f"{os.cpu_count()} cores",
+        "",
+        f"{'scheduler':<28} {'ok':>5} {'req/s':>6} {'p50 s':>6} {'p95 s':>6} {'first text p50 s':>16} "
+        f"{'tokens/s':>8} {'passes':>6} {'rows/pass':>9}",
+    ]
+    for load in loads:
+        ok = [o for o in load.outcomes if o.error is None]
+        latencies = [o.latency for o in ok] or [float("nan")]
+        firsts = [o.first_text for o in ok if o.first_text is not None] or [float("nan")]
+        tokens = sum(o.tokens for o in ok)
+        lines.append(
+            f"{load.scheduler:<28} {f'{len(ok)}/{len(load.outcomes)}':>5} {len(ok) / load.wall:>6.2f} "
+            f"{percentile(latencies, 50):>6.1f} {percentile(latencies, 95):>6.1f} {percentile(firsts, 50):>16.1f} "
+            f"{tokens / load.wall:>8.1f} {load.passes:>6.0f} {load.rows / max(load.passes, 1):>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=32, help=f"concurrent requests (at most {MAX_REQUESTS})")
+    parser.add_argument("--tokens", type=int, default=32, help="max_tokens of plain requests, budget of the others")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the servers started here")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds each request may take")
+    parser.add_argument("--url", help="measure this running server (loopback only) instead of starting two")
+    parser.add_argument("--json", action="store_true", help="also print each load's outcomes as JSON")
+    parser.add_argument("server_args", nargs="*", help="extra `hogwild serve` arguments, after --")
+    args = parser.parse_args()
+    if not 1 <= args.requests <= MAX_REQUESTS:
+        parser.error(f"--requests must be between 1 and {MAX_REQUESTS}")
+    loads = []
+    if args.url:
+        if not is_loopback(urlparse(args.url).hostname or ""):
+            parser.error("--url must be a loopback address (127.0.0.0/8, ::1 or localhost)")
+        loads.append(
+            asyncio.run(run_load(args.url.rstrip("/"), "given server", args.requests, args.tokens, args.timeout))
+        )
+    else:
+        for scheduler, max_runs in (("all runs batched", 0), ("one at a time (--max-runs 1)", 1)):
+            port = free_port()
+            print(f"load_test: {scheduler}: starting a server on 127.0.0.1:{port}", file=sys.stderr)
+            server = start_server(port, args.threads, max_runs, args.server_args)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                loads.append(asyncio.run(run_load(url, scheduler, args.requests, args.tokens, args.timeout)))
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+    print(table(loads, args))
+    failed = [(load.scheduler, o.workers, o.error) for load in loads for o in load.outcomes if o.error]
+    for scheduler, workers, error in failed:
+        print(f"load_test: {scheduler}: a request with workers={workers} failed: {error}", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps(
+                [{"scheduler": load.scheduler, "outcomes": [o.__dict__ for o in load.outcomes]} for load in loads]
+            )
+        )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
