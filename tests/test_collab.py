@@ -171,6 +171,8 @@ def test_text_rules():
     assert boxed_answer("so \\boxed{\\frac{1}{2}} and") == "\\frac{1}{2}"
     assert boxed_answer("first \\boxed{1} then \\boxed{2}") == "2"
     assert boxed_answer("\\boxed{unclosed") is None
+    assert boxed_answer("write it as \\boxed{...}.") is None  # the prompt's placeholder, copied
+    assert boxed_answer("\\boxed{7} then \\boxed{ }") == "7"
 
 
 @pytest.mark.parametrize(

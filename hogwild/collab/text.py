@@ -35,14 +35,16 @@ def step_ends(text: str, force: bool = False) -> bool:
 
 
 def boxed_answer(text: str) -> str | None:
-    """Content of the last complete \\boxed{...} in `text` (nested braces allowed), or None."""
+    """Content of the last complete \\boxed{...} in `text` (nested braces allowed), or None; an empty box or the
+    prompt's own placeholder `\\boxed{...}` copied by a worker is no answer."""
     start = text.rfind("\\boxed{")
     while start >= 0:
         depth, i = 1, start + len("\\boxed{")
         while i < len(text) and depth:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
-        if depth == 0:
-            return text[start + len("\\boxed{") : i - 1].strip()
+        content = text[start + len("\\boxed{") : i - 1].strip()
+        if depth == 0 and content.strip(".… ") != "":  # `\\boxed{...}` is the prompt's placeholder, no answer
+            return content
         start = text.rfind("\\boxed{", 0, start)
     return None
