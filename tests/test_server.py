@@ -168,7 +168,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
         ("/v1/chat/completions", {**good, "stop": ["a", "b", "c", "d", "e"]}, 400, None, "stop"),
         ("/v1/chat/completions", {**good, "messages": [{"role": "user", "content": long_prompt}]}, 400,
          "context_length_exceeded", "messages"),
-        ("/v1/completions", {"model": MODEL, "prompt": long_prompt}, 400, "context_length_exceeded", None),
+        ("/v1/completions", {"model": MODEL, "prompt": long_prompt}, 400, "context_length_exceeded", "prompt"),
         ("/v1/completions", {"model": MODEL}, 400, None, "prompt"),
         ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, None, "prompt"),
         ("/v1/completions", [1, 2], 400, None, None),
@@ -184,12 +184,17 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
             assert error["code"] == code, error
         if param:
             assert error["param"] == param, error
-    # a collaboration too large for the KV budget (tiny engine: 256 MiB) is refused up front
-    huge = post(live, "/v1/chat/completions", {**good, "workers": 16, "budget": 200_000})
-    assert huge.status_code == 400 and "KV" in huge.json()["error"]["message"]
     assert post(live, "/v1/chat/completions", good).status_code == 200
     assert live.metric("hogwild_requests_total", endpoint="/v1/chat/completions", status="413") >= 1
     live.wait_idle()
+
+
+def test_a_request_larger_than_the_kv_budget_is_refused(tokenizer):
+    with live_server(tiny_engine(tokenizer, kv_memory="1MiB")) as live:  # 2048 tokens of the tiny model's KV
+        body = {"model": MODEL, "messages": QUESTION, "max_tokens": 3000}  # within the 4096-token context
+        response = post(live, "/v1/chat/completions", body)
+        assert response.status_code == 400 and "KV" in response.json()["error"]["message"], response.text
+        assert post(live, "/v1/chat/completions", {**body, "max_tokens": 8}).status_code == 200
 
 
 def test_api_key(tokenizer):

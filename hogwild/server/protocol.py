@@ -213,7 +213,7 @@ def _sampled(
             400,
             f"this model's maximum context length is {window} tokens; your prompt has {len(prompt)} tokens",
             code="context_length_exceeded",
-            param="messages",
+            param="messages" if kind == "chat" else "prompt",
         )
     if max_tokens is None:
         max_tokens = window - len(prompt) if kind == "chat" else min(OPENAI_COMPLETION_MAX_TOKENS, window - len(prompt))

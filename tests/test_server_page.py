@@ -1,0 +1,131 @@
+"""The web page at `/` in real headless Chromium (Debian's `chromium` and `chromedriver`, driven by Selenium), over
+the default model: a problem with 2 workers fills two columns while the run goes, then shows the answer; Stop
+cancels the run and the server frees its KV blocks.
+
+`make test` installs chromium; without it this test fails (it is never skipped) and says how to install it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import httpx
+import pytest
+import torch
+from serving import live_server
+
+from hogwild.engine import Engine, EngineConfig
+
+torch.set_num_threads(1)
+CHROMIUM = "/usr/bin/chromium"
+
+
+def chromedriver() -> str:
+    path = shutil.which("chromedriver") or "/usr/lib/chromium/chromedriver"
+    if not shutil.which(CHROMIUM) or not shutil.which(path):
+        pytest.fail(
+            "the page test needs Debian's chromium and chromium-driver: run `make test` (it installs them) or "
+            "`apt-get install -y chromium chromium-driver`"
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,900",
+    ):
+        options.add_argument(flag)
+    # an explicit driver path: Selenium Manager would try to download one
+    driver = webdriver.Chrome(service=Service(chromedriver()), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def live():
+    with live_server(Engine.load(EngineConfig(threads=1, kv_memory="1GiB"))) as server:
+        yield server
+
+
+def wait(condition, timeout: float = 90.0, what: str = ""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ask(browser, workers: int, budget: int, seed: int) -> None:
+    from selenium.webdriver.common.by import By
+
+    wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#layout option"), what="the page to load the model card")
+    for field, value in (("workers", workers), ("budget", budget), ("temperature", 1), ("seed", seed)):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(str(value))
+    browser.find_element(By.ID, "solve").click()
+
+
+def columns(browser) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [e.get_attribute("textContent") for e in browser.find_elements(By.CSS_SELECTOR, ".worker .text")]
+
+
+def test_two_workers_write_side_by_side_then_the_answer(browser, live):
+    from selenium.webdriver.common.by import By
+
+    browser.get(live.url + "/")
+    ask(browser, workers=2, budget=120, seed=4)  # seed 4: steps finish and the finisher gives an answer
+    answer = browser.find_element(By.ID, "answer")
+    # mid-run: two columns, both written in, no answer yet
+    early = wait(lambda: (cols := columns(browser)) and all(len(c) > 20 for c in cols) and cols, what="text")
+    assert len(early) == 2 and not answer.get_attribute("data-done")
+    wait(lambda: answer.get_attribute("data-done"), what="the answer")
+    late = columns(browser)
+    assert all(len(b) > len(a) and b.startswith(a) for a, b in zip(early, late, strict=True)), "columns did not fill"
+    assert late[0].startswith("**Alice [1]:**") and late[1].startswith("**Bob [1]:**")
+    assert browser.find_elements(By.CSS_SELECTOR, "#history li"), "no finished step in the shared history"
+    assert "finished by" in browser.find_element(By.ID, "status").text
+    # the same seeded request through the API: the page shows its answer and each worker's whole transcript
+    problem = browser.find_element(By.ID, "problem").get_attribute("value")
+    body = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": problem}],
+        "workers": 2,
+        "budget": 120,
+        "temperature": 1,
+        "seed": 4,
+        "layout": "combined",
+        "mode": "hogwild",
+    }
+    message = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=120).json()["choices"][0]["message"]
+    assert message["content"] and answer.text == message["content"]
+    assert late == [worker["text"] for worker in message["hogwild"]["workers"]]
+    live.wait_idle()
+
+
+def test_stop_cancels_the_run(browser, live):
+    from selenium.webdriver.common.by import By
+
+    browser.get(live.url + "/")
+    ask(browser, workers=3, budget=4000, seed=0)
+    wait(lambda: (cols := columns(browser)) and all(len(c) > 20 for c in cols), what="text")
+    assert live.metric("hogwild_kv_bytes_in_use") > 0
+    browser.find_element(By.ID, "stop").click()
+    wait(lambda: browser.find_element(By.ID, "status").text == "stopped", timeout=10, what="the page to stop")
+    live.wait_idle()  # the server saw the request go and cancelled the run
+    assert live.server.engine.stats.steps < 4000
