@@ -82,6 +82,11 @@ class EngineLoop:
         return ticket
 
     @property
+    def alive(self) -> bool:
+        """The loop thread is running and takes runs (not closed, no engine failure)."""
+        return not self._closed and self.error is None and self._thread.is_alive()
+
+    @property
     def queued(self) -> int:
         """Runs waiting for KV room (read without a lock: a snapshot for metrics)."""
         return len(self.engine.scheduler.waiting)

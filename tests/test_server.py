@@ -197,6 +197,14 @@ def test_a_request_larger_than_the_kv_budget_is_refused(tokenizer):
         assert post(live, "/v1/chat/completions", {**body, "max_tokens": 8}).status_code == 200
 
 
+def test_a_stopped_engine_answers_503(tokenizer):
+    with live_server(tiny_engine(tokenizer)) as live:
+        live.server.loop.close()
+        assert httpx.get(live.url + "/health").status_code == 503
+        response = post(live, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 2})
+        assert response.status_code == 503 and "stopped" in response.json()["error"]["message"]
+
+
 def test_api_key(tokenizer):
     with live_server(tiny_engine(tokenizer), api_key="sesame") as live:
         body = {"model": MODEL, "messages": QUESTION, "max_tokens": 2}

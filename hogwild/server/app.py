@@ -113,8 +113,8 @@ class Server:
         assert self.loop is not None, "the app was not started"
         try:
             ticket = self.loop.submit(job.run, aio=asyncio.get_running_loop())
-        except HogwildError as e:  # too large for the KV budget, or the engine loop has stopped
-            raise ApiError(503 if "stopped" in str(e) else 400, str(e)) from None
+        except HogwildError as e:  # build_job checked the KV budget: what is left is an engine loop that stopped
+            raise ApiError(503, str(e), type="server_error") from None
         self.open.add(ticket)
         reply = Reply(job)
         if job.stream:
@@ -197,8 +197,9 @@ class Server:
         return {"object": "list", "data": [{**card, "hogwild": extension}]}
 
     def health(self) -> Response:
-        if self.loop is None or self.loop.error is not None:
-            return JSONResponse({"status": "error", "error": repr(self.loop.error if self.loop else None)}, 503)
+        if self.loop is None or not self.loop.alive:
+            error = repr(self.loop.error) if self.loop and self.loop.error else "the engine loop has stopped"
+            return JSONResponse({"status": "error", "error": error}, 503)
         return JSONResponse({"status": "ok", "model": self.model, "running": len(self.engine.scheduler.running)})
 
 
