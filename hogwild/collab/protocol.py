@@ -205,7 +205,7 @@ class Collaboration(Run):
             )
         # K/V reserved: the prompt, the setup, each worker's tokens with room for headers and nudges, the finisher
         # (no worker writes more than the context window: the run ends at "context" first)
-        per_worker = min(config.budget + config.budget // 2 + 64, engine.context_window)
+        per_worker = min(2 * config.budget + 128, engine.context_window)  # short steps: many headers
         self._kv_tokens = len(self.prompt_ids) + setup_tokens + self.reserve + config.workers * per_worker
 
     @property
