@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 import transformers
 
@@ -11,6 +14,7 @@ from hogwild.engine import Engine, EngineConfig
 from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
 from hogwild.model.rope import Rope
+from hogwild.model.tokenizer import Tokenizer
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -107,3 +111,23 @@ def tiny_engine(tokenizer, seed: int = 0, **config) -> Engine:
             p.mul_(2.5)  # sharper logits than the default init (|logits| ~ 10), so greedy choices are far from ties
     decoder = Decoder(ModelConfig.from_hf(hf.to_dict()), dict(model.state_dict()), torch.float32)
     return Engine(decoder, tokenizer, EngineConfig(**{"kv_memory": "256MiB", **config}))
+
+
+def tiny_model_folder(tokenizer_dir: Path, folder: Path, seed: int = 0) -> Path:
+    """`tiny_engine`'s model written as a Hugging Face folder (config, safetensors, the default model's tokenizer
+    files), for what loads a model by path: other processes, Ray actors."""
+    torch.manual_seed(seed)
+    tokenizer = Tokenizer.from_folder(tokenizer_dir)
+    hf = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(hf)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.5)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    return folder

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hogwild.errors import HogwildError
 from hogwild.eval import report, tasks
-from hogwild.eval.runner import EvalConfig, Job, Progress, done_pairs, make_jobs, read_results, run_jobs
+from hogwild.eval.runner import EvalConfig, Progress, done_pairs, make_jobs, plan_jobs, read_results, run_jobs
 
 # what a results folder's numbers depend on: a re-run must match them to resume (strategies may be added)
 SETTINGS = ("model", "task", "budgets", "layout", "temperature", "top_p", "seed", "probe_tokens")
@@ -77,8 +77,25 @@ def add_parser(sub, add_engine_arguments) -> None:
     e.add_argument(
         "--throughput",
         action="store_true",
-        help="measure instead: run the problems at --concurrency, then again one at a time, print both "
-        "throughputs; writes nothing",
+        help="measure instead: run the problems at --concurrency, then again one at a time (with --ray: in this "
+        "process, then over the actors), print both throughputs; writes nothing",
+    )
+    c = p.add_argument_group("Ray cluster (pip install 'hogwild[ray]')")
+    c.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="shard the problems over Ray actors, one engine each; ADDRESS: a cluster (host:port, ray://host:port "
+        "or auto; default RAY_ADDRESS, a cluster started here with `ray start`, else a new local one)",
+    )
+    c.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        help="with --ray: engines to start (default: one per GPU with --device cuda, else as many as the "
+        "cluster's CPUs hold at --threads each)",
     )
     add_engine_arguments(p)
     p.set_defaults(func=cmd_eval)
@@ -118,6 +135,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hogwild.engine import Engine
 
     task, config = _configs(args)  # flags first: a mistake costs no model load
+    if args.actors is not None and args.actors < 1:
+        raise HogwildError(f"--actors must be >= 1, got {args.actors}")
+    if args.actors is not None and args.ray is None:
+        raise HogwildError("--actors needs --ray: without it the problems run in this process")
     problems = tasks.load(task)
     settings = {
         "model": args.model or "smollm2-135m",
@@ -127,6 +148,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not args.throughput:
         _check_resume(out, settings)
+    if args.ray is not None:
+        return _on_ray(args, engine_config(args), problems, task, config, out, settings)
     engine = Engine.load(engine_config(args))
     if args.throughput:
         return _throughput(engine, problems, config)
@@ -135,22 +158,77 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 130 if outcome.interrupted else 0
 
 
+def _on_ray(args, engine_config, problems, task, config, out: Path, settings: dict) -> int:
+    from hogwild.cluster import connect, import_ray, plan_actors
+    from hogwild.eval.cluster import RayEval
+
+    import_ray()
+    if args.throughput:  # the one process first, alone on the machine, before any actor starts
+        from hogwild.engine import Engine
+
+        engine = Engine.load(engine_config)
+        one = _measure(engine, problems, config)
+        del engine
+        if one is None:
+            return 130
+    cluster = connect(args.ray or None)
+    try:
+        actors = plan_actors(cluster, args.actors or 0, engine_config, "actors")
+        cluster_eval = RayEval(cluster, engine_config, config, actors)
+        print(f"hogwild: starting {actors} actors on the Ray cluster", file=sys.stderr)
+        try:
+            cluster_eval.start()
+            print(f"hogwild: {actors} actors loaded the model in {cluster_eval.load_s:.1f} s", file=sys.stderr)
+            if args.throughput:
+                many = cluster_eval.run(problems)
+                if many.interrupted:
+                    return 130
+                threads = engine_config.threads or 1
+                _print_throughput(
+                    problems, config,
+                    [(f"1 process x {threads}", one), (f"{actors} actors x {threads}", many)], "threads", baseline=0,
+                )  # fmt: skip
+                return 0
+            outcome = evaluate(cluster_eval, problems, task, config, out, settings)
+        finally:
+            cluster_eval.close()
+    finally:
+        cluster.close()
+    for problem in outcome.gave_up:
+        print(f"hogwild: {problem} was not evaluated (its actor died every time)", file=sys.stderr)
+    return 130 if outcome.interrupted else 1 if outcome.gave_up else 0
+
+
 def evaluate(
-    engine, problems: list[tasks.Problem], task: tasks.TaskConfig, config: EvalConfig, out: Path, settings: dict
+    runner, problems: list[tasks.Problem], task: tasks.TaskConfig, config: EvalConfig, out: Path, settings: dict
 ):
-    """Run what `out` does not hold yet, append it to out/results.jsonl, and write the reports; returns the outcome."""
+    """Run what `out` does not hold yet, append it to out/results.jsonl, and write the reports; returns the outcome.
+    `runner`: an Engine (every job in this process) or a started `RayEval` (the problems over its actors)."""
+    from hogwild.engine import Engine
+
     records_path = out / report.RESULTS
     _, budgets = config.plan
     skip = done_pairs(read_results(records_path), budgets)
-    jobs = make_jobs(engine, problems, config, skip)
+    jobs = len(plan_jobs(problems, config, skip))
     out.mkdir(parents=True, exist_ok=True)
     (out / report.CONFIG).write_text(json.dumps(settings | {"strategies": config.strategies}, indent=2) + "\n")
     if skip:
         print(f"hogwild: resuming: {len(skip)} (problem, strategy) pairs already in {records_path}", file=sys.stderr)
-    outcome = _run_with_progress(engine, jobs, config, records_path, task.name)
+    if isinstance(runner, Engine):
+        engine = runner
+
+        def run(on_records, on_progress, extra):
+            return run_jobs(engine, make_jobs(engine, problems, config, skip), config, on_records, on_progress, extra)
+
+    else:
+
+        def run(on_records, on_progress, extra):
+            return runner.run(problems, skip, on_records, on_progress, extra)
+
+    outcome = _run_with_progress(run, jobs, budgets[-1], records_path, task.name)
     if outcome.interrupted:
         print(
-            f"\nhogwild: interrupted after {outcome.jobs_done} of {len(jobs)} runs; run the same command again to "
+            f"\nhogwild: interrupted after {outcome.jobs_done} of {jobs} runs; run the same command again to "
             "resume",
             file=sys.stderr,
         )
@@ -160,6 +238,8 @@ def evaluate(
             "sampled_tokens": outcome.sampled_tokens, "max_in_flight": outcome.max_in_flight,
             "interrupted": outcome.interrupted,
         }  # fmt: skip
+        if outcome.by_actor:
+            run["runs_by_actor"] = outcome.by_actor
         rows = report.write(out, run)
         print(report.markdown(rows, f"**{report.title_of(json.loads((out / report.CONFIG).read_text()))}**"))
         print(
@@ -185,7 +265,9 @@ def _check_resume(out: Path, settings: dict) -> None:
         )
 
 
-def _run_with_progress(engine, jobs: list[Job], config: EvalConfig, records_path: Path, task: str):
+def _run_with_progress(run, jobs: int, passes_per_job: int, records_path: Path, task: str):
+    """`run(on_records, on_progress, extra)` with a progress bar, each job's records appended to `records_path`
+    (and flushed) the moment they come."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.progress import Progress as Bar
@@ -204,8 +286,7 @@ def _run_with_progress(engine, jobs: list[Job], config: EvalConfig, records_path
             TextColumn("passes"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
             disable=not console.is_terminal,
         ) as bar:  # fmt: skip
-            total = sum(job.budgets[-1] for job in jobs)
-            progress_task = bar.add_task("eval", total=total, runs=f"0/{len(jobs)} runs")
+            progress_task = bar.add_task("eval", total=jobs * passes_per_job, runs=f"0/{jobs} runs")
             last = [0, time.perf_counter()]
 
             def on_progress(p: Progress) -> None:
@@ -214,27 +295,39 @@ def _run_with_progress(engine, jobs: list[Job], config: EvalConfig, records_path
                     last[:] = [p.jobs_done, time.perf_counter()]
                     print(f"hogwild: {p.jobs_done}/{p.jobs} runs done, {p.passes}/{p.total} passes", file=sys.stderr)
 
-            return run_jobs(engine, jobs, config, on_records, on_progress, extra={"task": task})
+            return run(on_records, on_progress, {"task": task})
 
 
 def _throughput(engine, problems, config: EvalConfig) -> int:
     """The same problems at --concurrency and one at a time, on this engine, side by side."""
     rows = []
     for concurrency in (config.concurrency, 1):
-        one = dataclasses.replace(config, concurrency=concurrency)
-        jobs = make_jobs(engine, problems, one)
-        outcome = run_jobs(engine, jobs, one)
-        if outcome.interrupted:
-            print("hogwild: interrupted", file=sys.stderr)
+        outcome = _measure(engine, problems, dataclasses.replace(config, concurrency=concurrency))
+        if outcome is None:
             return 130
-        rows.append((concurrency, outcome, len(problems)))
-    print(f"{len(problems)} problems, strategies {config.strategies}, budgets {config.budgets}")
-    print("concurrency  runs  max in flight  wall s  problems/min  sampled tok/s  steps")
-    for concurrency, o, n in rows:
-        label = "default (0)" if concurrency == 0 else str(concurrency)
+        rows.append(("default (0)" if concurrency == 0 else str(concurrency), outcome))
+    _print_throughput(problems, config, rows, "concurrency", baseline=1)
+    return 0
+
+
+def _measure(engine, problems, config: EvalConfig):
+    """Every job of `problems` on `engine`; None when interrupted."""
+    outcome = run_jobs(engine, make_jobs(engine, problems, config), config)
+    if outcome.interrupted:
+        print("hogwild: interrupted", file=sys.stderr)
+        return None
+    return outcome
+
+
+def _print_throughput(problems, config: EvalConfig, rows: list, label: str, baseline: int) -> None:
+    """A table of (name, Outcome) rows; the speed-up is of the other row over `rows[baseline]`."""
+    n = len(problems)
+    print(f"{n} problems, strategies {config.strategies}, budgets {config.budgets}")
+    width = max(len(label), *(len(name) for name, _ in rows))
+    print(f"{label:>{width}}  runs  max in flight  wall s  problems/min  sampled tok/s  steps")
+    for name, o in rows:
         print(
-            f"{label:>11}  {o.jobs_done:>4}  {o.max_in_flight:>13}  {o.wall_s:>6.1f}  {60 * n / o.wall_s:>12.2f}  "
+            f"{name:>{width}}  {o.jobs_done:>4}  {o.max_in_flight:>13}  {o.wall_s:>6.1f}  {60 * n / o.wall_s:>12.2f}  "
             f"{o.sampled_tokens / o.wall_s:>13.1f}  {o.steps:>5}"
         )
-    print(f"speed-up: {rows[1][1].wall_s / rows[0][1].wall_s:.2f}x")
-    return 0
+    print(f"speed-up: {rows[baseline][1].wall_s / rows[1 - baseline][1].wall_s:.2f}x")

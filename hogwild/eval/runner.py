@@ -29,7 +29,8 @@ import json
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -381,23 +382,37 @@ def _transcript(workers) -> str:
     return "\n\n".join(f"[{w.name}]\n{w.text}" for w in workers)
 
 
+def job_groups(strategies: tuple[Strategy, ...]) -> list[list[Strategy]]:
+    """The strategies one run serves together: each alone, except vote:N and best:N of the same N (one run)."""
+    groups: dict[str, list[Strategy]] = {}
+    for strategy in strategies:
+        key = f"sampled:{strategy.workers}" if strategy.sampled else strategy.name
+        groups.setdefault(key, []).append(strategy)
+    return list(groups.values())
+
+
+def plan_jobs(
+    problems: list[Problem], config: EvalConfig, skip: set[tuple[str, str]] = frozenset()
+) -> list[tuple[Problem, list[Strategy]]]:
+    """(problem, strategies of one run) for every job still to do, in problem order, leaving out the
+    (problem, strategy) pairs in `skip`."""
+    strategies, _ = config.plan
+    plan = []
+    for problem in problems:
+        for group in job_groups(strategies):
+            todo = [s for s in group if (problem.id, s.name) not in skip]
+            if todo:
+                plan.append((problem, todo))
+    return plan
+
+
 def make_jobs(
     engine: Engine, problems: list[Problem], config: EvalConfig, skip: set[tuple[str, str]] = frozenset()
 ) -> list[Job]:
     """One job per problem and strategy (vote:N and best:N of the same N share one), in problem order, leaving
     out the (problem, strategy) pairs in `skip`."""
-    strategies, budgets = config.plan
-    groups: dict[str, list[Strategy]] = {}
-    for strategy in strategies:
-        key = f"sampled:{strategy.workers}" if strategy.sampled else strategy.name
-        groups.setdefault(key, []).append(strategy)
-    jobs = []
-    for problem in problems:
-        for group in groups.values():
-            todo = [s for s in group if (problem.id, s.name) not in skip]
-            if todo:
-                jobs.append(Job(engine, problem, todo, budgets, config))
-    return jobs
+    _, budgets = config.plan
+    return [Job(engine, problem, todo, budgets, config) for problem, todo in plan_jobs(problems, config, skip)]
 
 
 @dataclass
@@ -418,7 +433,44 @@ class Outcome:
     wall_s: float = 0.0
     sampled_tokens: int = 0  # tokens the engine sampled (runs and probes)
     steps: int = 0
-    max_in_flight: int = 0
+    max_in_flight: int = 0  # over Ray: summed over the actors
+    by_actor: list[int] = field(default_factory=list)  # over Ray: jobs finished by each actor
+    retried: int = 0  # over Ray: problems sent to another actor after theirs died
+    gave_up: list[str] = field(default_factory=list)  # over Ray: problems whose every attempt died with its actor
+
+
+def step_jobs(engine: Engine, jobs: list[Job], config: EvalConfig, outcome: Outcome) -> Iterator[list[Job]]:
+    """The loop of `run_jobs` as a generator: runs every job to the end, `config.concurrency` at a time (0: as many
+    as fit), and after each engine step yields the jobs that finished in it (often none). `outcome` counts the jobs
+    done and the most in flight. Closing it, or an exception in it (Ctrl-C included), aborts the jobs in flight."""
+    queue = list(jobs)
+    for job in queue:
+        engine.check_fits_pool(job.run)
+    live: list[Job] = []
+    keep = int(engine.pool.capacity * config.probe_room)
+    try:
+        while queue or live:
+            while queue and (not config.concurrency or len(live) < config.concurrency):
+                job = queue[0]
+                if live and engine.pool.reserved + job.kv_tokens + keep > engine.pool.capacity:
+                    break
+                queue.pop(0)
+                job.start()
+                live.append(job)
+            outcome.max_in_flight = max(outcome.max_in_flight, len(live))
+            engine.step()
+            finished = []
+            for job in list(live):
+                job.poll()
+                if job.done:
+                    live.remove(job)
+                    finished.append(job)
+            outcome.jobs_done += len(finished)
+            yield finished
+    except BaseException:
+        for job in live:
+            job.abort()
+        raise
 
 
 def run_jobs(
@@ -434,40 +486,21 @@ def run_jobs(
     not written) and returns with `interrupted` set."""
     extra = extra or {}
     outcome = Outcome()
-    queue = list(jobs)
-    for job in queue:
-        engine.check_fits_pool(job.run)
-    live: list[Job] = []
     start = time.perf_counter()
     steps0, sampled0 = engine.stats.steps, engine.stats.sampled
     total = sum(job.budgets[-1] for job in jobs)
-    keep = int(engine.pool.capacity * config.probe_room)
     try:
-        while queue or live:
-            while queue and (not config.concurrency or len(live) < config.concurrency):
-                job = queue[0]
-                if live and engine.pool.reserved + job.kv_tokens + keep > engine.pool.capacity:
-                    break
-                queue.pop(0)
-                job.start()
-                live.append(job)
-            outcome.max_in_flight = max(outcome.max_in_flight, len(live))
-            engine.step()
-            for job in list(live):
-                job.poll()
-                if job.done:
-                    live.remove(job)
+        with closing(step_jobs(engine, jobs, config, outcome)) as steps:
+            for finished in steps:
+                for job in finished:
                     records = job.records(extra)
                     outcome.records += records
-                    outcome.jobs_done += 1
                     if on_records is not None:
                         on_records(records)
-            if on_progress is not None:
-                passes = sum(j.budgets[-1] for j in jobs if j.done) + sum(job.passes for job in live)
-                on_progress(Progress(passes, total, outcome.jobs_done, len(jobs)))
+                if on_progress is not None:
+                    passes = sum(job.passes for job in jobs if job.started)
+                    on_progress(Progress(passes, total, outcome.jobs_done, len(jobs)))
     except KeyboardInterrupt:
-        for job in live:
-            job.abort()
         outcome.interrupted = True
     outcome.wall_s = time.perf_counter() - start
     outcome.steps = engine.stats.steps - steps0
