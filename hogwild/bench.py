@@ -685,3 +685,7 @@ def add_parser(
     batch.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     add_engine_arguments(batch)
     batch.set_defaults(func=cmd_batch)
+
+    from hogwild import quality  # imports bench's neighbours; registered here so `bench --help` lists it
+
+    quality.add_parser(benches, add_engine_arguments)

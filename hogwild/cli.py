@@ -17,7 +17,7 @@ import torch
 from hogwild.collab.protocol import CollabConfig
 from hogwild.engine import Engine, EngineConfig, Generation
 from hogwild.errors import HogwildError
-from hogwild.model.kernels import DTYPE_CHOICES, LINEARS
+from hogwild.model.kernels import DTYPE_CHOICES, LINEARS, WEIGHTS
 from hogwild.sampling import SamplingParams
 
 
@@ -35,10 +35,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "tokenizer.json) or a .gguf file; default: smollm2-135m (SmolLM2-135M-Instruct)",
     )
     group.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default=default(EngineConfig, "weights"),
+        help="how the linears' weights are stored: int8 (per-channel scales, fbgemm, CPU), bf16 or fp32; auto: int8 "
+        "on CPUs with AVX2 or better (a quarter of float32's bytes per step), bf16 on GPUs",
+    )
+    group.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
         default=default(EngineConfig, "dtype"),
-        help="weights dtype; auto: bf16 on GPUs and on CPUs with native bf16, else float32",
+        help="float dtype (with float weights); auto: bf16 on GPUs and on CPUs with native bf16, else float32. "
+        "Giving it asks for float weights",
     )
     group.add_argument(
         "--linear",
@@ -79,9 +87,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: bool = T
         group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
+def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
+    """The engine flags of `args`, with `overrides` (EngineConfig fields) taking their place."""
+    fields = dict(
         model=args.model,
+        weights=args.weights,
         dtype=args.dtype,
         linear=args.linear,
         threads=args.threads,
@@ -89,6 +99,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_memory=args.kv_memory,
         step_tokens=args.step_tokens,
     )
+    return EngineConfig(**{**fields, **overrides})
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

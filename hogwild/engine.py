@@ -23,8 +23,9 @@ from hogwild.cache.pool import KVPool
 from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
-from hogwild.model.kernels import DTYPE_CHOICES, LINEARS, KernelChoice, choose
-from hogwild.model.loading import load_state_dict, read_config, resolve_model_dir
+from hogwild.model.kernels import DTYPE_CHOICES, LINEARS, WEIGHTS, KernelChoice, choose
+from hogwild.model.loading import cache_dir, load_state_dict, read_config, resolve_model_dir, weight_files
+from hogwild.model.quant import cache_key, load_cached, save_cached
 from hogwild.model.rope import Rope
 from hogwild.model.tokenizer import Tokenizer
 from hogwild.runs import Done, Event, GenerationResult, Run, Sample, Sampled, Token
@@ -38,7 +39,8 @@ KV_FRACTION_CUDA = 0.8  # of free GPU memory
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # a model name, a Hugging Face folder or a .gguf file; None: SmolLM2-135M-Instruct
-    dtype: str = "auto"  # weights dtype; auto: the fastest this machine runs natively (see hogwild.model.kernels)
+    weights: str = "auto"  # int8, bf16 or fp32; auto: int8 on CPUs with AVX2 or better, else by dtype
+    dtype: str = "auto"  # float dtype; auto: the fastest this machine runs natively (see hogwild.model.kernels)
     linear: str = "auto"  # linear kernel: onednn (prepacked weights, CPU), aten (F.linear); auto: by machine
     threads: int = 0  # torch CPU threads; 0: one per core
     device: str = "cpu"
@@ -51,6 +53,8 @@ class EngineConfig:
             raise HogwildError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
         if self.linear not in LINEARS:
             raise HogwildError(f"unknown linear kernel {self.linear!r}: choose one of {', '.join(LINEARS)}")
+        if self.weights not in WEIGHTS:
+            raise HogwildError(f"unknown weights {self.weights!r}: choose one of {', '.join(WEIGHTS)}")
         if self.threads < 0:
             raise HogwildError(f"threads must be >= 0, got {self.threads}")
         if self.step_tokens < 1:
@@ -146,7 +150,7 @@ class Engine:
     def load(cls, config: EngineConfig = EngineConfig()) -> Engine:
         """Load a model (the default model when config.model is None)."""
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        kernels = choose(config.dtype, config.linear, config.device)
+        kernels = choose(config.dtype, config.linear, config.device, weights=config.weights)
         if kernels.warning:
             print(f"hogwild: note: {kernels.warning}", file=sys.stderr)
         folder = resolve_model_dir(config.model)
@@ -154,7 +158,18 @@ class Engine:
         model_config = ModelConfig.from_hf(hf)
         tokenizer = Tokenizer.from_folder(folder, extra_eos_ids=model_config.eos_token_ids)
         weights = load_state_dict(folder)
-        model = Decoder(model_config, weights, kernels.dtype, config.device, kernels.linear)
+        cache = cached = None
+        if kernels.linear == "int8":
+            # quantized once per weight files; a later start reads the int8 weights instead of quantizing again
+            cache = cache_dir() / "quantized" / f"{cache_key(weight_files(folder))}.safetensors"
+            cached = load_cached(cache)
+        model = Decoder(
+            model_config, weights, kernels.dtype, config.device, kernels.linear, kernels.activation_bits, cached
+        )
+        del weights
+        if cache is not None and cached is None:
+            save_cached(cache, model.quantized)  # an unwritable cache only costs the next start a quantization
+        model.quantized.clear()  # fbgemm holds its own packed copy
         return cls(model, tokenizer, config, kernels)
 
     # context

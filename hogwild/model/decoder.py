@@ -17,8 +17,11 @@ import torch.nn.functional as F
 from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.kernels import Linear
+from hogwild.model.quant import Int8Linear, quantize_linear
 
-REFINE_MARGIN = 1.0  # bf16 logits this close to the best are recomputed in float32 (bf16 error is ~0.1 at 25)
+# logits this close to the best are recomputed in float32: bf16's error is ~0.1 at 25, int8's (weights and
+# activations) up to ~0.5 on the default model (tests/test_quant.py measures both)
+REFINE_MARGIN = {torch.bfloat16: 1.0, torch.float16: 1.0, "int8": 2.0}
 
 
 class Attention(Protocol):
@@ -53,14 +56,28 @@ class Decoder:
         dtype: torch.dtype,
         device: str = "cpu",
         linear: str = "aten",
+        activation_bits: int = 7,
+        quantized: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """`linear` is the kernel every projection runs ("onednn" or "aten"), chosen by `hogwild.model.kernels`."""
+        """`linear` is the kernel every projection runs ("onednn", "aten" or "int8"), chosen by
+        `hogwild.model.kernels`. With "int8", `quantized` holds the weights of an earlier start (see `quantized`)."""
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
+        self.int8 = linear == "int8"
+        # name -> int8 weights and scales, each projection's as "<name>.q" and "<name>.scale", for the cache
+        self.quantized: dict[str, torch.Tensor] = {}
+        cached = quantized or {}
 
-        def project(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-            return Linear(weight, bias, linear)
+        def project(name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear | Int8Linear:
+            if not self.int8:
+                return Linear(weight, bias, linear)
+            if f"{name}.q" in cached:
+                q, scale = cached[f"{name}.q"], cached[f"{name}.scale"]
+            else:
+                q, scale = quantize_linear(weight)
+            self.quantized[f"{name}.q"], self.quantized[f"{name}.scale"] = q, scale
+            return Int8Linear(q, scale, bias, activation_bits)
 
         def take(name: str, required: bool = True) -> torch.Tensor | None:
             tensor = weights.get(name)
@@ -80,7 +97,7 @@ class Decoder:
         self.lm_head = self.embed if c.tie_embeddings else take("lm_head.weight", required=False)
         if self.lm_head is None:
             self.lm_head = self.embed  # checkpoints that tie weights without saying so
-        self.lm_head_linear = project(self.lm_head)
+        self.lm_head_linear = project("lm_head", self.lm_head)
         self.layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
@@ -91,15 +108,15 @@ class Decoder:
             self.layers.append(
                 Layer(
                     input_norm=take(p + "input_layernorm.weight"),
-                    qkv=project(torch.cat(attn).contiguous(), bias),
+                    qkv=project(p + "qkv", torch.cat(attn), bias),
                     q_norm=take(p + "self_attn.q_norm.weight") if c.qk_norm else None,
                     k_norm=take(p + "self_attn.k_norm.weight") if c.qk_norm else None,
-                    o=project(take(p + "self_attn.o_proj.weight")),
+                    o=project(p + "o", take(p + "self_attn.o_proj.weight")),
                     post_norm=take(p + "post_attention_layernorm.weight"),
                     gate_up=project(
-                        torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]).contiguous()
+                        p + "gate_up", torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
                     ),
-                    down=project(take(p + "mlp.down_proj.weight")),
+                    down=project(p + "down", take(p + "mlp.down_proj.weight")),
                 )
             )
             expected = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
@@ -142,12 +159,13 @@ class Decoder:
 
         In bf16 the logits near 25 are 0.125 apart, so rounding would settle near-ties. The candidates within
         REFINE_MARGIN of the best are recomputed in float32 from the same weights: the top of the distribution,
-        which greedy decoding and nucleus sampling read, is exact, and the full-vocabulary matmul stays bf16."""
-        if self.dtype == torch.float32:
+        which greedy decoding and nucleus sampling read, is exact, and the full-vocabulary matmul stays bf16 (int8)."""
+        if self.dtype == torch.float32 and not self.int8:
             return self.lm_head_linear(x)
         flat = x.reshape(-1, x.shape[-1])
         logits = self.lm_head_linear(flat.to(self.dtype)).float()  # [N, vocab]
         best = logits.amax(dim=-1, keepdim=True)
-        rows, cols = (logits >= best - REFINE_MARGIN).nonzero(as_tuple=True)
+        margin = REFINE_MARGIN["int8" if self.int8 else self.dtype]
+        rows, cols = (logits >= best - margin).nonzero(as_tuple=True)
         logits[rows, cols] = (self.lm_head[cols].float() * flat[rows]).sum(-1)
         return logits.view(*x.shape[:-1], -1)

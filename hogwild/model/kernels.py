@@ -1,12 +1,16 @@
-"""Which weight dtype and linear kernel the decoder runs on this machine, and the `Linear` that runs it.
+"""Which weights, dtype and linear kernel the decoder runs on this machine, and the `Linear` that runs it.
 
 The choice is made once, from what torch and the CPU report, never by trying a matmul and catching the error:
 
+- CPU with AVX2 or better and fbgemm in torch (every x86 build): 8-bit weights (`hogwild.model.quant`), float32
+  activations. A decode step reads each weight once, so its speed is weight bytes over memory bandwidth; int8 reads
+  half of bf16's bytes and a quarter of float32's, and holds the quality bar the README's table measures.
 - CUDA: bf16 (fp16 where the GPU has no bf16), aten's `F.linear`.
 - CPU whose oneDNN has a native bf16 path (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`, which honours
   `ONEDNN_MAX_CPU_ISA`, and a bf16 conversion instruction in the CPU flags: avx512_bf16, amx_bf16 or
   avx_ne_convert): bf16 weights prepacked for oneDNN, about 1.5-2x aten's bf16 at decode batch sizes.
-- any other CPU (AVX2 without native bf16): float32 weights prepacked for oneDNN. On such CPUs aten's bf16 matmul
+- float weights (`--weights bf16|fp32`, an explicit `--dtype`) on a CPU without native bf16: float32 weights
+  prepacked for oneDNN. On such CPUs aten's bf16 matmul
   is emulated and scales badly with rows, and MKL's small-batch float32 GEMM is 2-3x slower than oneDNN's.
 
 An explicit `--dtype` or `--linear` is honoured; a combination this CPU cannot run natively still runs (unpacked
@@ -23,10 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from hogwild.errors import HogwildError
+from hogwild.model.quant import activation_bits, fbgemm_available
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 LINEARS = ("auto", "onednn", "aten")  # onednn: weights prepacked once for oneDNN; aten: F.linear on plain weights
+WEIGHTS = ("auto", "int8", "bf16", "fp32")  # how the linears' weights are stored
+_WEIGHT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert")
 NATIVE_FP16_FLAGS = ("avx512_fp16", "amx_fp16")
 
@@ -83,31 +90,80 @@ def _detect() -> CpuFacts:
 class KernelChoice:
     """The weight dtype and linear kernel of one engine, and why."""
 
-    dtype: torch.dtype
-    linear: str  # "onednn" or "aten"
+    dtype: torch.dtype  # of the activations, and of the weights unless they are int8
+    linear: str  # "onednn", "aten", or "int8" (fbgemm, `hogwild.model.quant`)
     reason: str
     warning: str | None = None  # one line for the user when an explicit choice runs slowly here
+    activation_bits: int = 0  # int8 only: bits of the per-row activation quantization (8 with VNNI, else 7)
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
+    @property
+    def weights(self) -> str:
+        return "int8" if self.linear == "int8" else self.dtype_name
+
     def describe(self) -> str:
+        if self.linear == "int8":
+            return (
+                f"int8 weights through fbgemm, activations float32 and quantized per row to {self.activation_bits} "
+                f"bits in the linears ({self.reason})"
+            )
         kernel = "linears prepacked for oneDNN" if self.linear == "onednn" else "linears through aten's F.linear"
         return f"{self.dtype_name} weights, {kernel} ({self.reason})"
 
 
 def choose(
-    dtype: str = "auto", linear: str = "auto", device: str = "cpu", facts: CpuFacts | None = None
+    dtype: str = "auto",
+    linear: str = "auto",
+    device: str = "cpu",
+    facts: CpuFacts | None = None,
+    weights: str = "auto",
 ) -> KernelChoice:
-    """The dtype and linear kernel for `device`, given what the user asked for ("auto" lets the machine decide)."""
+    """The weights, dtype and linear kernel for `device`, given what the user asked for ("auto": the machine
+    decides). An explicit `dtype` or `linear` asks for float weights: auto picks int8 only when all three are auto."""
     if dtype not in DTYPE_CHOICES:
         raise HogwildError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
     if linear not in LINEARS:
         raise HogwildError(f"unknown linear kernel {linear!r}: choose one of {', '.join(LINEARS)}")
-    if torch.device(device).type == "cuda":
+    if weights not in WEIGHTS:
+        raise HogwildError(f"unknown weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
+    if weights in _WEIGHT_DTYPES:
+        if dtype not in ("auto", _WEIGHT_DTYPES[weights]):
+            raise HogwildError(f"--weights {weights} and --dtype {dtype} disagree; give one of them")
+        dtype = _WEIGHT_DTYPES[weights]
+    cuda = torch.device(device).type == "cuda"
+    if weights == "int8":
+        if cuda:
+            raise HogwildError("--weights int8 is a CPU path; on CUDA use --weights auto or bf16")
+        if dtype not in ("auto", "float32") or linear != "auto":
+            raise HogwildError(
+                "--weights int8 runs float32 activations through fbgemm; leave --dtype and --linear auto"
+            )
+    if cuda:
         return _choose_cuda(dtype, linear)
-    return _choose_cpu(dtype, linear, facts or CpuFacts.detect())
+    facts = facts or CpuFacts.detect()
+    if weights == "int8" or (weights == dtype == linear == "auto" and int8_runs(facts)):
+        return _choose_int8(facts, asked=weights == "int8")
+    return _choose_cpu(dtype, linear, facts)
+
+
+def int8_runs(facts: CpuFacts) -> bool:
+    """Whether fbgemm's int8 kernels run natively here (AVX2 or better; torch built with fbgemm)."""
+    return fbgemm_available() and facts.capability.startswith(("AVX2", "AVX512"))
+
+
+def _choose_int8(facts: CpuFacts, asked: bool) -> KernelChoice:
+    cpu = f"CPU capability {facts.capability}"
+    if not fbgemm_available():
+        raise HogwildError(f"--weights int8 needs fbgemm, which this torch build lacks ({cpu}); use --weights auto")
+    if not int8_runs(facts):
+        raise HogwildError(f"--weights int8 needs AVX2 or better ({cpu}); use --weights auto")
+    bits = activation_bits(facts.flags, facts.capability)
+    why = "with VNNI" if bits == 8 else "no VNNI here, so 7-bit activations"
+    reason = f"{cpu}; {'asked for' if asked else 'fewest bytes per step'}, {why}"
+    return KernelChoice(torch.float32, "int8", reason, activation_bits=bits)
 
 
 def _choose_cuda(dtype: str, linear: str) -> KernelChoice:
