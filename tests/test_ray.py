@@ -2,8 +2,9 @@
 random model written to a folder so each actor loads it as a user's model would be loaded.
 
 An eval over 2 actors writes the same results.jsonl as the same eval in one process, problem for problem; an actor
-killed mid-eval has its problems finished by the other, each counted once; without Ray installed, or with a bad
-flag, --ray is one line and exit 2.
+killed mid-eval has its problems finished by the other, each counted once; 2 replicas behind one endpoint take two
+of four concurrent requests each, cancel the runs of clients that leave, and answer as one engine in this process
+does, streamed or not; without Ray installed, or with a bad flag, --ray is one line and exit 2.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import json
 import logging
 import os
 import signal
+from contextlib import ExitStack
 
+import httpx
+import openai
 import pytest
 import torch
+from serving import live_server
 from tiny import tiny_model_folder
 
 from hogwild.cli import main
@@ -23,9 +28,12 @@ from hogwild.engine import Engine, EngineConfig
 from hogwild.eval import tasks
 from hogwild.eval.cluster import RayEval
 from hogwild.eval.runner import EvalConfig, make_jobs, run_jobs
+from hogwild.server.config import ServerConfig
+from hogwild.server.replicas import Replicas
 
 ray = pytest.importorskip("ray")
 torch.set_num_threads(1)
+QUESTION = [{"role": "user", "content": "What is 2 + 3? Answer in \\boxed{}."}]
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +146,78 @@ def test_ray_flag_mistakes_are_one_line_and_exit_2(cluster, capsys, argv, messag
     assert main([*argv, "--threads", "1"] if "--threads" not in argv else argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("hogwild: error: ") and message in err, err
+
+
+# serve
+
+
+def ask(url: str, stream: bool, workers: int | None) -> dict:
+    """One seeded chat request: its content, finish reason, usage and (a collaboration) each worker's text."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    extra = {"workers": workers, "budget": 16} if workers else None
+    reply = client.chat.completions.create(
+        model="tiny", messages=QUESTION, stream=stream, seed=7, temperature=0.9, max_tokens=12, extra_body=extra,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
+    )  # fmt: skip
+    if not stream:
+        choice = reply.choices[0]
+        workers_of = (choice.message.model_extra or {}).get("hogwild", {}).get("workers", [])
+        texts = {i: w["text"] for i, w in enumerate(workers_of)}
+        return {"content": choice.message.content, "finish": choice.finish_reason,
+                "usage": reply.usage.model_dump(), "workers": texts}  # fmt: skip
+    content, finish, usage, texts = "", None, None, {}
+    for chunk in reply:
+        usage = chunk.usage.model_dump() if chunk.usage else usage
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+            event = (choice.delta.model_extra or {}).get("hogwild") or {}
+            if event.get("type") == "text":
+                texts[event["worker"]] = texts.get(event["worker"], "") + event["text"]
+    return {"content": content, "finish": finish, "usage": usage, "workers": texts}
+
+
+def open_streams(live, bodies: list[dict]) -> tuple[ExitStack, list]:
+    """Streams opened and read up to their first worker text; they stay open until the stack closes."""
+    stack = ExitStack()
+    lines = []
+    for body in bodies:
+        response = stack.enter_context(httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60))
+        assert response.status_code == 200
+        events = (json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {"))
+        next(e for e in events if (e["choices"][0]["delta"].get("hogwild") or {}).get("type") == "text")
+        lines.append(events)
+    return stack, lines
+
+
+def test_two_replicas_serve_one_endpoint(cluster, model):
+    engine_config = EngineConfig(model=str(model), dtype="float32", threads=1, kv_memory="256MiB")
+    replicas = Replicas(cluster, engine_config, ServerConfig(model_name="tiny"), 2)
+    replicas.launch()
+    try:
+        with live_server(replicas, model_name="tiny") as live:
+            assert httpx.get(live.url + "/health").json() == {"status": "ok", "model": "tiny", "running": 0,
+                                                              "replicas": 2}  # fmt: skip
+            page = httpx.get(live.url + "/")
+            assert page.status_code == 200 and "/static/app.js" in page.text
+            # four long collaborations at once: two on each replica (2 workers each: 4 rows a replica)
+            body = {"model": "tiny", "messages": QUESTION, "workers": 2, "budget": 3000, "stream": True}
+            stack, _ = open_streams(live, [body] * 4)
+            with stack:
+                assert replicas.load == [4, 4]
+                assert live.metric("hogwild_running_runs") == 4 and live.metric("hogwild_kv_bytes_in_use") > 0
+                for i in range(2):
+                    assert ray.get(replicas.handles[i].snapshot.remote()).running == 2
+            # the clients went away: each replica cancelled its runs and freed their blocks
+            live.wait_idle()
+            assert replicas.load == [0, 0]
+            # replies through the replicas equal the same seeded requests to one engine in this process
+            through = {(s, w): ask(live.url, s, w) for s in (False, True) for w in (None, 2)}
+            passes = live.metric("hogwild_forward_passes_total")
+        with live_server(Engine.load(engine_config), model_name="tiny") as single:
+            alone = {(s, w): ask(single.url, s, w) for s in (False, True) for w in (None, 2)}
+        assert through == alone
+        assert through[(True, 2)]["workers"] == through[(False, 2)]["workers"] and len(alone[(True, 2)]["workers"]) == 2
+        assert passes >= sum(r["usage"]["completion_tokens"] for (_, w), r in through.items() if w is None)
+    finally:
+        replicas.close()

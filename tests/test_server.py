@@ -199,7 +199,7 @@ def test_a_request_larger_than_the_kv_budget_is_refused(tokenizer):
 
 def test_a_stopped_engine_answers_503(tokenizer):
     with live_server(tiny_engine(tokenizer)) as live:
-        live.server.loop.close()
+        live.server.backend.loop.close()
         assert httpx.get(live.url + "/health").status_code == 503
         response = post(live, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 2})
         assert response.status_code == 503 and "stopped" in response.json()["error"]["message"]
@@ -246,14 +246,14 @@ def test_a_client_that_disconnects_cancels_its_run(live):
                 assert live.metric("hogwild_kv_bytes_in_use") > 0 and live.metric("hogwild_running_runs") == 1
                 break  # leaving the stream's iterator closes the connection
     live.wait_idle()  # the run was cancelled: its blocks are free, well before 3000 passes
-    passes = live.server.engine.stats.steps
+    passes = live.server.backend.engine.stats.steps
     assert live.metric("hogwild_forward_passes_total") == passes
     # a non-streaming request whose client gives up is cancelled too (499 in the metrics)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(live.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
     live.wait_idle()
     assert live.metric("hogwild_requests_total", endpoint="/v1/chat/completions", status="499") == 1
-    assert not live.server.open
+    assert not live.server.backend.requests
 
 
 def test_a_full_queue_answers_429(tokenizer):
@@ -294,7 +294,7 @@ def test_models_health_metrics_and_page(live, client):
     assert delta("hogwild_forward_passes_total") >= reply.usage.completion_tokens
     assert delta("hogwild_rows_per_step_count") == delta("hogwild_forward_passes_total")
     assert delta("hogwild_rows_total") == delta("hogwild_rows_per_step_sum")
-    assert after[("hogwild_kv_bytes_budget", ())] == live.server.engine.pool.budget_bytes
+    assert after[("hogwild_kv_bytes_budget", ())] == live.server.backend.engine.pool.budget_bytes
     page = httpx.get(live.url + "/")
     assert page.status_code == 200 and "/static/app.js" in page.text
     for asset in ("app.js", "style.css"):

@@ -128,4 +128,4 @@ def test_stop_cancels_the_run(browser, live):
     browser.find_element(By.ID, "stop").click()
     wait(lambda: browser.find_element(By.ID, "status").text == "stopped", timeout=10, what="the page to stop")
     live.wait_idle()  # the server saw the request go and cancelled the run
-    assert live.server.engine.stats.steps < 4000
+    assert live.server.backend.engine.stats.steps < 4000

@@ -1,16 +1,16 @@
-"""The FastAPI app: OpenAI's endpoints over one engine, every request a run of the shared scheduler.
+"""The FastAPI app: OpenAI's endpoints over one engine (or over Ray replicas), every request a run of a scheduler.
 
-A request is read (at most `max_body_bytes`), checked (API key, fields, model, context, KV budget: each mistake an
-OpenAI error body with a 4xx status), then submitted to the `EngineLoop`, whose thread batches the rows of every
-running request into each forward pass. The handler only relays the run's events: as server-sent events when
-`stream` is true, as one JSON body otherwise. A client that goes away cancels its run, which frees its blocks at
-once; when more than `max_queue` requests wait to start, new ones get 429 with `Retry-After`.
+A request is read (at most `max_body_bytes`), checked (API key here; fields, model, context, KV budget by the
+backend: each mistake an OpenAI error body with a 4xx status), then submitted to an `EngineLoop`, whose thread
+batches the rows of every running request into each forward pass. The handler only relays the run's chunks: as
+server-sent events when `stream` is true, as one JSON body otherwise. A client that goes away cancels its run,
+which frees its blocks at once; when more than `max_queue` requests wait to start, new ones get 429 with
+`Retry-After`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import json
 import logging
@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -27,44 +28,39 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hogwild.collab.layouts import LAYOUTS
-from hogwild.collab.protocol import MODES, CollabConfig
 from hogwild.engine import Engine
-from hogwild.errors import HogwildError
-from hogwild.loop import EngineLoop, Ticket
 from hogwild.server.config import ServerConfig
 from hogwild.server.metrics import Metrics
-from hogwild.server.protocol import OPENAI_TEMPERATURE, ApiError, Reply, build_job, model_name, parse
+from hogwild.server.protocol import ApiError
+from hogwild.server.service import EngineService, Opened
+
+if TYPE_CHECKING:
+    from hogwild.server.replicas import Replicas
 
 STATIC = Path(__file__).parent / "static"
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
-RETRY_AFTER_S = 1
 log = logging.getLogger("hogwild.server")
 
 
 class Server:
-    """One engine served over HTTP: its loop thread, the open requests, the metrics."""
+    """The HTTP side of a server: keys, bodies, streaming, disconnects and metrics, over a backend that runs the
+    requests (`EngineService`: one engine in this process; `Replicas`: engines in Ray actors; the contract is in
+    `hogwild/server/service.py`)."""
 
-    def __init__(self, engine: Engine, config: ServerConfig) -> None:
-        self.engine = engine
+    def __init__(self, backend: EngineService | Replicas, config: ServerConfig) -> None:
+        self.backend = backend
         self.config = config
-        self.model = config.model_name or model_name(engine)
+        self.model = backend.model
         self.started = int(time.time())
-        self.loop: EngineLoop | None = None
-        self.open: set[Ticket] = set()
-        self.metrics = Metrics(engine, self.queued)
-
-    def queued(self) -> int:
-        """Requests submitted and not started yet (waiting for a run slot or KV room)."""
-        return sum(1 for ticket in list(self.open) if ticket.run.ledger is None and not ticket.run.done)
+        self.metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        self.loop = EngineLoop(self.engine)
+        await self.backend.start()
         try:
             yield
         finally:
-            self.loop.close()
+            await self.backend.stop()
 
     # checks
 
@@ -101,106 +97,69 @@ class Server:
 
     async def generate(self, request: Request, kind: str) -> Response:
         self.authorize(request)
-        job = build_job(self.engine, kind, parse(kind, await self.read_json(request)), self.model, self.config.max_n)
-        if self.queued() >= self.config.max_queue:
-            raise ApiError(
-                429,
-                f"the server is busy: {self.queued()} requests are waiting to start; retry in a moment",
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-        assert self.loop is not None, "the app was not started"
-        try:
-            ticket = self.loop.submit(job.run, aio=asyncio.get_running_loop())
-        except HogwildError as e:  # build_job checked the KV budget: what is left is an engine loop that stopped
-            raise ApiError(503, str(e), type="server_error") from None
-        self.open.add(ticket)
-        reply = Reply(job)
-        if job.stream:
+        opened = await self.backend.open(kind, await self.read_json(request))
+        if opened.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             # the background close covers a client gone before the stream began (the generator never ran)
             return StreamingResponse(
-                self.stream(reply, ticket),
+                self.stream(opened),
                 media_type="text/event-stream",
                 headers=headers,
-                background=BackgroundTask(self.close, reply, ticket),
+                background=BackgroundTask(opened.close),
             )
         try:
-            answered = await self.collect(reply, ticket, request)
+            answered = await self.collect(opened, request)
         finally:
-            self.close(reply, ticket)
+            opened.close()
         # 499: the client closed the request (nginx's code), counted in the metrics; nobody reads the body
-        return JSONResponse(reply.response()) if answered else Response(status_code=499)
+        return JSONResponse(opened.response()) if answered else Response(status_code=499)
 
-    async def stream(self, reply: Reply, ticket: Ticket) -> AsyncIterator[str]:
+    async def stream(self, opened: Opened) -> AsyncIterator[str]:
         """Server-sent events; when the client goes away Starlette cancels this generator, which cancels the run."""
         try:
-            for chunk in reply.start():
+            async for chunk in opened.chunks():
                 yield sse(chunk)
-            async for event in ticket:
-                for chunk in reply.push(event):
-                    yield sse(chunk)
             yield "data: [DONE]\n\n"
         except Exception as e:  # the engine failed mid-stream: the status line is sent, so say it in the stream
-            log.exception("run %s failed", ticket.run)
+            log.exception("a request failed")
             yield sse(ApiError(500, f"the engine failed: {e}", type="server_error").body())
         finally:
-            self.close(reply, ticket)
+            opened.close()
 
-    async def collect(self, reply: Reply, ticket: Ticket, request: Request) -> bool:
-        """Read the run's events to the end -> True; if the client disconnects first, cancel the run -> False."""
+    async def collect(self, opened: Opened, request: Request) -> bool:
+        """Read the run's chunks to the end -> True; if the client disconnects first, cancel the run -> False."""
 
         async def consume() -> None:
-            async for event in ticket:
-                reply.push(event)
+            async for _ in opened.chunks():
+                pass
 
-        events = asyncio.ensure_future(consume())
+        chunks = asyncio.ensure_future(consume())
         gone = asyncio.ensure_future(disconnected(request.receive))
         try:
-            await asyncio.wait({events, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({chunks, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            answered = events.done()
+            answered = chunks.done()
             if not answered:
-                ticket.cancel()
-                events.cancel()
+                opened.close()
+                chunks.cancel()
         if answered:
-            events.result()  # re-raises an engine failure
+            chunks.result()  # re-raises an engine failure
         return answered
-
-    def close(self, reply: Reply, ticket: Ticket) -> None:
-        """The request is over (answered, failed or abandoned): cancel its run if still going, count its tokens."""
-        if ticket in self.open:
-            self.open.discard(ticket)
-            if not ticket.done:
-                ticket.cancel()
-            self.metrics.prompt_tokens.inc(reply.prompt_tokens)
-            self.metrics.completion_tokens.inc(reply.completion_tokens)
 
     # the rest
 
     def models(self, request: Request) -> dict:
         self.authorize(request)
-        collab = dataclasses.asdict(CollabConfig())
-        extension = {
-            "context_window": self.engine.context_window,
-            "max_workers": collab["max_workers"],
-            "layouts": list(LAYOUTS),
-            "modes": list(MODES),
-            "defaults": {
-                **{k: collab[k] for k in ("workers", "layout", "mode", "budget")},
-                "temperature": OPENAI_TEMPERATURE,
-            },
-        }
         card = {"id": self.model, "object": "model", "created": self.started, "owned_by": "hogwild"}
-        return {"object": "list", "data": [{**card, "hogwild": extension}]}
+        return {"object": "list", "data": [{**card, "hogwild": self.backend.card()}]}
 
-    def health(self) -> Response:
-        if self.loop is None or not self.loop.alive:
-            error = repr(self.loop.error) if self.loop and self.loop.error else "the engine loop has stopped"
-            return JSONResponse({"status": "error", "error": error}, 503)
-        return JSONResponse({"status": "ok", "model": self.model, "running": len(self.engine.scheduler.running)})
+    async def health(self) -> Response:
+        status, body = await self.backend.health()
+        return JSONResponse(body, status)
+
+    async def render_metrics(self) -> bytes:
+        return self.metrics.render(await self.backend.snapshot())
 
 
 def sse(chunk: dict) -> str:
@@ -233,9 +192,10 @@ class CountRequests:
         await self.app(scope, receive, counting)
 
 
-def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
-    """The app serving `engine`; the engine's loop thread starts with the app and stops with it."""
-    server = Server(engine, config or ServerConfig())
+def create_app(engine: Engine | Replicas, config: ServerConfig | None = None) -> FastAPI:
+    """The app serving `engine` (its loop thread starts with the app and stops with it), or Ray replicas."""
+    config = config or ServerConfig()
+    server = Server(EngineService(engine, config) if isinstance(engine, Engine) else engine, config)
     app = FastAPI(title="hogwild", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.add_middleware(CountRequests, server=server)
@@ -263,11 +223,11 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return server.health()
+        return await server.health()
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await server.render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/")
     async def page() -> FileResponse:

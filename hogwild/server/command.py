@@ -55,11 +55,32 @@ def add_parser(
     serve.add_argument(
         "--model-name", default=None, help="the model id clients send (None: the name the model was loaded by)"
     )
+    c = serve.add_argument_group("Ray cluster (pip install 'hogwild[ray]')")
+    c.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="serve engine replicas in Ray actors behind this one endpoint; ADDRESS: a cluster (host:port, "
+        "ray://host:port or auto; default RAY_ADDRESS, a cluster started here with `ray start`, else a new local one)",
+    )
+    c.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="with --ray: engines to start, each request going to the least loaded (default: one per GPU with "
+        "--device cuda, else as many as the cluster's CPUs hold at --threads each)",
+    )
     add_engine_arguments(serve)
     serve.set_defaults(func=lambda args: cmd_serve(args, engine_config))
 
 
 def cmd_serve(args: argparse.Namespace, engine_config: Callable[[argparse.Namespace], EngineConfig]) -> int:
+    if args.replicas is not None and args.ray is None:
+        raise HogwildError("--replicas needs --ray: without it one engine serves in this process")
+    if args.replicas is not None and args.replicas < 1:
+        raise HogwildError(f"--replicas must be >= 1, got {args.replicas}")
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -75,6 +96,8 @@ def cmd_serve(args: argparse.Namespace, engine_config: Callable[[argparse.Namesp
         from hogwild.server.app import create_app
     except ImportError as e:
         raise HogwildError(f"hogwild serve needs the serve extra ({e}): pip install 'hogwild[serve]'") from e
+    if args.ray is not None:
+        return _serve_replicas(args, config, engine_settings, uvicorn, create_app)
     from hogwild.engine import Engine
 
     engine = Engine.load(engine_settings)
@@ -85,4 +108,30 @@ def cmd_serve(args: argparse.Namespace, engine_config: Callable[[argparse.Namesp
         file=sys.stderr,
     )
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
+
+
+def _serve_replicas(args: argparse.Namespace, config: ServerConfig, engine_settings: EngineConfig, uvicorn, create_app):
+    from hogwild.cluster import connect, import_ray, plan_actors
+    from hogwild.server.replicas import Replicas
+
+    import_ray()
+    cluster = connect(args.ray or None)
+    try:
+        count = plan_actors(cluster, args.replicas or 0, engine_settings, "replicas")
+        replicas = Replicas(cluster, engine_settings, config, count)
+        print(f"hogwild: starting {count} replicas on the Ray cluster", file=sys.stderr)
+        try:
+            replicas.launch()
+            app = create_app(replicas, config)
+            print(
+                f"hogwild: serving {replicas.model} ({replicas.info['kernels']}) on {count} replicas, loaded in "
+                f"{replicas.load_s:.1f} s, at http://{config.host}:{config.port}/ (API under /v1)",
+                file=sys.stderr,
+            )
+            uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+        finally:
+            replicas.close()
+    finally:
+        cluster.close()
     return 0
