@@ -393,35 +393,59 @@ def _check_window(engine: Engine, longest: int) -> None:
         )
 
 
+REFERENCES = ("transformers", "llama.cpp")
+
+
+def _against(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [name for name in names if name not in REFERENCES]
+    if unknown:
+        raise HogwildError(f"--against takes {' and/or '.join(REFERENCES)}, comma-separated; got {', '.join(unknown)}")
+    return names
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     bench = DecodeBench(tokens=args.tokens, context=args.context, repeats=args.repeats)
-    engine, reference, progress = _load(args, transformers=True)
-    assert reference is not None
+    against = _against(args.against)
+    if "llama.cpp" in against:
+        from hogwild.llamacpp import _import
+
+        _import()  # before loading anything: one line on how to install it
+    engine, reference, progress = _load(args, transformers="transformers" in against)
     _check_window(engine, bench.context + bench.tokens + 1)
     prompt = prompt_ids(engine, bench.context)
     hog_prompt = hogwild_prefill(engine, prompt)
-    hf_prompt = reference.prefill(prompt)
+    candidates: dict[str, Callable[[int], tuple[float, int]]] = {"hogwild": partial(hogwild_stream, engine, hog_prompt)}
+    if reference is not None:
+        candidates["transformers"] = partial(reference.decode, prompt, reference.prefill(prompt), 1)
+    llama = None
+    if "llama.cpp" in against:
+        from hogwild.llamacpp import LlamaCpp
+
+        progress.print("loading llama.cpp")
+        llama = LlamaCpp(args.model, torch.get_num_threads(), bench.context + bench.tokens + 16)
+        c = engine.model_config
+        kv = llama.kv_bytes(c.num_layers, c.num_kv_heads, c.head_dim)
+        candidates["llama.cpp"] = lambda steps: (llama.decode(prompt, steps), kv)
     progress.print(f"decoding {bench.tokens} tokens after {bench.context}, {bench.repeats} runs each")
-    best = _measure(
-        {
-            "hogwild": partial(hogwild_stream, engine, hog_prompt),
-            "transformers": partial(reference.decode, prompt, hf_prompt, 1),
-        },
-        bench.tokens,
-        bench.repeats,
-    )
-    hog, hf = (Measurement(name, 1, bench.context, bench.tokens, *best[name]) for name in ("hogwild", "transformers"))
-    results = [hog, hf]
+    try:
+        best = _measure(candidates, bench.tokens, bench.repeats)
+    finally:
+        if llama is not None:
+            llama.close()
+    results = [Measurement(name, 1, bench.context, bench.tokens, *best[name]) for name in candidates]
     if args.json:
         print(json.dumps([_row_dict(m, engine, bench.repeats) for m in results], indent=2))
         return 0
-    print(_machine(engine, reference))
+    print(_machine(engine, reference) + (f"; llama-cpp-python {llama.version}, the model's GGUF" if llama else ""))
     print(
         f"greedy decode of {bench.tokens} tokens after a {bench.context}-token prompt, prefill excluded, "
         f"best of {bench.repeats} runs\n"
     )
     print(_format_table(HEADERS, [_cells(m) for m in results]))
-    print(f"\nhogwild / transformers: {hog.tokens_per_s / hf.tokens_per_s:.2f}x")
+    print()
+    for other in results[1:]:
+        print(f"hogwild / {other.engine}: {results[0].tokens_per_s / other.tokens_per_s:.2f}x")
     return 0
 
 
@@ -640,6 +664,12 @@ def add_parser(
     decode.add_argument("--tokens", type=int, default=DecodeBench.tokens, help="decode steps timed")
     decode.add_argument("--context", type=int, default=DecodeBench.context, help="prompt length in tokens")
     decode.add_argument("--repeats", type=int, default=DecodeBench.repeats, help="runs per engine; the fastest is kept")
+    decode.add_argument(
+        "--against",
+        default="transformers",
+        help="references, comma-separated: transformers (its generate, the dtype hogwild computes in) and/or "
+        "llama.cpp (llama-cpp-python on the model's GGUF file, same threads; pip install 'hogwild[llama-cpp]')",
+    )
     decode.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     add_engine_arguments(decode)
     decode.set_defaults(func=cmd_decode)

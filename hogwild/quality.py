@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 
 from hogwild.attention import Row, StepPlan
+from hogwild.bench import _format_table
 from hogwild.cli import engine_config
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
@@ -176,9 +177,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
         ]
         for q in rows
     ]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    for line in [headers, *cells]:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    print(_format_table(headers, cells))
     for q in rows:
         print(f"\n{q.weights}: {q.describe}", end="")
         if q.weights == "int8":
