@@ -6,12 +6,13 @@ The choice is made once, from what torch and the CPU report, never by trying a m
   activations. A decode step reads each weight once, so its speed is weight bytes over memory bandwidth; int8 reads
   half of bf16's bytes and a quarter of float32's, and holds the quality bar the README's table measures.
 - CUDA: bf16 (fp16 where the GPU has no bf16), aten's `F.linear`.
-- CPU whose oneDNN has a native bf16 path (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`, which honours
-  `ONEDNN_MAX_CPU_ISA`, and a bf16 conversion instruction in the CPU flags: avx512_bf16, amx_bf16 or
-  avx_ne_convert): bf16 weights prepacked for oneDNN, about 1.5-2x aten's bf16 at decode batch sizes.
-- float weights (`--weights bf16|fp32`, an explicit `--dtype`) on a CPU without native bf16: float32 weights
-  prepacked for oneDNN. On such CPUs aten's bf16 matmul
-  is emulated and scales badly with rows, and MKL's small-batch float32 GEMM is 2-3x slower than oneDNN's.
+- float weights (an explicit `--dtype` or `--linear`, or no fbgemm), on a CPU whose oneDNN has a native bf16 path
+  (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`, which honours `ONEDNN_MAX_CPU_ISA`, and a bf16 conversion
+  instruction in the CPU flags: avx512_bf16, amx_bf16 or avx_ne_convert): bf16 weights prepacked for oneDNN, about
+  1.5-2x aten's bf16 at decode batch sizes.
+- float weights on any other CPU (AVX2 without native bf16): float32 weights prepacked for oneDNN. On such CPUs
+  aten's bf16 matmul is emulated and scales badly with rows, and MKL's small-batch float32 GEMM is 2-3x slower
+  than oneDNN's.
 
 An explicit `--dtype` or `--linear` is honoured; a combination this CPU cannot run natively still runs (unpacked
 aten) and says in one line why it will be slow, and a combination it cannot run at all is one clear error.
@@ -48,6 +49,7 @@ class CpuFacts:
     onednn_bf16: bool  # oneDNN can run bf16 here (honours ONEDNN_MAX_CPU_ISA)
     onednn_fp16: bool
     onednn_isa_limit: str | None  # ONEDNN_MAX_CPU_ISA, when set
+    fbgemm: bool = False  # torch built with fbgemm's quantized kernels (x86 builds)
 
     @classmethod
     def detect(cls) -> CpuFacts:
@@ -83,6 +85,7 @@ def _detect() -> CpuFacts:
         onednn_bf16=onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
         onednn_fp16=onednn and torch.ops.mkldnn._is_mkldnn_fp16_supported(),
         onednn_isa_limit=os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
+        fbgemm=fbgemm_available(),
     )
 
 
@@ -151,12 +154,12 @@ def choose(
 
 def int8_runs(facts: CpuFacts) -> bool:
     """Whether fbgemm's int8 kernels run natively here (AVX2 or better; torch built with fbgemm)."""
-    return fbgemm_available() and facts.capability.startswith(("AVX2", "AVX512"))
+    return facts.fbgemm and facts.capability.startswith(("AVX2", "AVX512"))
 
 
 def _choose_int8(facts: CpuFacts, asked: bool) -> KernelChoice:
     cpu = f"CPU capability {facts.capability}"
-    if not fbgemm_available():
+    if not facts.fbgemm:
         raise HogwildError(f"--weights int8 needs fbgemm, which this torch build lacks ({cpu}); use --weights auto")
     if not int8_runs(facts):
         raise HogwildError(f"--weights int8 needs AVX2 or better ({cpu}); use --weights auto")
