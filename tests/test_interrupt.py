@@ -9,12 +9,19 @@ import sys
 import time
 
 
+def _default_sigint() -> None:
+    """Ctrl-C's default disposition in the child: a test run started in the background (`make test &`) ignores
+    SIGINT, children inherit that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "hogwild", *args, "--threads", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
@@ -45,7 +52,13 @@ for event in hogwild.solve_stream("Plan a week of meals.", engine=engine, worker
 
 
 def test_solve_interrupted_ends_with_what_was_written(default_model_dir):
-    proc = subprocess.Popen([sys.executable, "-c", SOLVE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SOLVE],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
     assert proc.stdout.readline().strip() == "started"
     time.sleep(1)
     proc.send_signal(signal.SIGINT)
