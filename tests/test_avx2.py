@@ -101,6 +101,6 @@ def test_int8_linear_tests_pass_on_the_avx2_kernel() -> None:
     """test_quant.py's linear tests (the saturation case among them) again, with fbgemm held to AVX2."""
     tests = str(Path(__file__).parent / "test_quant.py")
     keys = "saturate or matches_float32_and_a_wrong or alone_or_beside"
-    proc = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests, "-k", keys])
+    proc = run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", tests, "-k", keys])  # -q: addopts
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "4 passed" in proc.stdout, proc.stdout[-500:]  # 7-bit only: the 8-bit cases need VNNI
