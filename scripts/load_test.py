@@ -1,10 +1,12 @@
 """Load test of `hogwild serve` on loopback: N concurrent streaming chat requests of mixed worker counts.
 
 By default it starts two servers of the default model in turn, one batching every request into each forward pass
-(the normal scheduler) and one with `--max-runs 1` (one request at a time), sends each the same requests all at
-once, checks every response is whole (status 200, no error event, a finish reason, usage, `data: [DONE]`, and for
-a collaboration every worker's text and the closing `done` event), and prints one table side by side: requests/s,
-p50/p95 latency, time to the first text, sampled tokens/s, and the mean rows per forward pass read from /metrics.
+(the normal scheduler) and one with `--max-runs 1` (one request at a time); with `--replicas N` instead one engine,
+then `--ray --replicas 1` and `--ray --replicas N` (engines in Ray actors behind one endpoint). It sends each the
+same requests all at once, checks every response is whole (status 200, no error event, a finish reason, usage,
+`data: [DONE]`, and for a collaboration every worker's text and the closing `done` event), and prints one table
+side by side: requests/s, p50/p95 latency, time to the first text, sampled tokens/s, and the mean rows per forward
+pass read from /metrics.
 With `--url` it measures a server already running on loopback instead. Bounded: at most 256 requests, each with a
 timeout, the whole run with a deadline; it only ever connects to 127.0.0.0/8 or ::1.
 
@@ -192,9 +194,10 @@ def cpu_name() -> str:
 
 def table(loads: list[Load], args: argparse.Namespace) -> str:
     mix = ", ".join("plain" if w is None else f"{w} worker{'s' * (w > 1)}" for w in WORKER_MIX)
+    each = " each (engine or replica)" if args.replicas else ""
     lines = [
         f"{args.requests} concurrent streaming chat requests ({mix} in turn; max_tokens / budget {args.tokens}),",
-        f"{loads[0].model}, {args.threads} torch thread{'s' * (args.threads > 1)} on {cpu_name()}, "
+        f"{loads[0].model}, {args.threads} torch thread{'s' * (args.threads > 1)}{each} on {cpu_name()}, "
         f"{os.cpu_count()} cores",
         "",
         f"{'scheduler':<28} {'ok':>5} {'req/s':>6} {'p50 s':>6} {'p95 s':>6} {'first text p50 s':>16} "
@@ -220,6 +223,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the servers started here")
     parser.add_argument("--timeout", type=float, default=600, help="seconds each request may take")
     parser.add_argument("--url", help="measure this running server (loopback only) instead of starting two")
+    parser.add_argument(
+        "--replicas", type=int, help="compare one engine, `serve --ray --replicas 1` and `--ray --replicas N`"
+    )
     parser.add_argument("--json", action="store_true", help="also print each load's outcomes as JSON")
     parser.add_argument("server_args", nargs="*", help="extra `hogwild serve` arguments, after --")
     args = parser.parse_args()
@@ -233,10 +239,17 @@ def main() -> int:
             asyncio.run(run_load(args.url.rstrip("/"), "given server", args.requests, args.tokens, args.timeout))
         )
     else:
-        for scheduler, max_runs in (("all runs batched", 0), ("one at a time (--max-runs 1)", 1)):
+        servers = [("all runs batched", 0, []), ("one at a time (--max-runs 1)", 1, [])]
+        if args.replicas is not None:
+            if args.replicas < 1:
+                parser.error("--replicas must be >= 1")
+            ray = ["--ray", "--replicas"]
+            servers = [("one engine", 0, []), ("Ray, 1 replica", 0, [*ray, "1"])]
+            servers += [(f"Ray, {args.replicas} replicas", 0, [*ray, str(args.replicas)])] * (args.replicas > 1)
+        for scheduler, max_runs, extra in servers:
             port = free_port()
             print(f"load_test: {scheduler}: starting a server on 127.0.0.1:{port}", file=sys.stderr)
-            server = start_server(port, args.threads, max_runs, args.server_args)
+            server = start_server(port, args.threads, max_runs, [*extra, *args.server_args])
             try:
                 url = f"http://127.0.0.1:{port}"
                 loads.append(asyncio.run(run_load(url, scheduler, args.requests, args.tokens, args.timeout)))

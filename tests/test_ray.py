@@ -221,3 +221,11 @@ def test_two_replicas_serve_one_endpoint(cluster, model):
         assert passes >= sum(r["usage"]["completion_tokens"] for (_, w), r in through.items() if w is None)
     finally:
         replicas.close()
+
+
+@pytest.mark.parametrize("argv", [["eval", "--ray", "--actors", "1"], ["serve", "--ray", "--replicas", "1"]])
+def test_a_model_an_actor_cannot_load_is_one_error_line(cluster, capsys, argv):
+    assert main([*argv, "--threads", "1", "--model", "/no/such/model"]) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("hogwild: error: model path /no/such/model"), err

@@ -94,8 +94,8 @@ def add_parser(sub, add_engine_arguments) -> None:
         "--actors",
         type=int,
         default=None,
-        help="with --ray: engines to start (default: one per GPU with --device cuda, else as many as the "
-        "cluster's CPUs hold at --threads each)",
+        help="with --ray: engines to start; not given: one per GPU with --device cuda, else as many as the "
+        "cluster's CPUs hold at --threads each",
     )
     add_engine_arguments(p)
     p.set_defaults(func=cmd_eval)
@@ -167,6 +167,7 @@ def _on_ray(args, engine_config, problems, task, config, out: Path, settings: di
         from hogwild.engine import Engine
 
         engine = Engine.load(engine_config)
+        print(f"{engine.config.model or 'smollm2-135m'}: {engine.kernels.describe()}")
         one = _measure(engine, problems, config)
         del engine
         if one is None:
@@ -175,7 +176,7 @@ def _on_ray(args, engine_config, problems, task, config, out: Path, settings: di
     try:
         actors = plan_actors(cluster, args.actors or 0, engine_config, "actors")
         cluster_eval = RayEval(cluster, engine_config, config, actors)
-        print(f"hogwild: starting {actors} actors on the Ray cluster", file=sys.stderr)
+        print(f"hogwild: starting {actors} actor{'s' * (actors > 1)} on the Ray cluster", file=sys.stderr)
         try:
             cluster_eval.start()
             print(f"hogwild: {actors} actors loaded the model in {cluster_eval.load_s:.1f} s", file=sys.stderr)
@@ -228,8 +229,7 @@ def evaluate(
     outcome = _run_with_progress(run, jobs, budgets[-1], records_path, task.name)
     if outcome.interrupted:
         print(
-            f"\nhogwild: interrupted after {outcome.jobs_done} of {jobs} runs; run the same command again to "
-            "resume",
+            f"\nhogwild: interrupted after {outcome.jobs_done} of {jobs} runs; run the same command again to resume",
             file=sys.stderr,
         )
     if read_results(records_path):

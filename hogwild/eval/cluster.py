@@ -93,7 +93,10 @@ class RayEval:
         remote = ray.remote(**actor_options(engine_config), max_restarts=0)(EvalActor)
         start = time.perf_counter()
         self.handles = [remote.remote(engine_config, self.config) for _ in range(self.actors)]
-        readies = ray.get([h.ready.remote() for h in self.handles])
+        try:
+            readies = ray.get([h.ready.remote() for h in self.handles])
+        except ray.exceptions.RayError as e:
+            raise HogwildError(f"an actor did not start: {failure(e)}") from None
         self.load_s = time.perf_counter() - start
         errors = [error for _, error in readies if error]
         if errors:

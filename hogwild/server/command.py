@@ -69,8 +69,8 @@ def add_parser(
         "--replicas",
         type=int,
         default=None,
-        help="with --ray: engines to start, each request going to the least loaded (default: one per GPU with "
-        "--device cuda, else as many as the cluster's CPUs hold at --threads each)",
+        help="with --ray: engines to start, each request going to the least loaded; not given: one per GPU with "
+        "--device cuda, else as many as the cluster's CPUs hold at --threads each",
     )
     add_engine_arguments(serve)
     serve.set_defaults(func=lambda args: cmd_serve(args, engine_config))
@@ -120,7 +120,7 @@ def _serve_replicas(args: argparse.Namespace, config: ServerConfig, engine_setti
     try:
         count = plan_actors(cluster, args.replicas or 0, engine_settings, "replicas")
         replicas = Replicas(cluster, engine_settings, config, count)
-        print(f"hogwild: starting {count} replicas on the Ray cluster", file=sys.stderr)
+        print(f"hogwild: starting {count} replica{'s' * (count > 1)} on the Ray cluster", file=sys.stderr)
         try:
             replicas.launch()
             app = create_app(replicas, config)

@@ -155,7 +155,11 @@ class Replicas:
         remote = ray.remote(**actor_options(self.engine_config), max_restarts=0)(ReplicaActor)
         start = time.perf_counter()
         self.handles = [remote.remote(self.engine_config, self.config) for _ in range(self.count)]
-        readies = ray.get([h.ready.remote() for h in self.handles])
+        try:
+            readies = ray.get([h.ready.remote() for h in self.handles])
+        except ray.exceptions.RayError as e:
+            self.close()
+            raise HogwildError(f"a replica did not start: {failure(e)}") from None
         self.load_s = time.perf_counter() - start
         errors = [r["error"] for r in readies if r["error"]]
         if errors:
