@@ -99,7 +99,7 @@ class Int8Linear:
                 qweight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
             )
             self.packed = torch.ops.quantized.linear_prepack(packed, None)
-        self._linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+        self._linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default  # no overload lookup
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = rotate(x.reshape(-1, x.shape[-1]), self.hadamard)
