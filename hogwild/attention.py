@@ -5,7 +5,9 @@ appended to the last block of its view, attending over every block of the view i
 at block-local positions; a query at flat position p attending to a block that starts at flat offset o is rotated
 by p - o instead, since <R(p) q, R(o + l) k> = <R(p - o) q, R(l) k>. So keys never move, and a block shared by
 several views is read once per layer with the queries of every row that sees it stacked, one matmul per block.
-Per-block partial softmaxes are merged exactly with a log-sum-exp merge.
+Blocks read by the same rows (a shared prompt and the workers' blocks in the combined layout, a prompt and a
+generation's own block) share one softmax over their scores side by side; where the rows reading blocks differ,
+the partial softmaxes of each such group are merged exactly with a log-sum-exp merge.
 
 Within a step every row reads the cache as it was before the step plus its own new tokens: other rows' tokens of
 the same step become visible at the next step. This keeps rows independent, which the reference relies on.
@@ -137,15 +139,24 @@ class StepPlan:
 
         self.slots = len(slot_tokens)
         self.slot_tokens = torch.tensor(slot_tokens, device=device)
+        # reads whose slots are the same tokens in the same order share one softmax: a group per token sequence
+        grouped: dict[tuple[int, ...], list[_BlockRead]] = {}
+        for read in self.reads:
+            grouped.setdefault(tuple(slot_tokens[read.start : read.end]), []).append(read)
+        self.groups = list(grouped.values())
+        group_tokens = [t for tokens in grouped for t in tokens]
         delta = torch.tensor(deltas, device=device)  # [S]
         # the softmax scale rides on the query rotation: [1, S, 1, D] for q: [kv_heads, S, group, D]
         scale = config.head_dim**-0.5
         self.cos_q = (rope.cos[delta] * scale)[None, :, None, :]
         self.sin_q = (rope.signed_sin[delta] * scale)[None, :, None, :]
-        # every token read by exactly one slot, in token order: no gather, no merge
-        self.single = slot_tokens == list(range(total))
+        # queries gathered into slots unless every token is read by exactly one slot, in token order
+        self.gather = slot_tokens != list(range(total))
+        # every token in exactly one group, in order: each group's softmax is final, no merge
+        self.single = group_tokens == list(range(total))
         kvh, g = config.num_kv_heads, config.group_size
-        self.merge_index = self.slot_tokens.view(1, -1, 1).expand(kvh, self.slots, g)
+        self.merge_tokens = torch.tensor(group_tokens, device=device)
+        self.merge_index = self.merge_tokens.view(1, -1, 1).expand(kvh, len(group_tokens), g)
         self.dtype = rope.cos.dtype  # q, k, v come in the cache's dtype
         self.out_dtype = out_dtype or self.dtype  # the model's dtype, for the output projection
         self.out = None  # [N, heads * D] output buffer, reused by every layer
@@ -162,30 +173,39 @@ class StepPlan:
             block.kv[layer, 1, :, start : start + n] = v[at : at + n].transpose(0, 1)
 
         qg = q.view(N, kvh, g, D).transpose(0, 1)  # [kv_heads, N, group, D]
-        if not self.single:
+        if self.gather:
             qg = qg.index_select(1, self.slot_tokens)  # [kv_heads, S, group, D]
         qg = apply_rope(qg, self.cos_q, self.sin_q)
 
         outs, maxes, sums = [], [], []
-        for read in self.reads:
-            keys = read.block.kv[layer, 0, :, : read.length]  # [kv_heads, L, D]
-            values = read.block.kv[layer, 1, :, : read.length]
-            slots = read.end - read.start
-            scores = qg[:, read.start : read.end].reshape(kvh, slots * g, D) @ keys.transpose(1, 2)
-            if read.tail_mask is not None:
-                scores.view(kvh, slots, g, read.length)[..., read.published :] += read.tail_mask
-            if self.single:
-                outs.append(torch.softmax(scores, dim=-1) @ values)
-                continue
+        for reads in self.groups:
+            slots = reads[0].end - reads[0].start
+            scores = []
+            for read in reads:
+                keys = read.block.kv[layer, 0, :, : read.length]  # [kv_heads, L, D]
+                part = qg[:, read.start : read.end].reshape(kvh, slots * g, D) @ keys.transpose(1, 2)
+                if read.tail_mask is not None:
+                    part.view(kvh, slots, g, read.length)[..., read.published :] += read.tail_mask
+                scores.append(part)
+            scores = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)  # [kv_heads, slots * g, keys]
             top = scores.amax(dim=-1, keepdim=True)
-            probs = scores.sub_(top).exp_()
-            sums.append(probs.sum(dim=-1, dtype=torch.float32).view(kvh, slots, g))
-            maxes.append(top.float().view(kvh, slots, g))
-            outs.append((probs @ values).view(kvh, slots, g, D))
+            probs = scores.sub_(top).exp_()  # unnormalized: one division of the output rounds less
+            total = probs.sum(dim=-1, keepdim=True, dtype=torch.float32)
+            out, at = None, 0
+            for read in reads:
+                values = read.block.kv[layer, 1, :, : read.length]
+                weights = probs[..., at : at + read.length]
+                out = weights @ values if out is None else out.baddbmm_(weights, values)
+                at += read.length
+            if self.single:
+                out = out.div_(total)
+            else:
+                sums.append(total.view(kvh, slots, g))
+                maxes.append(top.float().view(kvh, slots, g))
+            outs.append(out.view(kvh, slots, g, D))
 
         if self.single:
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-            out = out.view(kvh, N, g, D)
         else:
             out = self._merge(torch.cat(maxes, 1), torch.cat(sums, 1), torch.cat(outs, 1), N)
         if self.out is None:
@@ -193,13 +213,13 @@ class StepPlan:
         return self.out.copy_(out.transpose(0, 1)).view(N, H * D)
 
     def _merge(self, maxes: torch.Tensor, sums: torch.Tensor, outs: torch.Tensor, N: int) -> torch.Tensor:
-        """Exact log-sum-exp merge of per-block partials. maxes, sums: [kv_heads, S, group]; outs: [..., D]."""
+        """Exact log-sum-exp merge of per-group partials. maxes, sums: [kv_heads, G, group]; outs: [..., D]."""
         kvh, _, g = maxes.shape
         top = maxes.new_full((kvh, N, g), float("-inf")).scatter_reduce_(1, self.merge_index, maxes, "amax")
-        weight = (maxes - top.index_select(1, self.slot_tokens)).exp_()
-        total = maxes.new_zeros((kvh, N, g)).index_add_(1, self.slot_tokens, weight * sums)
+        weight = (maxes - top.index_select(1, self.merge_tokens)).exp_()
+        total = maxes.new_zeros((kvh, N, g)).index_add_(1, self.merge_tokens, weight * sums)
         merged = outs.new_zeros((kvh, N, g, outs.shape[-1]), dtype=torch.float32)
-        merged.index_add_(1, self.slot_tokens, outs * weight.unsqueeze(-1))
+        merged.index_add_(1, self.merge_tokens, outs * weight.unsqueeze(-1))
         return merged / total.unsqueeze(-1)
 
     def commit(self) -> None:
