@@ -1,6 +1,8 @@
 """`hogwild bench decode` and `hogwild bench workers` end to end on the real default model, at tiny sizes."""
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,37 @@ def test_bad_settings_are_one_line_errors(capsys: pytest.CaptureFixture, argv: l
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("hogwild: error: ") and message in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["decode", "--against", "vllm"], "--against takes transformers and/or llama.cpp"),
+        (["decode", "--against", "llama.cpp"], "pip install 'hogwild[llama-cpp]'"),
+    ],
+)
+def test_against_mistakes_are_one_line(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, argv: list[str], message: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    assert main(["bench", *argv, "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hogwild: error: ") and message in err[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python (an optional extra)")
+def test_decode_against_llama_cpp_and_transformers(capsys: pytest.CaptureFixture) -> None:
+    rows = run_json(capsys, "decode", "--tokens", "4", "--context", "16", "--repeats", "1", "--against",
+                    "llama.cpp,transformers")  # fmt: skip
+    assert [row["engine"] for row in rows] == ["hogwild", "transformers", "llama.cpp"]
+    assert all(row["steps"] == 4 and row["tokens_per_s"] > 0 for row in rows)
+
+
+def test_quality_rows_put_fp32_first_and_int8_near_it(capsys: pytest.CaptureFixture) -> None:
+    argv = ["bench", "quality", "--problems", "2", "--tokens", "6", "--choices", "int8", "--threads", "1", "--json"]
+    assert main(argv) == 0
+    fp32, int8 = json.loads(capsys.readouterr().out)
+    assert (fp32["weights"], int8["weights"]) == ("fp32", "int8")
+    assert (fp32["agreement"], fp32["identical"], fp32["flips"], fp32["loglik_loss"]) == (1.0, 2, 0.0, 0.0)
+    assert fp32["loglik"] < 0 and abs(int8["loglik_loss"]) < 0.05  # measured ~0.2-1% over 20 problems
+    assert 0 <= int8["flips"] < 0.2 and 0 <= int8["agreement"] <= 1
