@@ -190,6 +190,33 @@ def open_streams(live, bodies: list[dict]) -> tuple[ExitStack, list]:
     return stack, lines
 
 
+PAGE_PROBLEM = "A farmer has 17 rows of 23 apple trees. How many trees are there? Answer in \\boxed{}."
+
+
+def solve_on_the_page(url: str) -> list[str]:
+    """The page's problem solved by 2 workers (budget 16, seed 3) in headless Chromium: each column's text."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from test_server_page import CHROMIUM, ask, chromedriver, columns, wait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(chromedriver()), options=options)
+    try:
+        browser.get(url + "/")
+        assert browser.find_element(By.ID, "problem").get_attribute("value") == PAGE_PROBLEM
+        ask(browser, workers=2, budget=16, seed=3)
+        wait(lambda: browser.find_element(By.ID, "answer").get_attribute("data-done"), what="the run to end")
+        texts = columns(browser)
+    finally:
+        browser.quit()
+    assert len(texts) == 2 and texts[0].startswith("**Alice [1]:**") and texts[1].startswith("**Bob [1]:**")
+    return texts
+
+
 def test_two_replicas_serve_one_endpoint(cluster, model):
     engine_config = EngineConfig(model=str(model), dtype="float32", threads=1, kv_memory="256MiB")
     replicas = Replicas(cluster, engine_config, ServerConfig(model_name="tiny"), 2)
@@ -214,6 +241,14 @@ def test_two_replicas_serve_one_endpoint(cluster, model):
             # replies through the replicas equal the same seeded requests to one engine in this process
             through = {(s, w): ask(live.url, s, w) for s in (False, True) for w in (None, 2)}
             passes = live.metric("hogwild_forward_passes_total")
+            # the page, in headless Chromium, over the replicas: the columns are the transcripts the API gives
+            page_columns = solve_on_the_page(live.url)
+            page_body = {
+                "model": "tiny", "messages": [{"role": "user", "content": PAGE_PROBLEM}], "workers": 2, "budget": 16,
+                "temperature": 1, "seed": 3, "layout": "combined", "mode": "hogwild",
+            }  # fmt: skip
+            message = httpx.post(live.url + "/v1/chat/completions", json=page_body, timeout=60).json()
+            assert page_columns == [w["text"] for w in message["choices"][0]["message"]["hogwild"]["workers"]]
         with live_server(Engine.load(engine_config), model_name="tiny") as single:
             alone = {(s, w): ask(single.url, s, w) for s in (False, True) for w in (None, 2)}
         assert through == alone
