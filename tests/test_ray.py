@@ -4,7 +4,8 @@ random model written to a folder so each actor loads it as a user's model would 
 An eval over 2 actors writes the same results.jsonl as the same eval in one process, problem for problem; an actor
 killed mid-eval has its problems finished by the other, each counted once; 2 replicas behind one endpoint take two
 of four concurrent requests each, cancel the runs of clients that leave, and answer as one engine in this process
-does, streamed or not; without Ray installed, or with a bad flag, --ray is one line and exit 2.
+does, streamed or not, and the page over them shows what the API gives; without Ray installed, or with a bad flag,
+--ray is one line and exit 2.
 """
 
 from __future__ import annotations
