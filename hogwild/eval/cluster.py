@@ -59,7 +59,7 @@ class EvalActor:
                     yield ("records", job.records(extra))
                 if time.perf_counter() - last > PROGRESS_EVERY_S:
                     last = time.perf_counter()
-                    yield ("progress", sum(job.passes for job in jobs if job.started))
+                    yield ("progress", sum(job.passes for job in jobs if job.started and not job.done))
         yield ("done", engine.stats.steps - steps0, engine.stats.sampled - sampled0, outcome.max_in_flight)
 
 
@@ -69,7 +69,7 @@ class Call:
 
     actor: int
     problems: list[Problem]
-    passes: int = 0  # progress reported so far, in sequential forward passes of its jobs
+    passes: int = 0  # sequential forward passes of its jobs in flight, as last reported
 
 
 @dataclass
