@@ -6,6 +6,7 @@ with a wrong scale and a transposed weight, which must fall outside them.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ XEON_VNNI = CpuFacts(
     "AVX512", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}), True, True, False, None, True
 )
 HERE = CpuFacts.detect()
-BITS = quant.activation_bits(HERE.flags, HERE.capability)
+BITS = quant.activation_bits(HERE.flags, HERE.capability, HERE.fbgemm_isa_limit)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -122,7 +123,8 @@ def test_decoder_with_int8_weights_tracks_float32(family: str) -> None:
 
 
 def test_auto_picks_int8_where_fbgemm_runs_and_explicit_choices_win() -> None:
-    for facts, bits in ((AVX2_EPYC, 7), (XEON_VNNI, 8)):
+    limited = dataclasses.replace(XEON_VNNI, fbgemm_isa_limit="AVX2")  # FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+    for facts, bits in ((AVX2_EPYC, 7), (XEON_VNNI, 8), (limited, 7)):
         choice = choose(facts=facts)
         assert (choice.weights, choice.dtype, choice.activation_bits) == ("int8", torch.float32, bits)
         assert f"{bits} bits" in choice.describe()

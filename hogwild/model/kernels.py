@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from hogwild.errors import HogwildError
-from hogwild.model.quant import activation_bits, fbgemm_available
+from hogwild.model.quant import activation_bits, fbgemm_available, fbgemm_isa_limit
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -50,6 +50,7 @@ class CpuFacts:
     onednn_fp16: bool
     onednn_isa_limit: str | None  # ONEDNN_MAX_CPU_ISA, when set
     fbgemm: bool = False  # torch built with fbgemm's quantized kernels (x86 builds)
+    fbgemm_isa_limit: str | None = None  # FBGEMM_ENABLE_INSTRUCTIONS, when set
 
     @classmethod
     def detect(cls) -> CpuFacts:
@@ -86,6 +87,7 @@ def _detect() -> CpuFacts:
         onednn_fp16=onednn and torch.ops.mkldnn._is_mkldnn_fp16_supported(),
         onednn_isa_limit=os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
         fbgemm=fbgemm_available(),
+        fbgemm_isa_limit=fbgemm_isa_limit(),
     )
 
 
@@ -163,7 +165,7 @@ def _choose_int8(facts: CpuFacts, asked: bool) -> KernelChoice:
         raise HogwildError(f"--weights int8 needs fbgemm, which this torch build lacks ({cpu}); use --weights auto")
     if not int8_runs(facts):
         raise HogwildError(f"--weights int8 needs AVX2 or better ({cpu}); use --weights auto")
-    bits = activation_bits(facts.flags, facts.capability)
+    bits = activation_bits(facts.flags, facts.capability, facts.fbgemm_isa_limit)
     why = "with VNNI" if bits == 8 else "no VNNI here, so 7-bit activations"
     reason = f"{cpu}; {'asked for' if asked else 'fewest bytes per step'}, {why}"
     return KernelChoice(torch.float32, "int8", reason, activation_bits=bits)

@@ -41,10 +41,15 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def activation_bits(flags: frozenset[str], capability: str) -> int:
-    """8 where fbgemm runs its VNNI kernel (int32 accumulation), else 7 (its AVX2 kernel's int16 pair sums)."""
-    allowed = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper()
-    vnni = "avx512_vnni" in flags and capability.startswith("AVX512") and allowed in ("", "AVX512", "AVX512_E1")
+def fbgemm_isa_limit() -> str | None:
+    """FBGEMM_ENABLE_INSTRUCTIONS (AVX2, AVX512, ...): the widest instructions fbgemm may use, when set."""
+    return os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() or None
+
+
+def activation_bits(flags: frozenset[str], capability: str, limit: str | None = None) -> int:
+    """8 where fbgemm runs its VNNI kernel (int32 accumulation), else 7 (its AVX2 kernel's int16 pair sums).
+    `limit`: fbgemm's instruction limit (`fbgemm_isa_limit`)."""
+    vnni = "avx512_vnni" in flags and capability.startswith("AVX512") and limit in (None, "AVX512", "AVX512_E1")
     return 8 if vnni else 7
 
 
