@@ -97,18 +97,25 @@ def step_rows(model: Decoder, rope: Rope, rows: list[Row], publish: bool = True)
     return [logits[start : start + len(row.tokens)] for start, row in zip(plan.starts, rows, strict=True)]
 
 
-def tiny_engine(tokenizer, seed: int = 0, **config) -> Engine:
-    """A real engine (pool, scheduler, runs) over a small random Llama with the default model's tokenizer, float32,
-    so whole runs of every kind take milliseconds a step. `config`: EngineConfig fields (step_tokens, kv_memory...)."""
+def _tiny_llama(vocab_size: int, seed: int):
+    """A small random Llama (config, model), its weights scaled for sharper logits than the default init
+    (|logits| ~ 10), so greedy choices are far from ties."""
     torch.manual_seed(seed)
     hf = transformers.LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(hf)
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(2.5)  # sharper logits than the default init (|logits| ~ 10), so greedy choices are far from ties
+            p.mul_(2.5)
+    return hf, model
+
+
+def tiny_engine(tokenizer, seed: int = 0, **config) -> Engine:
+    """A real engine (pool, scheduler, runs) over a small random Llama with the default model's tokenizer, float32,
+    so whole runs of every kind take milliseconds a step. `config`: EngineConfig fields (step_tokens, kv_memory...)."""
+    hf, model = _tiny_llama(tokenizer.vocab_size, seed)
     decoder = Decoder(ModelConfig.from_hf(hf.to_dict()), dict(model.state_dict()), torch.float32)
     return Engine(decoder, tokenizer, EngineConfig(**{"kv_memory": "256MiB", **config}))
 
@@ -116,16 +123,7 @@ def tiny_engine(tokenizer, seed: int = 0, **config) -> Engine:
 def tiny_model_folder(tokenizer_dir: Path, folder: Path, seed: int = 0) -> Path:
     """`tiny_engine`'s model written as a Hugging Face folder (config, safetensors, the default model's tokenizer
     files), for what loads a model by path: other processes, Ray actors."""
-    torch.manual_seed(seed)
-    tokenizer = Tokenizer.from_folder(tokenizer_dir)
-    hf = transformers.LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(hf)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(2.5)
+    _, model = _tiny_llama(Tokenizer.from_folder(tokenizer_dir).vocab_size, seed)
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tokenizer_dir / name).exists():
