@@ -19,8 +19,8 @@ from hogwild.model.config import ModelConfig
 from hogwild.model.kernels import Linear
 from hogwild.model.quant import Int8Linear, quantize_linear
 
-# logits this close to the best are recomputed in float32: bf16's error is ~0.1 at 25, int8's (weights and
-# activations) up to ~0.5 on the default model (tests/test_quant.py measures both)
+# logits this close to the best are recomputed in float32: bf16's error is ~0.1 at 25; int8's (weights and
+# activations) was at most 0.59 over the vocabulary and 0.2 near the top on the default model's text (tested < 1.0)
 REFINE_MARGIN = {torch.bfloat16: 1.0, torch.float16: 1.0, "int8": 2.0}
 
 

@@ -5,14 +5,14 @@ halves bf16's bytes and quarters float32's. fbgemm (in every x86 torch build) mu
 weights prepacked once at load, at close to the read bandwidth; its dynamic entry point quantizes the whole input
 with one scale, so a single row with large values (a first token, a delimiter) would flatten every other row of the
 batch. `Int8Linear` scales each row to [-1, 1] first and quantizes with a fixed grid, which makes the quantization
-per row: a row's output does not depend on which other rows share the step.
+per row: this linear computes a row the same whatever other rows share the step.
 
 Per-row quantization alone still loses to the outlier channels of a row (a few features 10-100x the rest flatten
 the others): on the default model it cost 2.4% (8 bits) and 6.3% (7 bits) of the reference solutions'
 log-likelihood, and almost all of it came from the activations (int8 weights alone lost nothing). So every row is
 first rotated by an orthonormal Hadamard matrix over blocks of 64 features, which spreads an outlier over its block,
 and the weight's input columns are rotated the same way before quantizing (x W^T = (x H)(W H)^T): the loss drops to
-0.2% (8 bits) and 0.5% (7 bits), for one small matmul per linear.
+0.2% (8 bits) and 0.5-1.0% (7 bits), for one small matmul per linear.
 
 Without VNNI, fbgemm's AVX2 kernel adds pairs of uint8 x int8 products in int16, which saturates for 8-bit
 activations; there activations use 7 bits (0..127), as fbgemm's own `reduce_range` does.
