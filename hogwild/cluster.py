@@ -7,6 +7,7 @@ one, and how many actors of what size fit it. An actor is one engine: one GPU wi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import socket
@@ -18,6 +19,27 @@ from hogwild.errors import HogwildError
 
 INSTALL = "pip install 'hogwild[ray]'"
 CONNECT_TIMEOUT_S = 5.0
+
+
+def add_arguments(parser: argparse.ArgumentParser, ray_does: str, count: str, count_does: str) -> None:
+    """The Ray flags of a command: `--ray [ADDRESS]`, and `count` (`--actors`, `--replicas`), engines to start."""
+    group = parser.add_argument_group("Ray cluster (pip install 'hogwild[ray]')")
+    group.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help=f"{ray_does}; ADDRESS: a cluster (host:port, ray://host:port or auto; default RAY_ADDRESS, a cluster "
+        "started here with `ray start`, else a new local one)",
+    )
+    group.add_argument(
+        count,
+        type=int,
+        default=None,
+        help=f"with --ray: engines to start{count_does}; not given: one per GPU with --device cuda, else as many as "
+        "the cluster's CPUs hold at --threads each",
+    )
 
 
 def import_ray() -> ModuleType:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from hogwild.cluster import add_arguments as add_ray_arguments
 from hogwild.errors import HogwildError
 from hogwild.eval import report, tasks
 from hogwild.eval.runner import EvalConfig, Progress, done_pairs, make_jobs, plan_jobs, read_results, run_jobs
@@ -80,23 +81,7 @@ def add_parser(sub, add_engine_arguments) -> None:
         help="measure instead: run the problems at --concurrency, then again one at a time (with --ray: in this "
         "process, then over the actors), print both throughputs; writes nothing",
     )
-    c = p.add_argument_group("Ray cluster (pip install 'hogwild[ray]')")
-    c.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="shard the problems over Ray actors, one engine each; ADDRESS: a cluster (host:port, ray://host:port "
-        "or auto; default RAY_ADDRESS, a cluster started here with `ray start`, else a new local one)",
-    )
-    c.add_argument(
-        "--actors",
-        type=int,
-        default=None,
-        help="with --ray: engines to start; not given: one per GPU with --device cuda, else as many as the "
-        "cluster's CPUs hold at --threads each",
-    )
+    add_ray_arguments(p, "shard the problems over Ray actors, one engine each", "--actors", "")
     add_engine_arguments(p)
     p.set_defaults(func=cmd_eval)
     reports = p.add_subparsers(dest="eval_command", metavar="report DIR")

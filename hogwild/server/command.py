@@ -11,6 +11,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 
+from hogwild.cluster import add_arguments as add_ray_arguments
 from hogwild.engine import EngineConfig
 from hogwild.errors import HogwildError
 from hogwild.server.config import ServerConfig
@@ -55,22 +56,11 @@ def add_parser(
     serve.add_argument(
         "--model-name", default=None, help="the model id clients send (None: the name the model was loaded by)"
     )
-    c = serve.add_argument_group("Ray cluster (pip install 'hogwild[ray]')")
-    c.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="serve engine replicas in Ray actors behind this one endpoint; ADDRESS: a cluster (host:port, "
-        "ray://host:port or auto; default RAY_ADDRESS, a cluster started here with `ray start`, else a new local one)",
-    )
-    c.add_argument(
+    add_ray_arguments(
+        serve,
+        "serve engine replicas in Ray actors behind this one endpoint",
         "--replicas",
-        type=int,
-        default=None,
-        help="with --ray: engines to start, each request going to the least loaded; not given: one per GPU with "
-        "--device cuda, else as many as the cluster's CPUs hold at --threads each",
+        ", each request going to the least loaded",
     )
     add_engine_arguments(serve)
     serve.set_defaults(func=lambda args: cmd_serve(args, engine_config))
