@@ -351,7 +351,7 @@ def _row_dict(m: Measurement, engine: Engine, repeats: int, **extra: object) -> 
     return row
 
 
-def _format_table(headers: list[str], rows: list[list[str]]) -> str:
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = [headers, *rows]
     # first column left-aligned (names), the rest right-aligned (numbers)
@@ -408,9 +408,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
     bench = DecodeBench(tokens=args.tokens, context=args.context, repeats=args.repeats)
     against = _against(args.against)
     if "llama.cpp" in against:
-        from hogwild.llamacpp import _import
+        from hogwild.llamacpp import import_llama_cpp
 
-        _import()  # before loading anything: one line on how to install it
+        import_llama_cpp()  # before loading anything: one line on how to install it
     engine, reference, progress = _load(args, transformers="transformers" in against)
     _check_window(engine, bench.context + bench.tokens + 1)
     prompt = prompt_ids(engine, bench.context)
@@ -442,7 +442,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         f"greedy decode of {bench.tokens} tokens after a {bench.context}-token prompt, prefill excluded, "
         f"best of {bench.repeats} runs\n"
     )
-    print(_format_table(HEADERS, [_cells(m) for m in results]))
+    print(format_table(HEADERS, [_cells(m) for m in results]))
     print()
     for other in results[1:]:
         print(f"hogwild / {other.engine}: {results[0].tokens_per_s / other.tokens_per_s:.2f}x")
@@ -511,7 +511,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
             other = by_key.get(("transformers", m.workers, m.context))
             cells.append(f"{m.tokens_per_s / other.tokens_per_s:.2f}x" if m.engine == "hogwild" and other else "")
         rows.append(cells)
-    print(_format_table(headers, rows))
+    print(format_table(headers, rows))
 
     small, large = min(bench.contexts), max(bench.contexts)
     if large != small:
@@ -521,7 +521,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
             [name] + [f"{by_key[name, w, large].step_ms / by_key[name, w, small].step_ms:.2f}x" for w in bench.workers]
             for name in engines
         ]
-        print(_format_table(["engine", *(f"W={w}" for w in bench.workers)], ratios))
+        print(format_table(["engine", *(f"W={w}" for w in bench.workers)], ratios))
     return 0
 
 
@@ -630,7 +630,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         ]  # fmt: skip
         for r in rows
     ]
-    print(_format_table(headers, cells))
+    print(format_table(headers, cells))
     return 0
 
 

@@ -17,7 +17,7 @@ from hogwild.errors import HogwildError
 INSTALL = "pip install 'hogwild[llama-cpp]' (llama-cpp-python, which builds llama.cpp from source: minutes)"
 
 
-def _import():
+def import_llama_cpp():
     try:
         import llama_cpp
     except ImportError:
@@ -42,7 +42,7 @@ def gguf_for(model: str | None, work: Path) -> Path:
 
 class LlamaCpp:
     def __init__(self, model: str | None, threads: int, context: int) -> None:
-        self.llama_cpp = llama_cpp = _import()
+        self.llama_cpp = llama_cpp = import_llama_cpp()
         self.work = Path(tempfile.mkdtemp(prefix="hogwild-llamacpp-"))
         try:
             path = gguf_for(model, self.work)

@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 
 from hogwild.attention import Row, StepPlan
-from hogwild.bench import _format_table
+from hogwild.bench import format_table
 from hogwild.cli import engine_config
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
@@ -177,7 +177,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
         ]
         for q in rows
     ]
-    print(_format_table(headers, cells))
+    print(format_table(headers, cells))
     for q in rows:
         print(f"\n{q.weights}: {q.describe}", end="")
         if q.weights == "int8":
