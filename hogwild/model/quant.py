@@ -12,7 +12,7 @@ the others): on the default model it cost 2.4% (8 bits) and 6.3% (7 bits) of the
 log-likelihood, and almost all of it came from the activations (int8 weights alone lost nothing). So every row is
 first rotated by an orthonormal Hadamard matrix over blocks of 64 features, which spreads an outlier over its block,
 and the weight's input columns are rotated the same way before quantizing (x W^T = (x H)(W H)^T): the loss drops to
-0.2% (8 bits) and 0.5-1.0% (7 bits), for one small matmul per linear.
+0.2-0.4% (8 bits) and 0.5-1.0% (7 bits), for one small matmul per linear.
 
 Without VNNI, fbgemm's AVX2 kernel adds pairs of uint8 x int8 products in int16, which saturates for 8-bit
 activations; there activations use 7 bits (0..127), as fbgemm's own `reduce_range` does.
