@@ -60,8 +60,15 @@ class _BlockRead:
     start: int
     end: int
     length: int  # keys read: the owner's view of the block, new tokens included, or `published` without an owner
-    published: int  # keys every slot may see; past this, `tail_mask` decides
-    tail_mask: torch.Tensor | None  # [slots, 1, length - published] additive mask, or None when all visible
+    published: int  # keys every slot may see; past this, `mask` decides
+    mask: torch.Tensor | None  # [1, slots * group, length] additive mask (the tail's), or None when all visible
+
+    def __post_init__(self) -> None:
+        # every layer's keys (transposed for the score matmul) and values as views made once a step: a layer then
+        # takes its own with one index (the block's storage was reserved for the step and stays put)
+        kv = self.block.kv[:, :, :, : self.length]  # [layers, 2, kv_heads, length, D]
+        self.keys_t = kv[:, 0].transpose(-1, -2)  # [layers, kv_heads, D, length]
+        self.values = kv[:, 1]  # [layers, kv_heads, length, D]
 
 
 class StepPlan:
@@ -93,7 +100,17 @@ class StepPlan:
         local = torch.tensor([row.own.length + t for row in rows for t in range(len(row.tokens))], device=device)
         self.cos_k = rope.cos[local].unsqueeze(1)  # [N, 1, D] for k: [N, kv_heads, D]
         self.sin_k = rope.signed_sin[local].unsqueeze(1)
-        self.writes = [(row.own, row.own.length, len(row.tokens), self.starts[r]) for r, row in enumerate(rows)]
+        # the step's rotated keys and values, [N, 2, kv_heads, D], and per row where they go: every layer's
+        # destination in the row's block and the row's slice of the buffer, as views made once (one copy a layer)
+        kvh, D = config.num_kv_heads, config.head_dim
+        self.new_kv = torch.empty((total, 2, kvh, D), dtype=rope.cos.dtype, device=device)
+        self.writes = [
+            (
+                row.own.kv[:, :, :, row.own.length : row.own.length + len(row.tokens)],  # [layers, 2, kvh, n, D]
+                self.new_kv[self.starts[r] : self.starts[r] + len(row.tokens)].permute(1, 2, 0, 3),
+            )
+            for r, row in enumerate(rows)
+        ]
 
         # blocks in first-appearance order, with the rows that read each and where it sits in their view; each
         # (block, token of a row that reads it) pair is one query slot
@@ -130,12 +147,14 @@ class StepPlan:
                     masks.append(visible)
             if len(slot_tokens) == start:
                 continue
-            tail_mask = None
+            mask = None
             if masks and not all(m.all() for m in masks):
-                stacked = torch.cat(masks).unsqueeze(1)  # [slots, 1, length - published]
-                tail_mask = torch.zeros(stacked.shape, dtype=rope.cos.dtype).masked_fill_(~stacked, float("-inf"))
-                tail_mask = tail_mask.to(device)
-            self.reads.append(_BlockRead(block, start, len(slot_tokens), length, block.published, tail_mask))
+                # a score matmul adds it: [1, slots * group, length], -inf at the tail keys a slot may not see
+                visible = torch.cat(masks)  # [slots, length - published]
+                full = torch.zeros((visible.shape[0], config.group_size, length), dtype=rope.cos.dtype)
+                full[..., block.published :] = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None]
+                mask = full.view(1, -1, length).to(device)
+            self.reads.append(_BlockRead(block, start, len(slot_tokens), length, block.published, mask))
 
         self.slots = len(slot_tokens)
         self.slot_tokens = torch.tensor(slot_tokens, device=device)
@@ -167,10 +186,10 @@ class StepPlan:
         in `self.out_dtype` (the model's dtype); the returned tensor is reused by the next layer's call."""
         N, H, D = q.shape
         kvh, g = self.config.num_kv_heads, self.config.group_size
-        k = apply_rope(k, self.cos_k, self.sin_k)
-        for block, start, n, at in self.writes:
-            block.kv[layer, 0, :, start : start + n] = k[at : at + n].transpose(0, 1)
-            block.kv[layer, 1, :, start : start + n] = v[at : at + n].transpose(0, 1)
+        apply_rope(k, self.cos_k, self.sin_k, out=self.new_kv[:, 0])
+        self.new_kv[:, 1].copy_(v)
+        for destination, source in self.writes:
+            destination[layer].copy_(source)
 
         qg = q.view(N, kvh, g, D).transpose(0, 1)  # [kv_heads, N, group, D]
         if self.gather:
@@ -182,20 +201,19 @@ class StepPlan:
             slots = reads[0].end - reads[0].start
             scores = []
             for read in reads:
-                keys = read.block.kv[layer, 0, :, : read.length]  # [kv_heads, L, D]
-                part = qg[:, read.start : read.end].reshape(kvh, slots * g, D) @ keys.transpose(1, 2)
-                if read.tail_mask is not None:
-                    part.view(kvh, slots, g, read.length)[..., read.published :] += read.tail_mask
-                scores.append(part)
+                queries = qg[:, read.start : read.end].reshape(kvh, slots * g, D)  # rotated for this block
+                keys_t = read.keys_t[layer]
+                # [kv_heads, slots * g, length]
+                scores.append(torch.bmm(queries, keys_t) if read.mask is None else read.mask.baddbmm(queries, keys_t))
             scores = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)  # [kv_heads, slots * g, keys]
             top = scores.amax(dim=-1, keepdim=True)
             probs = scores.sub_(top).exp_()  # unnormalized: one division of the output rounds less
             total = probs.sum(dim=-1, keepdim=True, dtype=torch.float32)
             out, at = None, 0
             for read in reads:
-                values = read.block.kv[layer, 1, :, : read.length]
-                weights = probs[..., at : at + read.length]
-                out = weights @ values if out is None else out.baddbmm_(weights, values)
+                weights = probs.narrow(-1, at, read.length)
+                values = read.values[layer]
+                out = torch.bmm(weights, values) if out is None else out.baddbmm_(weights, values)
                 at += read.length
             if self.single:
                 out = out.div_(total)

@@ -11,12 +11,15 @@ import torch
 from hogwild.model.config import ModelConfig
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [..., head_dim] by angles whose cos and signed sin (see `sign_sin`) broadcast against it.
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rotate x [..., head_dim] by angles whose cos and signed sin (see `sign_sin`) broadcast against it (into
+    `out` when given).
 
     Equals x * cos + cat(-x2, x1) * sin (x1, x2 the halves of x); rolling the halves and folding the sign into
     the table takes two fewer ops than slicing, negating and concatenating."""
-    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin)
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin, out=out)
 
 
 def sign_sin(sin: torch.Tensor) -> torch.Tensor:
