@@ -34,6 +34,7 @@ from hogwild.cli import engine_config
 from hogwild.collab.layouts import LAYOUTS, SharedCache
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
+from hogwild.model.kernels import CpuFacts, KernelChoice
 from hogwild.model.loading import resolve_model_dir
 from hogwild.runs import Feed, Run, Sample
 from hogwild.sampling import GREEDY
@@ -340,7 +341,9 @@ def _row_dict(m: Measurement, engine: Engine, repeats: int, **extra: object) -> 
     row.update(tokens_per_s=m.tokens_per_s, step_ms=m.step_ms)
     row.update(
         model=engine.config.model or "SmolLM2-135M-Instruct",
-        dtype=engine.kernels.dtype_name,
+        dtype=engine.kernels.dtype_name
+        if m.engine != "transformers"
+        else str(reference_dtype(engine.kernels, engine.config.device)).removeprefix("torch."),
         linear=engine.kernels.linear if m.engine == "hogwild" else "aten",
         threads=torch.get_num_threads(),
         device=str(engine.model.device),
@@ -376,13 +379,23 @@ def _load(args: argparse.Namespace, transformers: bool) -> tuple[Engine, Transfo
     progress.print("loading hogwild" + (" and transformers" if transformers else ""))
     engine = Engine.load(config)
     progress.print(f"hogwild runs {engine.kernels.describe()}")
-    # transformers gets the dtype hogwild chose, so both read the same weight bytes
-    reference = Transformers(args.model, engine.kernels.dtype, args.device) if transformers else None
+    reference = None
+    if transformers:
+        reference = Transformers(args.model, reference_dtype(engine.kernels, args.device), args.device)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)  # both engines run on the same threads
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > cores:
         progress.print(f"note: load average {load:.1f} on {cores} cores before measuring: timings will be noisy")
     return engine, reference, progress
+
+
+def reference_dtype(kernels: KernelChoice, device: str) -> torch.dtype:
+    """transformers' dtype: the one hogwild computes in, so both read the same float weights (or the ones
+    hogwild's quantized weights stand for), except bf16 on a CPU that only emulates it (int4's activations on an
+    AVX2 CPU), where transformers' fast path is float32."""
+    if kernels.dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not CpuFacts.detect().native_bf16:
+        return torch.float32
+    return kernels.dtype
 
 
 def _check_window(engine: Engine, longest: int) -> None:

@@ -38,8 +38,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights",
         choices=WEIGHTS,
         default=default(EngineConfig, "weights"),
-        help="how the linears' weights are stored: int8 (per-channel scales, fbgemm, CPU), bf16 or fp32; auto: int8 "
-        "on CPUs with AVX2 or better (a quarter of float32's bytes per step), bf16 on GPUs",
+        help="how the linears' weights are stored: int8 (per-channel scales, fbgemm, CPU), int4 (groups of 32, "
+        "bf16 activations, CPU), bf16 or fp32; auto: int8 on CPUs with AVX2 or better (a quarter of float32's "
+        "bytes per step), bf16 on GPUs",
     )
     group.add_argument(
         "--dtype",

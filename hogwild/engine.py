@@ -25,7 +25,7 @@ from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
 from hogwild.model.kernels import DTYPE_CHOICES, LINEARS, WEIGHTS, KernelChoice, choose
 from hogwild.model.loading import cache_dir, load_state_dict, read_config, resolve_model_dir, weight_files
-from hogwild.model.quant import cache_key, load_cached, save_cached
+from hogwild.model.quant import cache_key, load_cached, on_int4_grid, save_cached
 from hogwild.model.rope import Rope
 from hogwild.model.tokenizer import Tokenizer
 from hogwild.runs import Done, Event, GenerationResult, Run, Sample, Sampled, Token
@@ -158,10 +158,15 @@ class Engine:
         model_config = ModelConfig.from_hf(hf)
         tokenizer = Tokenizer.from_folder(folder, extra_eos_ids=model_config.eos_token_ids)
         weights = load_state_dict(folder)
+        auto = config.weights == config.dtype == config.linear == "auto"
+        # a 4-bit source (the default model's Q4_1): int4 loses nothing of it and reads half of int8's bytes
+        if kernels.linear == "int8" and auto and on_int4_grid(weights):
+            kernels = choose(config.dtype, config.linear, config.device, weights="auto", four_bit=True)
         cache = cached = None
-        if kernels.linear == "int8":
-            # quantized once per weight files; a later start reads the int8 weights instead of quantizing again
-            cache = cache_dir() / "quantized" / f"{cache_key(weight_files(folder))}.safetensors"
+        if kernels.linear in ("int8", "int4"):
+            # quantized once per weight files; a later start reads the quantized weights instead
+            key = cache_key(weight_files(folder), kernels.linear)
+            cache = cache_dir() / "quantized" / f"{key}.safetensors"
             cached = load_cached(cache)
         model = Decoder(
             model_config, weights, kernels.dtype, config.device, kernels.linear, kernels.activation_bits, cached
@@ -169,7 +174,7 @@ class Engine:
         del weights
         if cache is not None and cached is None:
             save_cached(cache, model.quantized)  # an unwritable cache only costs the next start a quantization
-        model.quantized.clear()  # fbgemm holds its own packed copy
+        model.quantized.clear()  # the kernels hold their own packed copies
         return cls(model, tokenizer, config, kernels)
 
     # context

@@ -7,7 +7,7 @@ For each choice (fp32 first, the reference) the same model is loaded and measure
 - greedy flips: teacher-forced on fp32's continuations, the share of positions whose argmax is not fp32's token.
   This is how often the choice changes a greedy token, without the divergence that follows a first change.
 - log-likelihood: the mean log-probability per token of the reference solutions (the `answer` field), given
-  the question as the chat prompt. The gate for 8-bit weights is that they lose at most 2% of fp32's.
+  the question as the chat prompt. The gate for quantized (8-bit, 4-bit) weights is that they lose at most 2% of fp32's.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from hogwild.eval.tasks import read_jsonl
 from hogwild.runs import Done, GenerationResult, Sampled
 from hogwild.sampling import SamplingParams
 
-CHOICES = ("fp32", "bf16", "int8")
+CHOICES = ("fp32", "bf16", "int8", "int4")
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test_dev.jsonl"
 SAMPLE_GSM8K = Path(__file__).parent / "eval" / "data" / "gsm8k_sample.jsonl"
-LOGLIK_BAR = 0.02  # the most mean log-likelihood 8-bit weights may lose against fp32, as a fraction
+LOGLIK_BAR = 0.02  # the most mean log-likelihood quantized weights may lose against fp32, as a fraction
 
 
 @dataclass
@@ -180,7 +180,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     print(format_table(headers, cells))
     for q in rows:
         print(f"\n{q.weights}: {q.describe}", end="")
-        if q.weights == "int8":
+        if q.weights in ("int8", "int4"):
             verdict = "passes" if q.loglik_loss <= LOGLIK_BAR else "FAILS"
             print(
                 f"\n  {verdict} the bar: loses {q.loglik_loss:.2%} of fp32's log-likelihood (at most {LOGLIK_BAR:.0%})"
@@ -195,7 +195,7 @@ def add_parser(benches: argparse._SubParsersAction, add_engine_arguments) -> Non
     quality = benches.add_parser(
         "quality",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="what each weights choice (int8, bf16) costs in quality against fp32 weights",
+        help="what each weights choice (int8, int4, bf16) costs in quality against fp32 weights",
         description="Greedy agreement and flips against fp32 weights, and the mean log-likelihood of GSM8K "
         "reference solutions, for each weights choice, on the same model in one run.",
     )

@@ -4,8 +4,10 @@
 machine behave like an AVX2-only CPU (an AMD EPYC without native bf16 or VNNI), so whatever machine CI lands on,
 this path is exercised. The subprocess first checks that the restriction took (oneDNN refuses to prepack a bf16
 weight, the crash such CPUs used to hit), then loads the default model twice: with float weights (float32 through
-oneDNN), whose greedy tokens must equal float32 decoding in this process, and with the default weights (int8
-through fbgemm's AVX2 kernel, 7-bit activations), whose logits must track float32's on that continuation.
+oneDNN), whose greedy tokens must equal float32 decoding in this process, with the default weights (int4, the
+default model's 4-bit weights, through aten's int4 kernel on bf16 activations emulated without native bf16) and
+with int8 weights (fbgemm's AVX2 kernel, 7-bit activations), whose logits must track float32's on that
+continuation.
 """
 
 from __future__ import annotations
@@ -42,17 +44,20 @@ from hogwild.engine import Engine, EngineConfig
 from hogwild.quality import score
 from hogwild.sampling import SamplingParams
 floats = Engine.load(EngineConfig(threads=1, linear="onednn"))
-default = Engine.load(EngineConfig(threads=1))
 ids = floats.encode_prompt({PROMPT!r})
 tokens = list(floats.generate(ids, SamplingParams(max_tokens={TOKENS})))
 text = ids + tokens
-ref, int8 = (score(e, text)[len(ids) - 1:] for e in (floats, default))
 picked = torch.tensor(tokens)[:, None]
-print(json.dumps(dict(capability=torch.backends.cpu.get_cpu_capability(), prepack=prepack,
-                      dtype=floats.kernels.dtype_name, linear=floats.kernels.linear, tokens=tokens,
-                      default=[default.kernels.weights, default.kernels.activation_bits],
-                      agree=(int8.argmax(-1) == picked[:, 0]).float().mean().item(),
-                      loglik=[ref.gather(1, picked).mean().item(), int8.gather(1, picked).mean().item()])))
+ref = score(floats, text)[len(ids) - 1:].gather(1, picked).mean().item()
+report = dict(capability=torch.backends.cpu.get_cpu_capability(), prepack=prepack, dtype=floats.kernels.dtype_name,
+              linear=floats.kernels.linear, tokens=tokens, ref=ref)
+for name, weights in (("default", "auto"), ("int8", "int8")):
+    engine = Engine.load(EngineConfig(threads=1, weights=weights))
+    logprobs = score(engine, text)[len(ids) - 1:]
+    report[name] = dict(weights=engine.kernels.weights, bits=engine.kernels.activation_bits,
+                        agree=(logprobs.argmax(-1) == picked[:, 0]).float().mean().item(),
+                        loglik=logprobs.gather(1, picked).mean().item())
+print(json.dumps(report))
 """
 
 
@@ -67,12 +72,14 @@ def test_default_model_runs_on_avx2_and_matches_float32(default_model_dir: Path)
     assert report["capability"] == "AVX2"
     assert "bf16 path needs" in report["prepack"], "the AVX2 restriction did not take: the test would prove nothing"
     assert (report["dtype"], report["linear"]) == ("float32", "onednn")
-    assert report["default"] == ["int8", 7], "no VNNI under AVX2: 8-bit activations would saturate fbgemm's kernel"
-    # on float32's own greedy continuation int8 picks the same token almost everywhere and loses little likelihood;
-    # saturated or mis-scaled int8 picks noise
-    assert report["agree"] >= 0.75
-    ref_loglik, int8_loglik = report["loglik"]
-    assert int8_loglik > ref_loglik - 0.1 * abs(ref_loglik) - 0.1
+    assert report["default"]["weights"] == "int4", "the default model's weights are 4-bit: auto runs them as int4"
+    for name in ("default", "int8"):
+        # no VNNI under AVX2: 8-bit activations would saturate fbgemm's kernel (int8, and int4's vocabulary head)
+        assert report[name]["bits"] == 7
+        # on float32's own greedy continuation both pick the same token almost everywhere and lose little
+        # likelihood; saturated or mis-scaled weights pick noise
+        assert report[name]["agree"] >= 0.75, name
+        assert report[name]["loglik"] > report["ref"] - 0.1 * abs(report["ref"]) - 0.1, name
 
     engine = Engine.load(EngineConfig(dtype="float32", linear="aten", threads=1))
     ours = list(engine.generate(engine.encode_prompt(PROMPT), SamplingParams(max_tokens=TOKENS)))
@@ -97,10 +104,11 @@ def test_cli_bf16_on_avx2(default_model_dir: Path, flags: list[str], code: int, 
         assert proc.stderr.strip().count("\n") == 0, "a refused choice is one line"
 
 
-def test_int8_linear_tests_pass_on_the_avx2_kernel() -> None:
-    """test_quant.py's linear tests (the saturation case among them) again, with fbgemm held to AVX2."""
+def test_quantized_linear_tests_pass_on_the_avx2_kernels() -> None:
+    """test_quant.py's linear tests (the saturation case among them, and the int4 linear's) again, with torch and
+    fbgemm held to AVX2."""
     tests = str(Path(__file__).parent / "test_quant.py")
-    keys = "saturate or matches_float32_and_a_wrong or alone_or_beside"
+    keys = "saturate or matches_float32_and_a_wrong or alone_or_beside or int4_linear_matches"
     proc = run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", tests, "-k", keys])  # -q: addopts
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "4 passed" in proc.stdout, proc.stdout[-500:]  # 7-bit only: the 8-bit cases need VNNI
+    assert "5 passed" in proc.stdout, proc.stdout[-500:]  # 7-bit only: the 8-bit cases need VNNI

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hogwild.bench import reference_dtype
 from hogwild.cli import main
 from hogwild.model.kernels import choose
 from hogwild.model.loading import read_config
@@ -15,7 +16,9 @@ from hogwild.model.loading import read_config
 torch.set_num_threads(1)
 
 FIELDS = {"engine", "workers", "context", "tokens_per_s", "step_ms", "kv_bytes", "dtype", "linear", "threads"}
-AUTO = choose()  # the benches run --dtype auto: bf16 on CPUs with native bf16, float32 elsewhere
+# the benches run --weights auto on the default model, whose weights are 4-bit (tested in test_quant.py)
+AUTO = choose(four_bit=True)
+REFERENCE = reference_dtype(AUTO, "cpu")  # transformers' dtype
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def token_bytes(default_model_dir: Path) -> dict[str, int]:
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     elements = config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim
-    return {"hogwild": 4 * elements, "transformers": AUTO.dtype.itemsize * elements}
+    return {"hogwild": 4 * elements, "transformers": REFERENCE.itemsize * elements}
 
 
 def run_json(capsys: pytest.CaptureFixture, *argv: str) -> list[dict]:
@@ -40,7 +43,7 @@ def check_rows(rows: list[dict]) -> None:
         assert row["tokens_per_s"] == pytest.approx(row["workers"] * row["steps"] / row["seconds"])
         assert row["step_ms"] == pytest.approx(1000 * row["seconds"] / row["steps"])
         assert (row["dtype"], row["linear"], row["threads"]) == (
-            AUTO.dtype_name,
+            str(REFERENCE).removeprefix("torch.") if row["engine"] == "transformers" else AUTO.dtype_name,
             AUTO.linear if row["engine"] == "hogwild" else "aten",
             1,
         )

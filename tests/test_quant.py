@@ -1,4 +1,4 @@
-"""8-bit weights: quantization, the fbgemm linear against float32, batch invariance, the cache, the choice.
+"""8-bit and 4-bit weights: quantization, the linears against float32, batch invariance, the cache, the choice.
 
 Tolerances are set from what 8-bit rounding can do and checked to fail a wrong implementation: the same test is run
 with a wrong scale and a transposed weight, which must fall outside them.
@@ -20,9 +20,22 @@ from hogwild.attention import Row, StepPlan
 from hogwild.engine import Engine, EngineConfig
 from hogwild.errors import HogwildError
 from hogwild.model import quant
-from hogwild.model.decoder import REFINE_MARGIN
+from hogwild.model.decoder import REFINE_MARGIN, Decoder
 from hogwild.model.kernels import CpuFacts, choose
-from hogwild.model.quant import Int8Linear, hadamard, quantize_linear, quantize_rows, rotate
+from hogwild.model.quant import (
+    INT4_GROUP,
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    hadamard,
+    int4_fits,
+    on_int4_grid,
+    quantize_int4,
+    quantize_linear,
+    quantize_rows,
+    rotate,
+    unpack_int4,
+)
 from hogwild.sampling import SamplingParams
 
 torch.set_num_threads(1)
@@ -122,6 +135,112 @@ def test_decoder_with_int8_weights_tracks_float32(family: str) -> None:
     assert torch.equal(logits[0].argmax(-1)[clear], logits[1].argmax(-1)[clear])
 
 
+def _q4_1_weight(out: int, features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight stored as GGUF's Q4_1 stores it: per group of 32, d * level + m, levels 0..15 with both ends used.
+    -> (weight [out, features], levels [out, features])."""
+    g = torch.Generator().manual_seed(seed)
+    groups = features // INT4_GROUP
+    d = torch.rand(out, groups, 1, generator=g) * 0.01 + 1e-3
+    m = torch.randn(out, groups, 1, generator=g) * 0.05
+    levels = torch.randint(0, 16, (out, groups, INT4_GROUP), generator=g)
+    levels[..., 0], levels[..., -1] = 0, 15
+    return (d * levels + m).view(out, features), levels.view(out, features)
+
+
+def test_int4_quantization_gives_back_4bit_weights_and_rounds_others_to_the_nearest_level() -> None:
+    weight, levels = _q4_1_weight(48, 128, seed=0)
+    packed, scale_zero = quantize_int4(weight)
+    assert packed.dtype == torch.uint8 and packed.shape == (48, 64) and scale_zero.shape == (4, 48, 2)
+    assert torch.equal(unpack_int4(packed), levels.int())  # the published levels, low nibble first
+    assert torch.equal(packed[0, 0], (levels[0, 0] | levels[0, 1] << 4).to(torch.uint8))
+    assert (dequantize_int4(packed, scale_zero) - weight.double()).abs().max() < 1e-6
+    other = torch.randn(48, 128, generator=torch.Generator().manual_seed(1))
+    packed, scale_zero = quantize_int4(other)
+    step = scale_zero[..., 0].T.repeat_interleave(INT4_GROUP, dim=1).double()
+    assert ((dequantize_int4(packed, scale_zero) - other.double()).abs() <= step / 2 + 1e-6).all()
+    assert int4_fits((960, 576)) and not int4_fits((100, 576)) and not int4_fits((960, 48))
+    # auto's test for a 4-bit source: the first layer's projections on the grid, and nothing else passes it
+    layer = {"model.layers.0.mlp.up_proj.weight": weight, "model.layers.0.input_layernorm.weight": torch.ones(128)}
+    assert on_int4_grid(layer)
+    assert not on_int4_grid({**layer, "model.layers.0.mlp.down_proj.weight": other})
+    assert not on_int4_grid({"model.layers.0.mlp.up_proj.weight": weight + 1e-4 * torch.randn(48, 128)})
+    assert not on_int4_grid({"model.layers.1.mlp.up_proj.weight": weight})  # nothing to judge by
+
+
+def test_int4_linear_matches_float_and_a_wrong_one_does_not() -> None:
+    weight, _ = _q4_1_weight(96, 128, seed=2)
+    bias = torch.randn(96, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(4)).bfloat16()
+    ref = F.linear(x.double(), weight.double(), bias.double()).float()
+    packed, scale_zero = quantize_int4(weight)
+    linear = Int4Linear(packed, scale_zero, bias, torch.bfloat16)
+    err = relative_error(linear(x).float(), ref)
+    tol = 0.02  # bf16 activations, scales and output: measured ~0.005
+    assert err < tol
+    wrong_scale = scale_zero.clone()
+    wrong_scale[..., 0] *= 1.1
+    assert relative_error(Int4Linear(packed, wrong_scale, bias, torch.bfloat16)(x).float(), ref) > tol
+    swapped = (packed >> 4) | (packed << 4)  # the nibbles of each byte in the other order
+    assert relative_error(Int4Linear(swapped, scale_zero, bias, torch.bfloat16)(x).float(), ref) > tol
+    square = weight[:, :96]
+    transposed = Int4Linear(*quantize_int4(square.T.contiguous()), bias, torch.bfloat16)
+    assert relative_error(transposed(x[:, :96]).float(), F.linear(x[:, :96].float(), square, bias)) > 5 * tol
+    assert relative_error(Int4Linear(packed, scale_zero, None, torch.bfloat16)(x).float(), ref) > tol
+    # each row alone as in any batch
+    batched = linear(x)
+    assert all(torch.equal(linear(x[r : r + 1]), batched[r : r + 1]) for r in range(len(x)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoder_with_int4_weights_tracks_float32(family: str) -> None:
+    """On a model whose projections are 4-bit (as a Q4_1 GGUF's are), int4 holds the weights themselves: what is
+    left is bf16 activations and the int8 vocabulary projection."""
+    models = []
+    for dtype, linear in ((torch.float32, "aten"), (torch.bfloat16, "int4")):
+        tm = TinyModel(family, seed=3)
+        with torch.no_grad():
+            for name, p in tm.hf.named_parameters():
+                if name.endswith("proj.weight"):
+                    p.copy_(dequantize_int4(*quantize_int4(p)))
+        tm.model = Decoder(tm.config, dict(tm.hf.state_dict()), dtype, linear=linear)
+        models.append(tm)
+    assert all(isinstance(layer.down, Int4Linear) for layer in models[1].model.layers)
+    assert isinstance(models[1].model.lm_head_linear, Int8Linear)
+    tokens = torch.randint(0, models[0].config.vocab_size, (11,), generator=torch.Generator().manual_seed(5)).tolist()
+    logits = [tm.step([Row([tm.ledger().new_block("s")], tokens)])[0] for tm in models]
+    rms = (logits[0] - logits[1]).pow(2).mean().sqrt().item()
+    spread = logits[0].std().item()
+    assert rms < 0.05 * spread, f"int4 logits off by {rms:.3f} (rms), spread {spread:.3f}"
+    top2 = logits[0].topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 4 * rms
+    assert clear.sum() >= 3
+    assert torch.equal(logits[0].argmax(-1)[clear], logits[1].argmax(-1)[clear])
+
+
+def test_int4_choice_and_its_refusals() -> None:
+    choice = choose(weights="int4", facts=AVX2_EPYC)
+    assert (choice.weights, choice.dtype, choice.linear, choice.activation_bits) == (
+        "int4",
+        torch.bfloat16,
+        "int4",
+        7,
+    )
+    assert "4-bit weights" in choice.describe() and "7 bits" in choice.describe()
+    assert choose("bfloat16", weights="int4", facts=XEON_VNNI).activation_bits == 8
+    without = CpuFacts("AVX2", frozenset({"avx2"}), True, False, False, None, False)
+    with pytest.raises(HogwildError, match="needs AVX2 or better and fbgemm"):
+        choose(weights="int4", facts=without)
+    with pytest.raises(HogwildError, match="leave --dtype"):
+        choose("float32", weights="int4", facts=XEON_VNNI)
+    with pytest.raises(HogwildError, match="CPU path"):
+        choose(weights="int4", device="cuda")
+    # auto: int4 for a 4-bit model where int8 would run, never over an explicit choice
+    assert choose(facts=XEON_VNNI, four_bit=True).weights == "int4"
+    assert "4-bit already" in choose(facts=XEON_VNNI, four_bit=True).reason
+    assert choose(weights="int8", facts=XEON_VNNI, four_bit=True).weights == "int8"
+    assert choose("float32", facts=XEON_VNNI, four_bit=True).weights == "float32"
+
+
 def test_auto_picks_int8_where_fbgemm_runs_and_explicit_choices_win() -> None:
     limited = dataclasses.replace(XEON_VNNI, fbgemm_isa_limit="AVX2")  # FBGEMM_ENABLE_INSTRUCTIONS=AVX2
     for facts, bits in ((AVX2_EPYC, 7), (XEON_VNNI, 8), (limited, 7)):
@@ -141,7 +260,7 @@ def test_auto_picks_int8_where_fbgemm_runs_and_explicit_choices_win() -> None:
     with pytest.raises(HogwildError, match="leave --dtype"):
         choose("bfloat16", weights="int8", facts=XEON_VNNI)
     with pytest.raises(HogwildError, match="unknown weights"):
-        choose(weights="int4")
+        choose(weights="int2")
 
 
 def test_this_machine_runs_int8_by_default() -> None:
@@ -174,22 +293,26 @@ def test_default_model_int8_logits_stay_within_the_refine_margin(default_model_d
     assert torch.allclose(logits.gather(1, best[:, None]), top, atol=1e-4)
 
 
-def test_quantized_weights_are_cached_and_reused(default_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_weights_are_cached_and_reused(
+    default_model_dir: Path, tmp_path: Path, monkeypatch, weights: str
+) -> None:
     monkeypatch.setattr("hogwild.engine.cache_dir", lambda: tmp_path)  # the quantized cache only: the model stays
     calls = []
-    original = quant.quantize_linear
-    monkeypatch.setattr("hogwild.model.decoder.quantize_linear", lambda w: (calls.append(1), original(w))[1])
-    first = Engine.load(EngineConfig(weights="int8", threads=1))
+    name = "quantize_linear" if weights == "int8" else "quantize_int4"
+    original = getattr(quant, name)
+    monkeypatch.setattr(f"hogwild.model.decoder.{name}", lambda w: (calls.append(1), original(w))[1])
+    first = Engine.load(EngineConfig(weights=weights, threads=1))
     cached = list((tmp_path / "quantized").glob("*.safetensors"))
     assert len(cached) == 1 and calls, "the first start quantizes and writes the cache"
     calls.clear()
-    second = Engine.load(EngineConfig(weights="int8", threads=1))
+    second = Engine.load(EngineConfig(weights=weights, threads=1))
     assert not calls, "a second start reads the cache instead of quantizing"
     ids = first.encode_prompt("Name a colour.")
     tokens = [list(e.generate(ids, SamplingParams(max_tokens=8))) for e in (first, second)]
     assert tokens[0] == tokens[1]
     cached[0].write_bytes(b"not safetensors")  # a damaged cache is quantized again, not an error
-    Engine.load(EngineConfig(weights="int8", threads=1))
+    Engine.load(EngineConfig(weights=weights, threads=1))
     assert calls
 
 
@@ -200,5 +323,5 @@ def test_cli_refuses_contradicting_flags_in_one_line(default_model_dir: Path) ->
     assert proc.stderr.strip() == (
         "hogwild: error: --weights int8 runs float32 activations through fbgemm; leave --dtype and --linear auto"
     )
-    proc = subprocess.run([*cli, "--weights", "int4"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "invalid choice: 'int4'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([*cli, "--weights", "int2"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice: 'int2'" in proc.stderr and "Traceback" not in proc.stderr

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.kernels import Linear
-from hogwild.model.quant import Int8Linear, quantize_linear
+from hogwild.model.quant import Int4Linear, Int8Linear, int4_fits, quantize_int4, quantize_linear
 
 # logits this close to the best are recomputed in float32: bf16's error is ~0.1 at 25; int8's (weights and
 # activations) was at most 0.59 over the vocabulary and 0.2 near the top on the default model's text (tested < 1.0)
@@ -59,18 +59,33 @@ class Decoder:
         activation_bits: int = 7,
         quantized: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """`linear` is the kernel every projection runs ("onednn", "aten" or "int8"), chosen by
-        `hogwild.model.kernels`. With "int8", `quantized` holds the weights of an earlier start (see `quantized`)."""
+        """`linear` is the kernel every projection runs ("onednn", "aten", "int8" or "int4"), chosen by
+        `hogwild.model.kernels`. With "int8" or "int4", `quantized` holds the weights of an earlier start (see
+        `quantized`); "int4" keeps the vocabulary projection int8."""
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
         self.int8 = linear == "int8"
-        # name -> int8 weights and scales, each projection's as "<name>.q" and "<name>.scale", for the cache
+        self.int4 = linear == "int4"
+        self.head_int8 = self.int8 or self.int4  # the vocabulary projection takes float32 rows, int8 weights
+        # name -> quantized weights, for the cache: int8 as "<name>.q" and "<name>.scale", int4 as "<name>.q4"
+        # and "<name>.scale_zero"
         self.quantized: dict[str, torch.Tensor] = {}
         cached = quantized or {}
 
-        def project(name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear | Int8Linear:
-            if not self.int8:
+        def project(
+            name: str, weight: torch.Tensor, bias: torch.Tensor | None = None
+        ) -> Linear | Int8Linear | Int4Linear:
+            if self.int4 and name != "lm_head":
+                if not int4_fits(weight.shape):  # no model we know of; bf16 keeps it running
+                    return Linear(weight, bias, "aten")
+                if f"{name}.q4" in cached:
+                    packed, scale_zero = cached[f"{name}.q4"], cached[f"{name}.scale_zero"]
+                else:
+                    packed, scale_zero = quantize_int4(weight)
+                self.quantized[f"{name}.q4"], self.quantized[f"{name}.scale_zero"] = packed, scale_zero
+                return Int4Linear(packed, scale_zero, bias, dtype)
+            if not self.head_int8:
                 return Linear(weight, bias, linear)
             if f"{name}.q" in cached:
                 q, scale = cached[f"{name}.q"], cached[f"{name}.scale"]
@@ -160,12 +175,12 @@ class Decoder:
         In bf16 the logits near 25 are 0.125 apart, so rounding would settle near-ties. The candidates within
         REFINE_MARGIN of the best are recomputed in float32 from the same weights: the top of the distribution,
         which greedy decoding and nucleus sampling read, is exact, and the full-vocabulary matmul stays bf16 (int8)."""
-        if self.dtype == torch.float32 and not self.int8:
+        if self.dtype == torch.float32 and not self.head_int8:
             return self.lm_head_linear(x)
         flat = x.reshape(-1, x.shape[-1])
-        logits = self.lm_head_linear(flat.to(self.dtype)).float()  # [N, vocab]
+        logits = self.lm_head_linear(flat if self.head_int8 else flat.to(self.dtype)).float()  # [N, vocab]
         best = logits.amax(dim=-1, keepdim=True)
-        margin = REFINE_MARGIN["int8" if self.int8 else self.dtype]
+        margin = REFINE_MARGIN["int8" if self.head_int8 else self.dtype]
         rows, cols = (logits >= best - margin).nonzero(as_tuple=True)
         logits[rows, cols] = (self.lm_head[cols].float() * flat[rows]).sum(-1)
         return logits.view(*x.shape[:-1], -1)

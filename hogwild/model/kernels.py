@@ -33,7 +33,7 @@ from hogwild.model.quant import activation_bits, fbgemm_available, fbgemm_isa_li
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 LINEARS = ("auto", "onednn", "aten")  # onednn: weights prepacked once for oneDNN; aten: F.linear on plain weights
-WEIGHTS = ("auto", "int8", "bf16", "fp32")  # how the linears' weights are stored
+WEIGHTS = ("auto", "int8", "int4", "bf16", "fp32")  # how the linears' weights are stored
 _WEIGHT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert")
 NATIVE_FP16_FLAGS = ("avx512_fp16", "amx_fp16")
@@ -96,10 +96,10 @@ class KernelChoice:
     """The weight dtype and linear kernel of one engine, and why."""
 
     dtype: torch.dtype  # of the activations, and of the weights unless they are int8
-    linear: str  # "onednn", "aten", or "int8" (fbgemm, `hogwild.model.quant`)
+    linear: str  # "onednn", "aten", "int8" (fbgemm) or "int4" (aten's int4 kernel), see `hogwild.model.quant`
     reason: str
     warning: str | None = None  # one line for the user when an explicit choice runs slowly here
-    activation_bits: int = 0  # int8 only: bits of the per-row activation quantization (8 with VNNI, else 7)
+    activation_bits: int = 0  # int8 linears (all, or int4's vocabulary projection): per-row activation bits
 
     @property
     def dtype_name(self) -> str:
@@ -107,9 +107,15 @@ class KernelChoice:
 
     @property
     def weights(self) -> str:
-        return "int8" if self.linear == "int8" else self.dtype_name
+        return self.linear if self.linear in ("int8", "int4") else self.dtype_name
 
     def describe(self) -> str:
+        if self.linear == "int4":
+            return (
+                "4-bit weights in groups of 32 through aten's int4 kernel, bf16 activations; the vocabulary "
+                f"projection int8 through fbgemm, activations quantized per row to {self.activation_bits} bits "
+                f"({self.reason})"
+            )
         if self.linear == "int8":
             return (
                 f"int8 weights through fbgemm, activations float32 and quantized per row to {self.activation_bits} "
@@ -125,9 +131,12 @@ def choose(
     device: str = "cpu",
     facts: CpuFacts | None = None,
     weights: str = "auto",
+    four_bit: bool = False,
 ) -> KernelChoice:
     """The weights, dtype and linear kernel for `device`, given what the user asked for ("auto": the machine
-    decides). An explicit `dtype` or `linear` asks for float weights: auto picks int8 only when all three are auto."""
+    decides). An explicit `dtype` or `linear` asks for float weights: auto picks quantized weights only when all
+    three are auto, int4 where the model's weights are already 4-bit (`four_bit`, see `quant.on_int4_grid`), else
+    int8."""
     if dtype not in DTYPE_CHOICES:
         raise HogwildError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
     if linear not in LINEARS:
@@ -139,16 +148,21 @@ def choose(
             raise HogwildError(f"--weights {weights} and --dtype {dtype} disagree; give one of them")
         dtype = _WEIGHT_DTYPES[weights]
     cuda = torch.device(device).type == "cuda"
-    if weights == "int8":
+    if weights in ("int8", "int4"):
         if cuda:
-            raise HogwildError("--weights int8 is a CPU path; on CUDA use --weights auto or bf16")
-        if dtype not in ("auto", "float32") or linear != "auto":
+            raise HogwildError(f"--weights {weights} is a CPU path; on CUDA use --weights auto or bf16")
+        activations, kernel = ("float32", "fbgemm") if weights == "int8" else ("bfloat16", "aten's int4 kernel")
+        if dtype not in ("auto", activations) or linear != "auto":
             raise HogwildError(
-                "--weights int8 runs float32 activations through fbgemm; leave --dtype and --linear auto"
+                f"--weights {weights} runs {activations} activations through {kernel}; leave --dtype and --linear auto"
             )
     if cuda:
         return _choose_cuda(dtype, linear)
     facts = facts or CpuFacts.detect()
+    if weights == "int4":
+        return _choose_int4(facts, asked=True)
+    if weights == dtype == linear == "auto" and int8_runs(facts) and four_bit:
+        return _choose_int4(facts, asked=False)
     if weights == "int8" or (weights == dtype == linear == "auto" and int8_runs(facts)):
         return _choose_int8(facts, asked=weights == "int8")
     return _choose_cpu(dtype, linear, facts)
@@ -169,6 +183,15 @@ def _choose_int8(facts: CpuFacts, asked: bool) -> KernelChoice:
     why = "with VNNI" if bits == 8 else "no VNNI here, so 7-bit activations"
     reason = f"{cpu}; {'asked for' if asked else 'fewest bytes per step'}, {why}"
     return KernelChoice(torch.float32, "int8", reason, activation_bits=bits)
+
+
+def _choose_int4(facts: CpuFacts, asked: bool) -> KernelChoice:
+    cpu = f"CPU capability {facts.capability}"
+    if not int8_runs(facts):  # the vocabulary projection is int8; aten's int4 kernel is vectorized from AVX2 up
+        raise HogwildError(f"--weights int4 needs AVX2 or better and fbgemm ({cpu}); use --weights auto")
+    bits = activation_bits(facts.flags, facts.capability, facts.fbgemm_isa_limit)
+    why = "asked for" if asked else "the model's weights are 4-bit already, so int4 holds them exactly"
+    return KernelChoice(torch.bfloat16, "int4", f"{cpu}; {why}", activation_bits=bits)
 
 
 def _choose_cuda(dtype: str, linear: str) -> KernelChoice:
