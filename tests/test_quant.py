@@ -117,6 +117,18 @@ def test_the_chosen_activation_bits_do_not_saturate_this_cpu() -> None:
     assert relative_error(out, ref) < 0.02
 
 
+def assert_tracks(reference: torch.Tensor, logits: torch.Tensor, tolerance: float) -> None:
+    """logits within `tolerance` of the reference's spread (root mean square), and the same best token wherever
+    the reference's leads by more than 4x that difference."""
+    rms = (reference - logits).pow(2).mean().sqrt().item()
+    spread = reference.std().item()
+    assert rms < tolerance * spread, f"logits off by {rms:.3f} (rms), spread {spread:.3f}"
+    top2 = reference.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 4 * rms
+    assert clear.sum() >= 3
+    assert torch.equal(reference.argmax(-1)[clear], logits.argmax(-1)[clear])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decoder_with_int8_weights_tracks_float32(family: str) -> None:
     reference = TinyModel(family, seed=3)
@@ -125,14 +137,7 @@ def test_decoder_with_int8_weights_tracks_float32(family: str) -> None:
     logits = [tm.step([Row([tm.ledger().new_block("s")], tokens)])[0] for tm in (reference, int8)]
     # 8-bit rounding through a random model moves the logits by ~5% of their spread (root mean square), the
     # largest of 500k by ~25%; a wrong scale or weight moves them by the spread itself
-    rms = (logits[0] - logits[1]).pow(2).mean().sqrt().item()
-    spread = logits[0].std().item()
-    assert rms < 0.1 * spread, f"int8 logits off by {rms:.3f} (rms), spread {spread:.3f}"
-    # where float32's best token leads by more than 4x that noise, int8 picks it too
-    top2 = logits[0].topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 4 * rms
-    assert clear.sum() >= 3
-    assert torch.equal(logits[0].argmax(-1)[clear], logits[1].argmax(-1)[clear])
+    assert_tracks(*logits, 0.1)
 
 
 def _q4_1_weight(out: int, features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,13 +213,7 @@ def test_decoder_with_int4_weights_tracks_float32(family: str) -> None:
     assert isinstance(models[1].model.lm_head_linear, Int8Linear)
     tokens = torch.randint(0, models[0].config.vocab_size, (11,), generator=torch.Generator().manual_seed(5)).tolist()
     logits = [tm.step([Row([tm.ledger().new_block("s")], tokens)])[0] for tm in models]
-    rms = (logits[0] - logits[1]).pow(2).mean().sqrt().item()
-    spread = logits[0].std().item()
-    assert rms < 0.05 * spread, f"int4 logits off by {rms:.3f} (rms), spread {spread:.3f}"
-    top2 = logits[0].topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 4 * rms
-    assert clear.sum() >= 3
-    assert torch.equal(logits[0].argmax(-1)[clear], logits[1].argmax(-1)[clear])
+    assert_tracks(*logits, 0.05)
 
 
 def test_int4_choice_and_its_refusals() -> None:

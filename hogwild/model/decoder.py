@@ -73,26 +73,23 @@ class Decoder:
         self.quantized: dict[str, torch.Tensor] = {}
         cached = quantized or {}
 
+        def stored(name: str, keys: tuple[str, str], quantize, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            """One projection's quantized tensors, from the cache or quantized now, and recorded for the cache."""
+            names = [f"{name}.{key}" for key in keys]
+            tensors = tuple(cached[n] for n in names) if all(n in cached for n in names) else quantize(weight)
+            self.quantized.update(zip(names, tensors, strict=True))
+            return tensors
+
         def project(
             name: str, weight: torch.Tensor, bias: torch.Tensor | None = None
         ) -> Linear | Int8Linear | Int4Linear:
             if self.int4 and name != "lm_head":
                 if not int4_fits(weight.shape):  # no model we know of; bf16 keeps it running
                     return Linear(weight, bias, "aten")
-                if f"{name}.q4" in cached:
-                    packed, scale_zero = cached[f"{name}.q4"], cached[f"{name}.scale_zero"]
-                else:
-                    packed, scale_zero = quantize_int4(weight)
-                self.quantized[f"{name}.q4"], self.quantized[f"{name}.scale_zero"] = packed, scale_zero
-                return Int4Linear(packed, scale_zero, bias, dtype)
+                return Int4Linear(*stored(name, ("q4", "scale_zero"), quantize_int4, weight), bias, dtype)
             if not self.head_int8:
                 return Linear(weight, bias, linear)
-            if f"{name}.q" in cached:
-                q, scale = cached[f"{name}.q"], cached[f"{name}.scale"]
-            else:
-                q, scale = quantize_linear(weight)
-            self.quantized[f"{name}.q"], self.quantized[f"{name}.scale"] = q, scale
-            return Int8Linear(q, scale, bias, activation_bits)
+            return Int8Linear(*stored(name, ("q", "scale"), quantize_linear, weight), bias, activation_bits)
 
         def take(name: str, required: bool = True) -> torch.Tensor | None:
             tensor = weights.get(name)
