@@ -5,6 +5,9 @@ The choice is made once, from what torch and the CPU report, never by trying a m
 - CPU with AVX2 or better and fbgemm in torch (every x86 build): 8-bit weights (`hogwild.model.quant`), float32
   activations. A decode step reads each weight once, so its speed is weight bytes over memory bandwidth; int8 reads
   half of bf16's bytes and a quarter of float32's, and holds the quality bar the README's table measures.
+- the same CPUs, for a model whose weights are 4-bit already (`four_bit`: a Q4_0 / Q4_1 GGUF, such as the default
+  model): int4 weights through aten's int4 kernel on bf16 activations, which hold those weights exactly and read
+  half of int8's bytes (the vocabulary projection stays int8).
 - CUDA: bf16 (fp16 where the GPU has no bf16), aten's `F.linear`.
 - float weights (an explicit `--dtype` or `--linear`, or no fbgemm), on a CPU whose oneDNN has a native bf16 path
   (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`, which honours `ONEDNN_MAX_CPU_ISA`, and a bf16 conversion
