@@ -73,6 +73,10 @@ class Decoder:
         self.quantized: dict[str, torch.Tensor] = {}
         cached = quantized or {}
 
+        # int4 quantizes from the float32 weights, not from their bf16 rounding, so 4-bit weights keep their grid;
+        # the embedding and norms stay float32 too (the float32 recompute of the top logits reads the embedding)
+        stored_dtype = torch.float32 if self.int4 else dtype
+
         def stored(name: str, keys: tuple[str, str], quantize, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
             """One projection's quantized tensors, from the cache or quantized now, and recorded for the cache."""
             names = [f"{name}.{key}" for key in keys]
@@ -85,7 +89,7 @@ class Decoder:
         ) -> Linear | Int8Linear | Int4Linear:
             if self.int4 and name != "lm_head":
                 if not int4_fits(weight.shape):  # no model we know of; bf16 keeps it running
-                    return Linear(weight, bias, "aten")
+                    return Linear(weight.to(dtype), None if bias is None else bias.to(dtype), "aten")
                 return Int4Linear(*stored(name, ("q4", "scale_zero"), quantize_int4, weight), bias, dtype)
             if not self.head_int8:
                 return Linear(weight, bias, linear)
@@ -97,7 +101,7 @@ class Decoder:
                 if required:
                     raise HogwildError(f"weights are missing tensor {name!r}; is the folder a complete checkpoint?")
                 return None
-            return tensor.to(device=self.device, dtype=dtype)
+            return tensor.to(device=self.device, dtype=stored_dtype)
 
         c = config
         self.embed = take("model.embed_tokens.weight")

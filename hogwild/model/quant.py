@@ -125,6 +125,7 @@ class Int8Linear:
 
 
 INT4_GROUP = 32  # input features per scale and offset (Q4_0 / Q4_1's block)
+INT4_VERSION = 2  # part of the int4 cache key: bump it when the quantized bytes change
 
 
 def int4_fits(shape: torch.Size | tuple[int, int]) -> bool:
@@ -201,7 +202,8 @@ class Int4Linear:
 def cache_key(files: list[Path], weights: str = "int8") -> str:
     """Names the quantization of these weight files to `weights` (int8, int4): their paths, sizes and
     modification times."""
-    digest = hashlib.sha256(f"int8-v{QUANT_VERSION}".encode() if weights == "int8" else f"{weights}-v1".encode())
+    version = QUANT_VERSION if weights == "int8" else INT4_VERSION
+    digest = hashlib.sha256(f"{weights}-v{version}".encode())
     for file in files:
         stat = file.stat()
         digest.update(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
