@@ -39,8 +39,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         choices=WEIGHTS,
         default=default(EngineConfig, "weights"),
         help="how the linears' weights are stored: int8 (per-channel scales, fbgemm, CPU), int4 (groups of 32, "
-        "bf16 activations, CPU), bf16 or fp32; auto: int8 on CPUs with AVX2 or better (a quarter of float32's "
-        "bytes per step), bf16 on GPUs",
+        "bf16 activations, CPU), bf16 or fp32; auto, on CPUs with AVX2 or better: int4 for a model whose weights "
+        "are 4-bit already (the default model), else int8; bf16 on GPUs",
     )
     group.add_argument(
         "--dtype",

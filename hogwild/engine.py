@@ -39,7 +39,7 @@ KV_FRACTION_CUDA = 0.8  # of free GPU memory
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # a model name, a Hugging Face folder or a .gguf file; None: SmolLM2-135M-Instruct
-    weights: str = "auto"  # int8, bf16 or fp32; auto: int8 on CPUs with AVX2 or better, else by dtype
+    weights: str = "auto"  # int8, int4, bf16 or fp32; auto: int4 or int8 on CPUs with AVX2 (see kernels), else by dtype
     dtype: str = "auto"  # float dtype; auto: the fastest this machine runs natively (see hogwild.model.kernels)
     linear: str = "auto"  # linear kernel: onednn (prepacked weights, CPU), aten (F.linear); auto: by machine
     threads: int = 0  # torch CPU threads; 0: one per core
