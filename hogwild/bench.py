@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import platform
@@ -266,6 +267,8 @@ class Transformers:
         self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         self.device = torch.device(device)
         self.version = transformers.__version__
+        # the KV cache's argument and output field: `cache` from transformers 5.24, `past_key_values` before
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     @torch.inference_mode()
     def prefill(self, prompt: list[int]):
@@ -273,7 +276,7 @@ class Transformers:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        self.model(torch.tensor([prompt[:-1]], device=self.device), past_key_values=cache, use_cache=True)
+        self.model(torch.tensor([prompt[:-1]], device=self.device), **{self.cache_arg: cache}, use_cache=True)
         return cache
 
     @torch.inference_mode()
@@ -288,7 +291,7 @@ class Transformers:
         out = self.model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
+            **{self.cache_arg: cache},
             max_new_tokens=steps + 1,
             min_new_tokens=steps + 1,
             do_sample=False,
@@ -297,9 +300,8 @@ class Transformers:
             return_dict_in_generate=True,
         )
         assert len(stamps.times) == steps + 1, f"generate ran {len(stamps.times)} forwards, expected {steps + 1}"
-        kv = sum(
-            t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values)
-        )
+        layers = getattr(out, self.cache_arg).layers
+        kv = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
         return stamps.times[-1] - stamps.times[0], kv
 
 
