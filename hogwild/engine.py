@@ -158,9 +158,8 @@ class Engine:
         model_config = ModelConfig.from_hf(hf)
         tokenizer = Tokenizer.from_folder(folder, extra_eos_ids=model_config.eos_token_ids)
         weights = load_state_dict(folder)
-        auto = config.weights == config.dtype == config.linear == "auto"
-        # a 4-bit source (the default model's Q4_1): int4 loses nothing of it and reads half of int8's bytes
-        if kernels.linear == "int8" and auto and on_int4_grid(weights):
+        # auto's int8, for a 4-bit source (the default model's Q4_1): int4 loses nothing of it and reads half the bytes
+        if kernels.linear == "int8" and config.weights == "auto" and on_int4_grid(weights):
             kernels = choose(config.dtype, config.linear, config.device, weights="auto", four_bit=True)
         cache = cached = None
         if kernels.linear in ("int8", "int4"):

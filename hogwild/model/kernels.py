@@ -162,11 +162,10 @@ def choose(
     if cuda:
         return _choose_cuda(dtype, linear)
     facts = facts or CpuFacts.detect()
-    if weights == "int4":
-        return _choose_int4(facts, asked=True)
-    if weights == dtype == linear == "auto" and int8_runs(facts) and four_bit:
-        return _choose_int4(facts, asked=False)
-    if weights == "int8" or (weights == dtype == linear == "auto" and int8_runs(facts)):
+    quantized = weights == dtype == linear == "auto" and int8_runs(facts)  # auto's quantized weights run here
+    if weights == "int4" or (quantized and four_bit):
+        return _choose_int4(facts, asked=weights == "int4")
+    if weights == "int8" or quantized:
         return _choose_int8(facts, asked=weights == "int8")
     return _choose_cpu(dtype, linear, facts)
 
