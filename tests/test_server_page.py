@@ -106,7 +106,9 @@ def test_two_workers_write_side_by_side_then_the_answer(browser, live):
     wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#layout option"), what="the page to load the model card")
     problem = browser.find_element(By.ID, "problem").get_attribute("value")
     # the first seed whose run ends with an answer (a seeded run is the same through the API and the page)
-    seed, message = next((seed, m) for seed in range(16) if (m := solve_through_api(live, problem, seed))["content"])
+    found = next(((seed, m) for seed in range(16) if (m := solve_through_api(live, problem, seed))["content"]), None)
+    assert found, "no seed in 0..15 gave a run that ends with an answer"
+    seed, message = found
     ask(browser, workers=2, budget=120, seed=seed)
     answer = browser.find_element(By.ID, "answer")
     # mid-run: two columns, both written in, no answer yet
