@@ -20,12 +20,16 @@ standard RoPE at flat positions, one float64 softmax. Both expose `attend(layer,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
 from hogwild.cache.blocks import Block
 from hogwild.model.config import ModelConfig
 from hogwild.model.rope import Rope, apply_rope
+from hogwild.native import DTYPES, HEAD_DIMS
+
+FUSED_ROW_TOKENS = 16  # steps whose rows feed at most this many tokens each attend through the fused kernel
 
 
 @dataclass
@@ -60,8 +64,7 @@ class _BlockRead:
     start: int
     end: int
     length: int  # keys read: the owner's view of the block, new tokens included, or `published` without an owner
-    published: int  # keys every slot may see; past this, `mask` decides
-    mask: torch.Tensor | None  # [1, slots * group, length] additive mask (the tail's), or None when all visible
+    mask: torch.Tensor | None  # [1, slots * group, length] additive mask (-inf past each slot's limit), or None
 
     def __post_init__(self) -> None:
         # every layer's keys (transposed for the score matmul) and values as views made once a step: a layer then
@@ -75,9 +78,17 @@ class StepPlan:
     """Per-step attention metadata of the fast path over a flat batch of rows (no padding).
 
     Build it, run the model forward on the rows' tokens concatenated, then `commit()`. Row r's tokens sit at flat
-    indices `starts[r]:starts[r] + len(rows[r].tokens)`."""
+    indices `starts[r]:starts[r] + len(rows[r].tokens)`. With `fused` (`hogwild.native.load()`), a step whose
+    rows are short (decode steps) attends through its fused kernel; other steps (prompts) through torch ops."""
 
-    def __init__(self, rows: list[Row], config: ModelConfig, rope: Rope, out_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        rows: list[Row],
+        config: ModelConfig,
+        rope: Rope,
+        out_dtype: torch.dtype | None = None,
+        fused: ModuleType | None = None,
+    ) -> None:
         assert rows, "a step needs at least one row"
         self.rows = rows
         self.config = config
@@ -97,23 +108,12 @@ class StepPlan:
             self.starts.append(total)
             total += len(row.tokens)
         self.tokens = total  # N
-        local = torch.tensor([row.own.length + t for row in rows for t in range(len(row.tokens))], device=device)
-        self.cos_k = rope.cos[local].unsqueeze(1)  # [N, 1, D] for k: [N, kv_heads, D]
-        self.sin_k = rope.signed_sin[local].unsqueeze(1)
-        # the step's rotated keys and values, [N, 2, kv_heads, D], and per row where they go: every layer's
-        # destination in the row's block and the row's slice of the buffer, as views made once (one copy a layer)
-        kvh, D = config.num_kv_heads, config.head_dim
-        self.new_kv = torch.empty((total, 2, kvh, D), dtype=rope.cos.dtype, device=device)
-        self.writes = [
-            (
-                row.own.kv[:, :, :, row.own.length : row.own.length + len(row.tokens)],  # [layers, 2, kvh, n, D]
-                self.new_kv[self.starts[r] : self.starts[r] + len(row.tokens)].permute(1, 2, 0, 3),
-            )
-            for r, row in enumerate(rows)
-        ]
+        self.dtype = rope.cos.dtype  # q, k, v come in the cache's dtype
+        self.out_dtype = out_dtype or self.dtype  # the model's dtype, for the output projection
 
         # blocks in first-appearance order, with the rows that read each and where it sits in their view; each
-        # (block, token of a row that reads it) pair is one query slot
+        # (block, token of a row that reads it) pair is one query slot, which sees the block's first `limit` keys:
+        # the owner all of its block and its new tokens causally, every other row the published keys
         readers: dict[int, tuple[Block, list[tuple[int, int]]]] = {}
         firsts = []
         for r, row in enumerate(rows):
@@ -124,39 +124,79 @@ class StepPlan:
             firsts.append(offset - row.own.published + row.own.length)  # flat position of the row's first token
         slot_tokens: list[int] = []
         deltas: list[int] = []
-        self.reads: list[_BlockRead] = []
+        limits: list[int] = []
+        reads: list[tuple[Block, int, int, int]] = []  # block, slots [start, end), keys read
         for block, seen_by in readers.values():
             writer = writers.get(id(block))
-            new = len(rows[writer].tokens) if writer is not None else 0
-            length = block.length + new if writer is not None else block.published
+            length = block.length + len(rows[writer].tokens) if writer is not None else block.published
             start = len(slot_tokens)
-            masks = []
             for r, offset in seen_by:
                 if r != writer and block.published == 0:
                     continue
                 n = len(rows[r].tokens)
                 slot_tokens.extend(range(self.starts[r], self.starts[r] + n))
                 deltas.extend(firsts[r] + t - offset for t in range(n))
-                if length > block.published:
-                    # the owner: all of its block, causal over the new keys; others: nothing past `published`
-                    visible = torch.zeros(n, length - block.published, dtype=torch.bool)
-                    if r == writer:
-                        old = block.length - block.published
-                        visible[:, :old] = True
-                        visible[:, old:] = torch.ones(n, new, dtype=torch.bool).tril()
-                    masks.append(visible)
-            if len(slot_tokens) == start:
-                continue
-            mask = None
-            if masks and not all(m.all() for m in masks):
-                # a score matmul adds it: [1, slots * group, length], -inf at the tail keys a slot may not see
-                visible = torch.cat(masks)  # [slots, length - published]
-                full = torch.zeros((visible.shape[0], config.group_size, length), dtype=rope.cos.dtype)
-                full[..., block.published :] = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None]
-                mask = full.view(1, -1, length).to(device)
-            self.reads.append(_BlockRead(block, start, len(slot_tokens), length, block.published, mask))
-
+                limits.extend(block.length + t + 1 if r == writer else block.published for t in range(n))
+            if len(slot_tokens) > start:
+                reads.append((block, start, len(slot_tokens), length))
         self.slots = len(slot_tokens)
+
+        self.native = None
+        if (
+            fused is not None
+            and device.type == "cpu"
+            and config.head_dim in HEAD_DIMS
+            and self.dtype in DTYPES
+            and self.out_dtype in DTYPES
+            and max(len(row.tokens) for row in rows) <= FUSED_ROW_TOKENS
+        ):
+            self.native = fused.Plan(
+                config.num_heads,
+                config.num_kv_heads,
+                config.head_dim,
+                rope.cos,
+                rope.signed_sin,
+                [row.own.kv for row in rows],
+                self.starts,
+                [len(row.tokens) for row in rows],
+                [row.own.length for row in rows],
+                [block.kv for block, *_ in reads],
+                [length for *_, length in reads],
+                [start for _, start, _, _ in reads],
+                [end for _, _, end, _ in reads],
+                slot_tokens,
+                deltas,
+                limits,
+                total,
+                self.out_dtype,
+            )
+            return
+
+        local = torch.tensor([row.own.length + t for row in rows for t in range(len(row.tokens))], device=device)
+        self.cos_k = rope.cos[local].unsqueeze(1)  # [N, 1, D] for k: [N, kv_heads, D]
+        self.sin_k = rope.signed_sin[local].unsqueeze(1)
+        # the step's rotated keys and values, [N, 2, kv_heads, D], and per row where they go: every layer's
+        # destination in the row's block and the row's slice of the buffer, as views made once (one copy a layer)
+        kvh, D, g = config.num_kv_heads, config.head_dim, config.group_size
+        self.new_kv = torch.empty((total, 2, kvh, D), dtype=self.dtype, device=device)
+        self.writes = [
+            (
+                row.own.kv[:, :, :, row.own.length : row.own.length + len(row.tokens)],  # [layers, 2, kvh, n, D]
+                self.new_kv[self.starts[r] : self.starts[r] + len(row.tokens)].permute(1, 2, 0, 3),
+            )
+            for r, row in enumerate(rows)
+        ]
+        self.reads: list[_BlockRead] = []
+        for block, start, end, length in reads:
+            limit = torch.tensor(limits[start:end])
+            mask = None
+            if int(limit.min()) < length:
+                # a score matmul adds it: [1, slots * group, length], -inf at the keys a slot may not see
+                hidden = torch.arange(length)[None, :] >= limit[:, None]  # [slots, length]
+                full = torch.zeros((end - start, g, length), dtype=self.dtype)
+                mask = full.masked_fill_(hidden[:, None, :], float("-inf")).view(1, -1, length).to(device)
+            self.reads.append(_BlockRead(block, start, end, length, mask))
+
         self.slot_tokens = torch.tensor(slot_tokens, device=device)
         # reads whose slots are the same tokens in the same order share one softmax: a group per token sequence
         grouped: dict[tuple[int, ...], list[_BlockRead]] = {}
@@ -173,17 +213,16 @@ class StepPlan:
         self.gather = slot_tokens != list(range(total))
         # every token in exactly one group, in order: each group's softmax is final, no merge
         self.single = group_tokens == list(range(total))
-        kvh, g = config.num_kv_heads, config.group_size
         self.merge_tokens = torch.tensor(group_tokens, device=device)
         self.merge_index = self.merge_tokens.view(1, -1, 1).expand(kvh, len(group_tokens), g)
-        self.dtype = rope.cos.dtype  # q, k, v come in the cache's dtype
-        self.out_dtype = out_dtype or self.dtype  # the model's dtype, for the output projection
         self.out = None  # [N, heads * D] output buffer, reused by every layer
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [N, heads, D]; k, v: [N, kv_heads, D] (not rotated, in `self.dtype`) -> [N, heads * D]
 
         in `self.out_dtype` (the model's dtype); the returned tensor is reused by the next layer's call."""
+        if self.native is not None:
+            return self.native.attend(layer, q, k, v)
         N, H, D = q.shape
         kvh, g = self.config.num_kv_heads, self.config.group_size
         apply_rope(k, self.cos_k, self.sin_k, out=self.new_kv[:, 0])
@@ -289,7 +328,7 @@ class FlatReference:
         for row in rows:
             self._row, self._pending = row, []
             try:
-                logits.append(model.forward(torch.tensor(row.tokens), self, logits_at=None).float())
+                logits.append(model.forward(torch.tensor(row.tokens), self, logits_at=None, plain=True).float())
             finally:
                 self._row = None
             pending.append(self._pending)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hogwild import native
 from hogwild.attention import Row, StepPlan
 from hogwild.cache.pool import KVPool
 from hogwild.errors import HogwildError
@@ -47,6 +48,7 @@ class EngineConfig:
     step_tokens: int = 512  # tokens fed per forward pass at most, all rows together; longer prompts go in chunks
     kv_memory: str | None = None  # KV pool budget ("2GiB", "512MB", bytes); None: a share of free memory
     max_runs: int = 0  # runs in flight at once; 0: as many as the KV budget holds
+    fused: bool = True  # CPU: norms, silu * up and decode attention through hogwild's compiled kernels (see native)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -136,6 +138,7 @@ class Engine:
         self.config = config
         self.kernels = kernels or KernelChoice(model.dtype, "aten", "given a built decoder")
         self.model_config: ModelConfig = model.config
+        self.fused = model.fused  # hogwild.native's compiled kernels, or None: torch ops
         # on CPU the cache and attention run in float32: aten's bf16 bmm is 3-4x slower than float32 there
         self.cache_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
         self.rope = Rope(model.config, self.cache_dtype, model.device)
@@ -167,8 +170,9 @@ class Engine:
             key = cache_key(weight_files(folder), kernels.linear)
             cache = cache_dir() / "quantized" / f"{key}.safetensors"
             cached = load_cached(cache)
+        fused = native.load() if config.fused and torch.device(config.device).type == "cpu" else None
         model = Decoder(
-            model_config, weights, kernels.dtype, config.device, kernels.linear, kernels.activation_bits, cached
+            model_config, weights, kernels.dtype, config.device, kernels.linear, kernels.activation_bits, cached, fused
         )
         del weights
         if cache is not None and cached is None:
@@ -297,7 +301,7 @@ class Engine:
     def run_model(self, rows: list[Row], wanted: list[int]) -> torch.Tensor:
         """One forward pass of `rows` as one flat batch, committed to their blocks; returns the next-token logits
         [len(wanted), vocab] (float32) of the rows indexed by `wanted`."""
-        plan = StepPlan(rows, self.model_config, self.rope, out_dtype=self.model.dtype)
+        plan = StepPlan(rows, self.model_config, self.rope, self.model.dtype, self.fused)
         tokens = torch.tensor([t for row in rows for t in row.tokens])
         at = torch.tensor([plan.starts[r] + len(rows[r].tokens) - 1 for r in wanted], dtype=torch.long)
         logits = self.model.forward(tokens, plan, logits_at=at)

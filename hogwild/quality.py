@@ -58,7 +58,7 @@ def score(engine: Engine, ids: list[int]) -> torch.Tensor:
         for start in range(0, len(ids), engine.config.step_tokens):
             chunk = ids[start : start + engine.config.step_tokens]
             ledger.reserve([(block, block.length + len(chunk))])
-            plan = StepPlan([Row([block], chunk)], engine.model_config, engine.rope, out_dtype=engine.model.dtype)
+            plan = StepPlan([Row([block], chunk)], engine.model_config, engine.rope, engine.model.dtype, engine.fused)
             out.append(engine.model.forward(torch.tensor(chunk), plan, logits_at=None).float())
             plan.commit()
             block.publish()

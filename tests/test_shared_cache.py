@@ -44,13 +44,14 @@ class Pair:
         self.shared.current[w].clear()
 
 
-_MODELS: dict[str, TinyModel] = {}
+_MODELS: dict[tuple[str, bool], TinyModel] = {}
 
 
-def tiny(family: str) -> TinyModel:
-    if family not in _MODELS:
-        _MODELS[family] = TinyModel(family, seed=1)
-    return _MODELS[family]
+def tiny(family: str, fused: bool = False) -> TinyModel:
+    """`fused`: the compiled kernels (norms, decode attention), else torch ops; the same weights either way."""
+    if (family, fused) not in _MODELS:
+        _MODELS[family, fused] = TinyModel(family, seed=1, fused=fused)
+    return _MODELS[family, fused]
 
 
 operation = st.one_of(
@@ -61,6 +62,7 @@ operation = st.one_of(
 )
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-ops", "fused"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("family", FAMILIES)
 @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -70,9 +72,11 @@ operation = st.one_of(
     ops=st.lists(operation, min_size=3, max_size=10),
     seed=st.integers(0, 2**16),
 )
-def test_fast_path_equals_flat_reference(layout, family, workers, prompt, ops, seed):
+def test_fast_path_equals_flat_reference(fused, layout, family, workers, prompt, ops, seed):
+    """Both fast paths: torch ops, and the compiled kernels (decode steps attend through the fused kernel, the
+    prompt through torch ops)."""
     rng = random.Random(seed)
-    pair = Pair(tiny(family), workers, layout)
+    pair = Pair(tiny(family, fused), workers, layout)
     vocab = pair.tm.config.vocab_size
     pair.step([Row([pair.shared.prompt], [rng.randrange(vocab) for _ in range(prompt)])])
     for kind, arg in ops:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from hogwild import native
 from hogwild.attention import Row, StepPlan
 from hogwild.cache.pool import KVPool, Ledger
 from hogwild.engine import Engine, EngineConfig
@@ -48,7 +49,9 @@ def hf_config(family: str) -> transformers.PretrainedConfig:
 class TinyModel:
     """A transformers reference model and hogwild's decoder holding the same random weights."""
 
-    def __init__(self, family: str, seed: int = 0, dtype: torch.dtype = torch.float32, linear: str = "aten") -> None:
+    def __init__(
+        self, family: str, seed: int = 0, dtype: torch.dtype = torch.float32, linear: str = "aten", fused: bool = False
+    ) -> None:
         torch.manual_seed(seed)
         hf = transformers.AutoModelForCausalLM.from_config(hf_config(family), attn_implementation="eager")
         with torch.no_grad():
@@ -57,7 +60,7 @@ class TinyModel:
                 p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
         self.hf = hf.eval()
         self.config = ModelConfig.from_hf(hf.config.to_dict())
-        self.model = Decoder(self.config, dict(hf.state_dict()), dtype, linear=linear)
+        self.model = Decoder(self.config, dict(hf.state_dict()), dtype, linear=linear, fused=fused_kernels(fused))
         self.rope = Rope(self.config, torch.float32)  # the cache dtype on CPU
 
     def ledger(self, tokens: int = 1 << 15) -> Ledger:
@@ -70,6 +73,16 @@ class TinyModel:
     def hf_logits(self, tokens: list[int]) -> torch.Tensor:
         """Reference logits [len(tokens), vocab] from transformers, recomputed from scratch."""
         return self.hf(torch.tensor([tokens])).logits[0].float()
+
+
+def fused_kernels(wanted: bool = True):
+    """hogwild's compiled kernels when `wanted`, else None. A machine that cannot build them fails the tests
+    that want them: every machine hogwild's tests run on (x86-64 with AVX2, a C++ compiler) can."""
+    if not wanted:
+        return None
+    module = native.load()
+    assert module is not None, f"the fused kernels did not load: {native.unavailable() or 'the build failed'}"
+    return module
 
 
 def new_ledger(config: ModelConfig, rope: Rope, tokens: int = 1 << 15) -> Ledger:
@@ -88,7 +101,7 @@ def step_rows(model: Decoder, rope: Rope, rows: list[Row], publish: bool = True)
     forward, commit, publish. Returns each row's logits [len(tokens), vocab] at every position."""
     for row in rows:
         row.own.ledger.reserve([(row.own, row.own.length + len(row.tokens))])
-    plan = StepPlan(rows, model.config, rope, out_dtype=model.dtype)
+    plan = StepPlan(rows, model.config, rope, model.dtype, model.fused)
     logits = model.forward(torch.tensor([t for row in rows for t in row.tokens]), plan, logits_at=None).float()
     plan.commit()
     if publish:

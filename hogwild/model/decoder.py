@@ -9,6 +9,7 @@ sequence or a set of shared blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Protocol
 
 import torch
@@ -58,16 +59,19 @@ class Decoder:
         linear: str = "aten",
         activation_bits: int = 7,
         quantized: dict[str, torch.Tensor] | None = None,
+        fused: ModuleType | None = None,
     ) -> None:
         """`linear` is the kernel every projection runs ("onednn", "aten", "int8" or "int4"), chosen by
         `hogwild.model.kernels`. With "int8" or "int4", `quantized` holds the weights of an earlier start (see
-        `quantized`); "int4" keeps the vocabulary projection int8."""
+        `quantized`); "int4" keeps the vocabulary projection int8. `fused` (`hogwild.native.load()`) runs the
+        norms and silu * up in one call each (CPU, float32 or bf16)."""
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
         self.int8 = linear == "int8"
         self.int4 = linear == "int4"
         self.head_int8 = self.int8 or self.int4  # the vocabulary projection takes float32 rows, int8 weights
+        self.fused = fused if self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
         # name -> quantized weights, for the cache: int8 as "<name>.q" and "<name>.scale", int4 as "<name>.q4"
         # and "<name>.scale_zero"
         self.quantized: dict[str, torch.Tensor] = {}
@@ -140,9 +144,13 @@ class Decoder:
                 raise HogwildError(f"layer {i} attention weights do not match the config's head counts")
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, attention: Attention, logits_at: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, attention: Attention, logits_at: torch.Tensor | None, plain: bool = False
+    ) -> torch.Tensor:
         """tokens: [N] (the rows of a step, concatenated) -> logits [M, vocab] at the flat indices `logits_at`, or
-        [N, vocab] at every token if None."""
+        [N, vocab] at every token if None. `plain`: torch ops only, even with fused kernels (the reference path)."""
+        if self.fused is not None and not plain:
+            return self._forward_fused(tokens, attention, logits_at)
         c = self.config
         N = tokens.shape[0]
         H, KV, D = c.num_heads, c.num_kv_heads, c.head_dim
@@ -169,6 +177,36 @@ class Decoder:
                 return x.new_empty((0, c.vocab_size))
             x = x.index_select(0, logits_at.to(x.device))  # [M, hidden]
         return self._logits(F.rms_norm(x, (c.hidden_size,), self.norm_f32, eps))
+
+    def _forward_fused(
+        self, tokens: torch.Tensor, attention: Attention, logits_at: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`forward` with each residual add and the RMSNorm after it in one call, and silu * up in one."""
+        c, fused = self.config, self.fused
+        N = tokens.shape[0]
+        H, KV, D = c.num_heads, c.num_kv_heads, c.head_dim
+        eps, dtype = c.rms_norm_eps, self.dtype
+        x = F.embedding(tokens, self.embed).float()  # [N, hidden], the residual stream, updated in place
+        h = fused.rms_norm(x, None, self.layers[0].input_norm_f32, eps, dtype)
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(h).to(attention.dtype).split((H * D, KV * D, KV * D), dim=-1)
+            q = q.view(N, H, D)
+            k = k.view(N, KV, D)
+            v = v.view(N, KV, D)
+            if layer.q_norm is not None:
+                q = F.rms_norm(q.float(), (D,), layer.q_norm_f32, eps).to(attention.dtype)
+                k = F.rms_norm(k.float(), (D,), layer.k_norm_f32, eps).to(attention.dtype)
+            y = layer.o(attention.attend(i, q, k, v).to(dtype))
+            h = fused.rms_norm(x, y, layer.post_norm_f32, eps, dtype)
+            y = layer.down(fused.silu_mul(layer.gate_up(h)))
+            last = i + 1 == len(self.layers)
+            norm = self.norm_f32 if last else self.layers[i + 1].input_norm_f32
+            h = fused.rms_norm(x, y, norm, eps, torch.float32 if last else dtype)
+        if logits_at is not None:
+            if logits_at.numel() == 0:
+                return x.new_empty((0, c.vocab_size))
+            h = h.index_select(0, logits_at)  # [M, hidden]
+        return self._logits(h)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., hidden] float32 -> float32 logits [..., vocab].

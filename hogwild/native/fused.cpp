@@ -1,0 +1,511 @@
+// hogwild's fused CPU kernels: the small per-layer work of a decode step in one pass each, where the same work
+// in torch ops costs a dispatch and a TensorIterator per op (microseconds each, ~1,500 ops a step).
+//
+// - rms_norm: optional residual add, RMSNorm in float32, cast to the model's dtype, one pass per row.
+// - silu_mul: silu(gate) * up from the fused gate/up projection's output.
+// - Plan: one step's concurrent attention over the shared blocks (see hogwild/attention.py for the maths). Per
+//   layer it rotates the new keys at block-local positions and writes K/V into their blocks, then reads every
+//   block once per kv head for all the query slots that see it (queries rotated per slot, softmax scale folded
+//   in), keeping a partial softmax (max, sum, weighted values) per slot, and merges each token's partials exactly.
+//
+// Compiled with AVX2 and FMA (every x86-64 CPU hogwild runs its quantized kernels on); vectors are GCC vector
+// extensions, eight floats wide.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+using bf16 = c10::BFloat16;
+
+inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline v8 load8(const bf16* p) {  // bf16 is the top half of a float
+  v8h h;
+  std::memcpy(&h, p, sizeof h);
+  v8u u = __builtin_convertvector(h, v8u) << 16;
+  v8 v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+
+inline void store8(bf16* p, v8 v) {  // round to nearest even, as c10 does
+  for (int i = 0; i < 8; ++i) p[i] = bf16(v[i]);
+}
+
+inline float sum8(v8 v) {
+  __m128 lo = _mm256_castps256_ps128((__m256)v), hi = _mm256_extractf128_ps((__m256)v, 1);
+  __m128 s = _mm_add_ps(lo, hi);
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// the eight sums of a[0..7] in one vector: [sum(a0), ..., sum(a7)]
+inline v8 sums8(const v8* a) {
+  __m256 s01 = _mm256_hadd_ps((__m256)a[0], (__m256)a[1]), s23 = _mm256_hadd_ps((__m256)a[2], (__m256)a[3]);
+  __m256 s45 = _mm256_hadd_ps((__m256)a[4], (__m256)a[5]), s67 = _mm256_hadd_ps((__m256)a[6], (__m256)a[7]);
+  __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  return (v8)_mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// e^x, relative error ~2e-7 (Cephes' polynomial); inputs are clamped to where float32 e^x is finite and normal
+inline v8 exp8(v8 x) {
+  x = x < splat(-87.3f) ? splat(-87.3f) : x;
+  x = x > splat(88.3f) ? splat(88.3f) : x;
+  v8 n = (x * splat(1.44269504f) + splat(12582912.f)) - splat(12582912.f);  // round(x / ln 2)
+  v8 r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
+  v8 p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.f);
+  v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  v8 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(bf16 x) { return static_cast<float>(x); }
+
+template <typename T>
+inline T from_float(float x) {
+  return static_cast<T>(x);
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name, " must be float32 or bf16");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// x: [N, hidden] float32, updated in place by `residual` when given; -> weight * x / rms(x) in `dtype`
+
+template <typename R, typename O>
+void rms_norm_rows(float* x, const R* residual, int64_t residual_stride, const float* w, O* out, int64_t rows,
+                   int64_t hidden, float eps) {
+  for (int64_t n = 0; n < rows; ++n) {
+    float* xr = x + n * hidden;
+    O* o = out + n * hidden;
+    v8 ss = splat(0.f);
+    int64_t i = 0;
+    for (; i + 8 <= hidden; i += 8) {
+      v8 v = load8(xr + i);
+      if (residual) {
+        v += load8(residual + n * residual_stride + i);
+        store8(xr + i, v);
+      }
+      ss += v * v;
+    }
+    float tail = 0.f;
+    for (; i < hidden; ++i) {
+      if (residual) xr[i] += to_float(residual[n * residual_stride + i]);
+      tail += xr[i] * xr[i];
+    }
+    const float inv = 1.f / std::sqrt((sum8(ss) + tail) / static_cast<float>(hidden) + eps);
+    for (i = 0; i + 8 <= hidden; i += 8) store8(o + i, load8(xr + i) * splat(inv) * load8(w + i));
+    for (; i < hidden; ++i) o[i] = from_float<O>(xr[i] * inv * w[i]);
+  }
+}
+
+at::Tensor rms_norm(at::Tensor x, std::optional<at::Tensor> residual, at::Tensor weight, double eps,
+                    at::ScalarType dtype) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x must be [N, hidden] float32");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == x.size(1),
+              "weight must be [hidden] float32");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "rms_norm writes float32 or bf16");
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  at::Tensor out = at::empty({rows, hidden}, x.options().dtype(dtype));
+  const float e = static_cast<float>(eps);
+  auto run = [&](auto* o) {
+    if (!residual) {
+      rms_norm_rows<float>(x.data_ptr<float>(), nullptr, 0, weight.data_ptr<float>(), o, rows, hidden, e);
+      return;
+    }
+    const at::Tensor& r = *residual;
+    check_cpu(r, "residual");
+    TORCH_CHECK(r.dim() == 2 && r.size(0) == rows && r.size(1) == hidden && r.stride(1) == 1,
+                "residual must be [N, hidden] with contiguous rows");
+    if (r.scalar_type() == at::kFloat)
+      rms_norm_rows(x.data_ptr<float>(), r.data_ptr<float>(), r.stride(0), weight.data_ptr<float>(), o, rows,
+                    hidden, e);
+    else
+      rms_norm_rows(x.data_ptr<float>(), r.data_ptr<bf16>(), r.stride(0), weight.data_ptr<float>(), o, rows,
+                    hidden, e);
+  };
+  if (dtype == at::kFloat)
+    run(out.data_ptr<float>());
+  else
+    run(out.data_ptr<bf16>());
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// gate_up: [N, 2 * I] (gate, then up) -> silu(gate) * up: [N, I], same dtype, computed in float32
+
+template <typename T>
+void silu_mul_rows(const T* in, T* out, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* gate = in + n * 2 * inter;
+      const T* up = gate + inter;
+      T* o = out + n * inter;
+      int64_t i = 0;
+      for (; i + 8 <= inter; i += 8) {
+        v8 g = load8(gate + i);
+        store8(o + i, g / (splat(1.f) + exp8(-g)) * load8(up + i));
+      }
+      for (; i < inter; ++i) {
+        float g = to_float(gate[i]);
+        o[i] = from_float<T>(g / (1.f + std::exp(-g)) * to_float(up[i]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_mul(at::Tensor gate_up) {
+  check_cpu(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "gate_up must be [N, 2 * intermediate], contiguous");
+  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({rows, inter}, gate_up.options());
+  if (gate_up.scalar_type() == at::kFloat)
+    silu_mul_rows(gate_up.data_ptr<float>(), out.data_ptr<float>(), rows, inter);
+  else
+    silu_mul_rows(gate_up.data_ptr<bf16>(), out.data_ptr<bf16>(), rows, inter);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// A step's concurrent attention. Blocks: kv [layers, 2, kv_heads, capacity, D], contiguous, keys rotated at
+// block-local positions. A slot is one token of one row reading one block: its query is rotated by `delta` (the
+// token's flat position minus the block's offset in the row's view) and sees the block's first `limit` keys.
+
+struct Read {
+  at::Tensor kv;
+  int64_t length;  // keys read: the largest limit of its slots
+  int64_t start, end;  // its slots
+};
+
+struct Write {  // a row's new tokens: flat indices [start, start + count) go to positions [offset, ...) of kv
+  at::Tensor kv;
+  int64_t start, count, offset;
+};
+
+class Plan {
+ public:
+  Plan(int64_t heads, int64_t kv_heads, int64_t head_dim, at::Tensor cos, at::Tensor signed_sin,
+       std::vector<at::Tensor> write_kv, std::vector<int64_t> write_start, std::vector<int64_t> write_count,
+       std::vector<int64_t> write_offset, std::vector<at::Tensor> read_kv, std::vector<int64_t> read_length,
+       std::vector<int64_t> read_start, std::vector<int64_t> read_end, std::vector<int64_t> slot_token,
+       std::vector<int64_t> slot_delta, std::vector<int64_t> slot_limit, int64_t tokens, at::ScalarType out_dtype)
+      : H_(heads), KV_(kv_heads), D_(head_dim), G_(heads / kv_heads), N_(tokens), cos_(cos),
+        sin_(signed_sin), slot_token_(slot_token), slot_delta_(slot_delta), slot_limit_(slot_limit) {
+    TORCH_CHECK(heads % kv_heads == 0, "heads must be a multiple of kv_heads");
+    TORCH_CHECK(head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128,
+                "the fused attention takes head_dim 16, 32, 64 or 128");
+    check_cpu(cos, "cos");
+    TORCH_CHECK(cos.is_contiguous() && signed_sin.is_contiguous() && cos.size(1) == head_dim &&
+                    signed_sin.scalar_type() == cos.scalar_type() && signed_sin.sizes() == cos.sizes(),
+                "rope tables must be [positions, head_dim], contiguous, one dtype");
+    dtype_ = cos.scalar_type();
+    const int64_t positions = cos.size(0);
+    auto check_kv = [&](const at::Tensor& kv) {
+      TORCH_CHECK(kv.scalar_type() == dtype_ && kv.is_contiguous() && kv.dim() == 5 && kv.size(1) == 2 &&
+                      kv.size(2) == kv_heads && kv.size(4) == head_dim,
+                  "block storage must be [layers, 2, kv_heads, capacity, head_dim], contiguous, in the cache dtype");
+    };
+    for (size_t r = 0; r < write_kv.size(); ++r) {
+      check_kv(write_kv[r]);
+      TORCH_CHECK(write_offset[r] + write_count[r] <= write_kv[r].size(3), "a row's block has no room reserved");
+      TORCH_CHECK(write_offset[r] + write_count[r] <= positions, "a row overflows the rope tables");
+      TORCH_CHECK(write_start[r] >= 0 && write_start[r] + write_count[r] <= tokens, "a row's tokens are out of range");
+      writes_.push_back({write_kv[r], write_start[r], write_count[r], write_offset[r]});
+    }
+    const int64_t slots = static_cast<int64_t>(slot_token.size());
+    TORCH_CHECK(slot_delta.size() == static_cast<size_t>(slots) && slot_limit.size() == static_cast<size_t>(slots),
+                "one delta and one limit per slot");
+    for (size_t r = 0; r < read_kv.size(); ++r) {
+      check_kv(read_kv[r]);
+      TORCH_CHECK(0 <= read_start[r] && read_start[r] < read_end[r] && read_end[r] <= slots, "bad slot range");
+      TORCH_CHECK(read_length[r] <= read_kv[r].size(3), "a read runs past its block's storage");
+      for (int64_t s = read_start[r]; s < read_end[r]; ++s)
+        TORCH_CHECK(0 <= slot_limit[s] && slot_limit[s] <= read_length[r], "a slot's limit runs past its read");
+      reads_.push_back({read_kv[r], read_length[r], read_start[r], read_end[r]});
+    }
+    // each token's slots, for the merge
+    token_slots_.assign(tokens + 1, 0);
+    for (int64_t s = 0; s < slots; ++s) {
+      TORCH_CHECK(0 <= slot_token[s] && slot_token[s] < tokens, "a slot's token is out of range");
+      TORCH_CHECK(0 <= slot_delta[s] && slot_delta[s] < positions, "a slot's rotation is out of the rope tables");
+      ++token_slots_[slot_token[s] + 1];
+    }
+    for (int64_t n = 0; n < tokens; ++n) token_slots_[n + 1] += token_slots_[n];
+    slot_order_.resize(slots);
+    std::vector<int64_t> fill(token_slots_.begin(), token_slots_.end() - 1);
+    for (int64_t s = 0; s < slots; ++s) slot_order_[fill[slot_token[s]]++] = s;
+    // partials: per slot and head, the max score, the sum of exp, and the exp-weighted values
+    at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
+    partial_max_ = at::empty({slots, heads}, f32);
+    partial_sum_ = at::empty({slots, heads}, f32);
+    partial_out_ = at::empty({slots, heads, head_dim}, f32);
+    out_ = at::empty({tokens, heads * head_dim}, f32.dtype(out_dtype));
+    TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, "attention writes float32 or bf16");
+  }
+
+  // q: [N, heads, D], k, v: [N, kv_heads, D] in the cache dtype, rows of each may be strided (views of the fused
+  // qkv projection) -> [N, heads * D] in the output dtype; the returned tensor is reused by the next layer
+  at::Tensor attend(int64_t layer, at::Tensor q, at::Tensor k, at::Tensor v) {
+    for (const at::Tensor* t : {&q, &k, &v}) {
+      TORCH_CHECK(t->scalar_type() == dtype_ && t->dim() == 3 && t->size(0) == N_ && t->size(2) == D_ &&
+                      t->stride(2) == 1,
+                  "q, k, v must be [N, heads, head_dim] in the cache dtype, head_dim contiguous");
+    }
+    TORCH_CHECK(q.size(1) == H_ && k.size(1) == KV_ && v.size(1) == KV_, "q, k, v head counts");
+    if (dtype_ == at::kFloat)
+      run<float>(layer, q, k, v);
+    else
+      run<bf16>(layer, q, k, v);
+    return out_;
+  }
+
+ private:
+  template <typename T>
+  void run(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    write_new<T>(layer, k, v);
+    const int64_t items = KV_ * static_cast<int64_t>(reads_.size());
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t h = item % KV_;
+        const Read& read = reads_[item / KV_];
+        switch (D_) {
+          case 16: read_block<T, 16>(layer, h, read, q); break;
+          case 32: read_block<T, 32>(layer, h, read, q); break;
+          case 64: read_block<T, 64>(layer, h, read, q); break;
+          default: read_block<T, 128>(layer, h, read, q); break;
+        }
+      }
+    });
+    if (out_.scalar_type() == at::kFloat)
+      merge(out_.data_ptr<float>());
+    else
+      merge(out_.data_ptr<bf16>());
+  }
+
+  // the new tokens' keys rotated at their block-local positions, and their values, into their blocks
+  template <typename T>
+  void write_new(int64_t layer, const at::Tensor& k, const at::Tensor& v) {
+    const T* cs = cos_.data_ptr<T>();
+    const T* sn = sin_.data_ptr<T>();
+    const T* kp = k.data_ptr<T>();
+    const T* vp = v.data_ptr<T>();
+    const int64_t half = D_ / 2;
+    for (const Write& w : writes_) {
+      T* base = w.kv.data_ptr<T>();
+      const int64_t capacity = w.kv.size(3);
+      for (int64_t t = 0; t < w.count; ++t) {
+        const int64_t token = w.start + t, position = w.offset + t;
+        const T* c = cs + position * D_;
+        const T* s = sn + position * D_;
+        for (int64_t h = 0; h < KV_; ++h) {
+          const T* src = kp + token * k.stride(0) + h * k.stride(1);
+          T* keys = base + ((layer * 2 * KV_ + h) * capacity + position) * D_;
+          T* values = base + ((layer * 2 * KV_ + KV_ + h) * capacity + position) * D_;
+          for (int64_t d = 0; d < D_; ++d) {
+            const int64_t other = d < half ? d + half : d - half;
+            keys[d] = from_float<T>(to_float(src[d]) * to_float(c[d]) + to_float(src[other]) * to_float(s[d]));
+          }
+          std::memcpy(values, vp + token * v.stride(0) + h * v.stride(1), D_ * sizeof(T));
+        }
+      }
+    }
+  }
+
+  // one kv head of one block for all of its slots: queries [Q = slots * group, D] against the block's keys
+  template <typename T, int D>
+  void read_block(int64_t layer, int64_t h, const Read& read, const at::Tensor& q) {
+    const int64_t slots = read.end - read.start, Q = slots * G_, L = read.length;
+    const int64_t capacity = read.kv.size(3);
+    const T* base = read.kv.data_ptr<T>();
+    const T* keys = base + ((layer * 2 * KV_ + h) * capacity) * D;
+    const T* values = base + ((layer * 2 * KV_ + KV_ + h) * capacity) * D;
+    thread_local std::vector<float> qf, kf, vf, scores;
+    qf.resize(Q * D);
+    const int64_t Lpad = (L + 7) / 8 * 8;
+    scores.resize(Q * Lpad);
+
+    // queries rotated by their slot's delta, the softmax scale folded in
+    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    const T* qp = q.data_ptr<T>();
+    const T* cs = cos_.data_ptr<T>();
+    const T* sn = sin_.data_ptr<T>();
+    for (int64_t s = 0; s < slots; ++s) {
+      const int64_t slot = read.start + s, token = slot_token_[slot], delta = slot_delta_[slot];
+      const T* c = cs + delta * D;
+      const T* sgn = sn + delta * D;
+      for (int64_t j = 0; j < G_; ++j) {
+        const T* src = qp + token * q.stride(0) + (h * G_ + j) * q.stride(1);
+        float* dst = qf.data() + (s * G_ + j) * D;
+        for (int d = 0; d < D; ++d) {
+          const int other = d < D / 2 ? d + D / 2 : d - D / 2;
+          dst[d] = (to_float(src[d]) * to_float(c[d]) + to_float(src[other]) * to_float(sgn[d])) * scale;
+        }
+      }
+    }
+    // keys and values as float32, read once for every query slot
+    const float* kq;
+    const float* vq;
+    if constexpr (std::is_same_v<T, float>) {
+      kq = keys;
+      vq = values;
+    } else {
+      kf.resize(Lpad * D);
+      vf.resize(L * D);
+      for (int64_t i = 0; i < L * D; i += 8) {
+        store8(kf.data() + i, load8(keys + i));
+        store8(vf.data() + i, load8(values + i));
+      }
+      kq = kf.data();
+      vq = vf.data();
+    }
+    // scores [Q, L]: eight keys at a time, their dot products summed across lanes together
+    for (int64_t i = 0; i < Q; ++i) {
+      v8 qv[D / 8];
+      for (int d = 0; d < D / 8; ++d) qv[d] = load8(qf.data() + i * D + d * 8);
+      float* row = scores.data() + i * Lpad;
+      int64_t l = 0;
+      for (; l + 8 <= L; l += 8) {
+        v8 acc[8];
+        for (int j = 0; j < 8; ++j) {
+          const float* kr = kq + (l + j) * D;
+          v8 a = qv[0] * load8(kr);
+          for (int d = 1; d < D / 8; ++d) a += qv[d] * load8(kr + d * 8);
+          acc[j] = a;
+        }
+        store8(row + l, sums8(acc));
+      }
+      for (; l < L; ++l) {
+        const float* kr = kq + l * D;
+        v8 a = qv[0] * load8(kr);
+        for (int d = 1; d < D / 8; ++d) a += qv[d] * load8(kr + d * 8);
+        row[l] = sum8(a);
+      }
+    }
+    // per query: softmax over its first `limit` keys (unnormalized), then the weighted values
+    float* pmax = partial_max_.data_ptr<float>();
+    float* psum = partial_sum_.data_ptr<float>();
+    float* pout = partial_out_.data_ptr<float>();
+    for (int64_t s = 0; s < slots; ++s) {
+      const int64_t slot = read.start + s, limit = slot_limit_[slot];
+      for (int64_t j = 0; j < G_; ++j) {
+        float* row = scores.data() + (s * G_ + j) * Lpad;
+        const int64_t head = h * G_ + j;
+        float* out = pout + (slot * H_ + head) * D;
+        if (limit == 0) {
+          pmax[slot * H_ + head] = -std::numeric_limits<float>::infinity();
+          psum[slot * H_ + head] = 0.f;
+          std::memset(out, 0, D * sizeof(float));
+          continue;
+        }
+        float top = row[0];
+        for (int64_t l = 1; l < limit; ++l) top = std::max(top, row[l]);
+        v8 total = splat(0.f);
+        int64_t l = 0;
+        for (; l + 8 <= limit; l += 8) {
+          v8 p = exp8(load8(row + l) - splat(top));
+          store8(row + l, p);
+          total += p;
+        }
+        float tail = 0.f;
+        for (; l < limit; ++l) {
+          row[l] = std::exp(row[l] - top);
+          tail += row[l];
+        }
+        v8 acc[D / 8];
+        for (int d = 0; d < D / 8; ++d) acc[d] = splat(0.f);
+        for (l = 0; l < limit; ++l) {
+          const v8 p = splat(row[l]);
+          const float* vr = vq + l * D;
+          for (int d = 0; d < D / 8; ++d) acc[d] += p * load8(vr + d * 8);
+        }
+        for (int d = 0; d < D / 8; ++d) store8(out + d * 8, acc[d]);
+        pmax[slot * H_ + head] = top;
+        psum[slot * H_ + head] = sum8(total) + tail;
+      }
+    }
+  }
+
+  // each token's output: its slots' partial softmaxes merged exactly (rescaled to the largest max)
+  template <typename O>
+  void merge(O* out) {
+    const float* pmax = partial_max_.data_ptr<float>();
+    const float* psum = partial_sum_.data_ptr<float>();
+    const float* pout = partial_out_.data_ptr<float>();
+    std::vector<float> acc(D_);
+    for (int64_t n = 0; n < N_; ++n) {
+      for (int64_t head = 0; head < H_; ++head) {
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t i = token_slots_[n]; i < token_slots_[n + 1]; ++i)
+          top = std::max(top, pmax[slot_order_[i] * H_ + head]);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        float total = 0.f;
+        for (int64_t i = token_slots_[n]; i < token_slots_[n + 1]; ++i) {
+          const int64_t at = slot_order_[i] * H_ + head;
+          if (psum[at] == 0.f) continue;
+          const float weight = std::exp(pmax[at] - top);
+          total += weight * psum[at];
+          const float* o = pout + at * D_;
+          for (int64_t d = 0; d < D_; ++d) acc[d] += weight * o[d];
+        }
+        O* dst = out + (n * H_ + head) * D_;
+        const float inv = 1.f / total;
+        for (int64_t d = 0; d < D_; ++d) dst[d] = from_float<O>(acc[d] * inv);
+      }
+    }
+  }
+
+  int64_t H_, KV_, D_, G_, N_;
+  at::ScalarType dtype_;
+  at::Tensor cos_, sin_;
+  std::vector<Write> writes_;
+  std::vector<Read> reads_;
+  std::vector<int64_t> slot_token_, slot_delta_, slot_limit_;
+  std::vector<int64_t> token_slots_, slot_order_;
+  at::Tensor partial_max_, partial_sum_, partial_out_, out_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hogwild's fused CPU kernels: RMSNorm, silu * up, and a decode step's concurrent attention";
+  m.def("rms_norm", &rms_norm, "x += residual (when given); weight * x / rms(x) in dtype", py::arg("x"),
+        py::arg("residual"), py::arg("weight"), py::arg("eps"), py::arg("dtype"));
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [N, 2 * I] gate/up output", py::arg("gate_up"));
+  py::class_<Plan>(m, "Plan")
+      .def(py::init<int64_t, int64_t, int64_t, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<int64_t>,
+                    std::vector<int64_t>, std::vector<int64_t>, std::vector<at::Tensor>, std::vector<int64_t>,
+                    std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
+                    std::vector<int64_t>, int64_t, at::ScalarType>())
+      .def("attend", &Plan::attend);
+}
