@@ -105,9 +105,14 @@ def test_two_workers_write_side_by_side_then_the_answer(browser, live):
     browser.get(live.url + "/")
     wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#layout option"), what="the page to load the model card")
     problem = browser.find_element(By.ID, "problem").get_attribute("value")
-    # the first seed whose run ends with an answer (a seeded run is the same through the API and the page)
-    found = next(((seed, m) for seed in range(16) if (m := solve_through_api(live, problem, seed))["content"]), None)
-    assert found, "no seed in 0..15 gave a run that ends with an answer"
+
+    # the first seed whose run moves a finished step into the shared history and ends with an answer; a seeded run
+    # is the same through the API and the page
+    def complete(message: dict) -> bool:
+        return bool(message["content"]) and bool(message["hogwild"]["history"])
+
+    found = next(((seed, m) for seed in range(16) if complete(m := solve_through_api(live, problem, seed))), None)
+    assert found, "no seed in 0..15 gave a run that finishes a step and ends with an answer"
     seed, message = found
     ask(browser, workers=2, budget=120, seed=seed)
     answer = browser.find_element(By.ID, "answer")
@@ -118,7 +123,8 @@ def test_two_workers_write_side_by_side_then_the_answer(browser, live):
     late = columns(browser)
     assert all(len(b) > len(a) and b.startswith(a) for a, b in zip(early, late, strict=True)), "columns did not fill"
     assert late[0].startswith("**Alice [1]:**") and late[1].startswith("**Bob [1]:**")
-    assert browser.find_elements(By.CSS_SELECTOR, "#history li"), "no finished step in the shared history"
+    shown = browser.find_elements(By.CSS_SELECTOR, "#history li")
+    assert len(shown) == len(message["hogwild"]["history"]), "the page's shared history differs from the API's"
     assert "finished by" in browser.find_element(By.ID, "status").text
     # the page shows the API's answer for the same seeded request, and each worker's whole transcript
     assert answer.text == message["content"]

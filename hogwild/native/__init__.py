@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import sys
 from functools import cache
 from pathlib import Path
@@ -25,7 +26,7 @@ from hogwild.model.kernels import CpuFacts
 from hogwild.model.loading import cache_dir
 
 SOURCE = Path(__file__).with_name("fused.cpp")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: at::parallel_for, on torch's own runtime
 HEAD_DIMS = (16, 32, 64, 128)  # the attention kernel's head sizes (16 and 32: the tests' tiny models)
 DTYPES = (torch.float32, torch.bfloat16)  # its cache and activation dtypes
 
@@ -66,11 +67,19 @@ def load() -> ModuleType | None:
 
         folder.mkdir(parents=True, exist_ok=True)
         module = build(
-            name="hogwild_fused", sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(folder), verbose=False
+            name="hogwild_fused",
+            sources=[str(SOURCE)],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            verbose=False,
         )
     except (OSError, RuntimeError, ImportError) as error:
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         print(f"hogwild: could not compile the fused CPU kernels ({first}); running torch ops", file=sys.stderr)
         return None
     built.touch()
+    for old in folder.parent.glob(f"{folder.name.rpartition('-')[0]}-*"):
+        if old != folder:  # earlier builds of this torch and Python, from other versions of the source
+            shutil.rmtree(old, ignore_errors=True)
     return module

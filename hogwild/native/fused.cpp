@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -202,11 +203,15 @@ at::Tensor silu_mul(at::Tensor gate_up) {
 // block-local positions. A slot is one token of one row reading one block: its query is rotated by `delta` (the
 // token's flat position minus the block's offset in the row's view) and sees the block's first `limit` keys.
 
-struct Read {
+struct Read {  // one span of a block's keys, [first, first + length), and the slots that read it
   at::Tensor kv;
-  int64_t length;  // keys read: the largest limit of its slots
+  int64_t first, length;
   int64_t start, end;  // its slots
 };
+
+// keys per span: a block longer than this is read as several spans, each with partials of its own, so that the
+// threads share a long prompt's keys instead of one thread reading all of them
+constexpr int64_t SPAN = 256;
 
 struct Write {  // a row's new tokens: flat indices [start, start + count) go to positions [offset, ...) of kv
   at::Tensor kv;
@@ -220,8 +225,7 @@ class Plan {
        std::vector<int64_t> write_offset, std::vector<at::Tensor> read_kv, std::vector<int64_t> read_length,
        std::vector<int64_t> read_start, std::vector<int64_t> read_end, std::vector<int64_t> slot_token,
        std::vector<int64_t> slot_delta, std::vector<int64_t> slot_limit, int64_t tokens, at::ScalarType out_dtype)
-      : H_(heads), KV_(kv_heads), D_(head_dim), G_(heads / kv_heads), N_(tokens), cos_(cos),
-        sin_(signed_sin), slot_token_(slot_token), slot_delta_(slot_delta), slot_limit_(slot_limit) {
+      : H_(heads), KV_(kv_heads), D_(head_dim), G_(heads / kv_heads), N_(tokens), cos_(cos), sin_(signed_sin) {
     TORCH_CHECK(heads % kv_heads == 0, "heads must be a multiple of kv_heads");
     TORCH_CHECK(head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128,
                 "the fused attention takes head_dim 16, 32, 64 or 128");
@@ -243,28 +247,43 @@ class Plan {
       TORCH_CHECK(write_start[r] >= 0 && write_start[r] + write_count[r] <= tokens, "a row's tokens are out of range");
       writes_.push_back({write_kv[r], write_start[r], write_count[r], write_offset[r]});
     }
-    const int64_t slots = static_cast<int64_t>(slot_token.size());
-    TORCH_CHECK(slot_delta.size() == static_cast<size_t>(slots) && slot_limit.size() == static_cast<size_t>(slots),
+    const int64_t given = static_cast<int64_t>(slot_token.size());
+    TORCH_CHECK(slot_delta.size() == static_cast<size_t>(given) && slot_limit.size() == static_cast<size_t>(given),
                 "one delta and one limit per slot");
-    for (size_t r = 0; r < read_kv.size(); ++r) {
-      check_kv(read_kv[r]);
-      TORCH_CHECK(0 <= read_start[r] && read_start[r] < read_end[r] && read_end[r] <= slots, "bad slot range");
-      TORCH_CHECK(read_length[r] <= read_kv[r].size(3), "a read runs past its block's storage");
-      for (int64_t s = read_start[r]; s < read_end[r]; ++s)
-        TORCH_CHECK(0 <= slot_limit[s] && slot_limit[s] <= read_length[r], "a slot's limit runs past its read");
-      reads_.push_back({read_kv[r], read_length[r], read_start[r], read_end[r]});
-    }
-    // each token's slots, for the merge
-    token_slots_.assign(tokens + 1, 0);
-    for (int64_t s = 0; s < slots; ++s) {
+    for (int64_t s = 0; s < given; ++s) {
       TORCH_CHECK(0 <= slot_token[s] && slot_token[s] < tokens, "a slot's token is out of range");
       TORCH_CHECK(0 <= slot_delta[s] && slot_delta[s] < positions, "a slot's rotation is out of the rope tables");
-      ++token_slots_[slot_token[s] + 1];
     }
+    // the reads, cut into spans of SPAN keys: a span's slots are its read's, limits cut to the span
+    for (size_t r = 0; r < read_kv.size(); ++r) {
+      check_kv(read_kv[r]);
+      TORCH_CHECK(0 <= read_start[r] && read_start[r] < read_end[r] && read_end[r] <= given, "bad slot range");
+      TORCH_CHECK(read_length[r] <= read_kv[r].size(3), "a read runs past its block's storage");
+      for (int64_t first = 0; first < read_length[r]; first += SPAN) {
+        const int64_t length = std::min(SPAN, read_length[r] - first), start = slot_token_.size();
+        bool seen = false;
+        for (int64_t s = read_start[r]; s < read_end[r]; ++s) {
+          TORCH_CHECK(0 <= slot_limit[s] && slot_limit[s] <= read_length[r], "a slot's limit runs past its read");
+          const int64_t limit = std::clamp<int64_t>(slot_limit[s] - first, 0, length);
+          slot_token_.push_back(slot_token[s]);
+          slot_delta_.push_back(slot_delta[s]);
+          slot_limit_.push_back(limit);
+          seen = seen || limit > 0;
+        }
+        if (seen)
+          reads_.push_back({read_kv[r], first, length, start, static_cast<int64_t>(slot_token_.size())});
+        else  // no slot sees a key of this span
+          for (auto* v : {&slot_token_, &slot_delta_, &slot_limit_}) v->resize(start);
+      }
+    }
+    const int64_t slots = static_cast<int64_t>(slot_token_.size());
+    // each token's slots, for the merge
+    token_slots_.assign(tokens + 1, 0);
+    for (int64_t s = 0; s < slots; ++s) ++token_slots_[slot_token_[s] + 1];
     for (int64_t n = 0; n < tokens; ++n) token_slots_[n + 1] += token_slots_[n];
     slot_order_.resize(slots);
     std::vector<int64_t> fill(token_slots_.begin(), token_slots_.end() - 1);
-    for (int64_t s = 0; s < slots; ++s) slot_order_[fill[slot_token[s]]++] = s;
+    for (int64_t s = 0; s < slots; ++s) slot_order_[fill[slot_token_[s]]++] = s;
     // partials: per slot and head, the max score, the sum of exp, and the exp-weighted values
     at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
     partial_max_ = at::empty({slots, heads}, f32);
@@ -295,8 +314,10 @@ class Plan {
   void run(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
     write_new<T>(layer, k, v);
     const int64_t items = KV_ * static_cast<int64_t>(reads_.size());
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
+    // items differ in size (spans of a few keys to SPAN): threads take the next one as they finish
+#pragma omp parallel for schedule(dynamic, 1) num_threads(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items)))
+    for (int64_t item = 0; item < items; ++item) {
+      {
         const int64_t h = item % KV_;
         const Read& read = reads_[item / KV_];
         switch (D_) {
@@ -306,7 +327,7 @@ class Plan {
           default: read_block<T, 128>(layer, h, read, q); break;
         }
       }
-    });
+    }
     if (out_.scalar_type() == at::kFloat)
       merge(out_.data_ptr<float>());
     else
@@ -348,9 +369,9 @@ class Plan {
     const int64_t slots = read.end - read.start, Q = slots * G_, L = read.length;
     const int64_t capacity = read.kv.size(3);
     const T* base = read.kv.data_ptr<T>();
-    const T* keys = base + ((layer * 2 * KV_ + h) * capacity) * D;
-    const T* values = base + ((layer * 2 * KV_ + KV_ + h) * capacity) * D;
-    thread_local std::vector<float> qf, kf, vf, scores;
+    const T* keys = base + ((layer * 2 * KV_ + h) * capacity + read.first) * D;
+    const T* values = base + ((layer * 2 * KV_ + KV_ + h) * capacity + read.first) * D;
+    thread_local std::vector<float> qf, kf, vf, scores;  // per thread, reused
     qf.resize(Q * D);
     const int64_t Lpad = (L + 7) / 8 * 8;
     scores.resize(Q * Lpad);
@@ -367,52 +388,51 @@ class Plan {
       for (int64_t j = 0; j < G_; ++j) {
         const T* src = qp + token * q.stride(0) + (h * G_ + j) * q.stride(1);
         float* dst = qf.data() + (s * G_ + j) * D;
-        for (int d = 0; d < D; ++d) {
-          const int other = d < D / 2 ? d + D / 2 : d - D / 2;
-          dst[d] = (to_float(src[d]) * to_float(c[d]) + to_float(src[other]) * to_float(sgn[d])) * scale;
+        for (int d = 0; d < D / 2; d += 8) {  // the halves swap: x * cos + (x2, x1) * signed sin
+          const v8 x1 = load8(src + d), x2 = load8(src + D / 2 + d);
+          store8(dst + d, (x1 * load8(c + d) + x2 * load8(sgn + d)) * splat(scale));
+          store8(dst + D / 2 + d, (x2 * load8(c + D / 2 + d) + x1 * load8(sgn + D / 2 + d)) * splat(scale));
         }
       }
     }
-    // keys and values as float32, read once for every query slot
-    const float* kq;
-    const float* vq;
-    if constexpr (std::is_same_v<T, float>) {
-      kq = keys;
-      vq = values;
-    } else {
-      kf.resize(Lpad * D);
-      vf.resize(L * D);
-      for (int64_t i = 0; i < L * D; i += 8) {
-        store8(kf.data() + i, load8(keys + i));
-        store8(vf.data() + i, load8(values + i));
+    // keys and values in tiles of TILE that stay in L1 while every query reads them (as float32: a bf16 cache
+    // converts each tile once)
+    constexpr int64_t TILE = 64;
+    kf.resize(TILE * D);
+    vf.resize(TILE * D);
+    auto tile = [&](const T* src, int64_t from, int64_t count) -> const float* {
+      if constexpr (std::is_same_v<T, float>) {
+        return src + from * D;
+      } else {
+        float* dst = (src == keys ? kf : vf).data();
+        for (int64_t i = 0; i < count * D; i += 8) store8(dst + i, load8(src + from * D + i));
+        return dst;
       }
-      kq = kf.data();
-      vq = vf.data();
-    }
-    // scores [Q, L]: eight keys at a time, their dot products summed across lanes together
-    for (int64_t i = 0; i < Q; ++i) {
-      v8 qv[D / 8];
-      for (int d = 0; d < D / 8; ++d) qv[d] = load8(qf.data() + i * D + d * 8);
-      float* row = scores.data() + i * Lpad;
-      int64_t l = 0;
-      for (; l + 8 <= L; l += 8) {
-        v8 acc[8];
-        for (int j = 0; j < 8; ++j) {
-          const float* kr = kq + (l + j) * D;
-          v8 a = qv[0] * load8(kr);
-          for (int d = 1; d < D / 8; ++d) a += qv[d] * load8(kr + d * 8);
-          acc[j] = a;
+    };
+    // scores [Q, L]: eight keys at a time, eight independent sums, added across lanes together
+    for (int64_t l0 = 0; l0 < L; l0 += TILE) {
+      const int64_t count = std::min(TILE, L - l0);
+      const float* kt = tile(keys, l0, count);
+      for (int64_t i = 0; i < Q; ++i) {
+        const float* qr = qf.data() + i * D;
+        float* row = scores.data() + i * Lpad + l0;
+        int64_t l = 0;
+        for (; l + 8 <= count; l += 8) {
+          v8 acc[8] = {};
+          for (int d = 0; d < D; d += 8) {
+            const v8 qd = load8(qr + d);
+            for (int j = 0; j < 8; ++j) acc[j] += qd * load8(kt + (l + j) * D + d);
+          }
+          store8(row + l, sums8(acc));
         }
-        store8(row + l, sums8(acc));
-      }
-      for (; l < L; ++l) {
-        const float* kr = kq + l * D;
-        v8 a = qv[0] * load8(kr);
-        for (int d = 1; d < D / 8; ++d) a += qv[d] * load8(kr + d * 8);
-        row[l] = sum8(a);
+        for (; l < count; ++l) {
+          v8 a = {};
+          for (int d = 0; d < D; d += 8) a += load8(qr + d) * load8(kt + l * D + d);
+          row[l] = sum8(a);
+        }
       }
     }
-    // per query: softmax over its first `limit` keys (unnormalized), then the weighted values
+    // per query: softmax over its first `limit` keys, unnormalized (the merge divides)
     float* pmax = partial_max_.data_ptr<float>();
     float* psum = partial_sum_.data_ptr<float>();
     float* pout = partial_out_.data_ptr<float>();
@@ -420,19 +440,24 @@ class Plan {
       const int64_t slot = read.start + s, limit = slot_limit_[slot];
       for (int64_t j = 0; j < G_; ++j) {
         float* row = scores.data() + (s * G_ + j) * Lpad;
-        const int64_t head = h * G_ + j;
-        float* out = pout + (slot * H_ + head) * D;
+        const int64_t at = slot * H_ + h * G_ + j;
+        std::memset(pout + at * D, 0, D * sizeof(float));
         if (limit == 0) {
-          pmax[slot * H_ + head] = -std::numeric_limits<float>::infinity();
-          psum[slot * H_ + head] = 0.f;
-          std::memset(out, 0, D * sizeof(float));
+          pmax[at] = -std::numeric_limits<float>::infinity();
+          psum[at] = 0.f;
           continue;
         }
-        float top = row[0];
-        for (int64_t l = 1; l < limit; ++l) top = std::max(top, row[l]);
-        v8 total = splat(0.f);
+        v8 tops = splat(-std::numeric_limits<float>::infinity());
         int64_t l = 0;
         for (; l + 8 <= limit; l += 8) {
+          const v8 x = load8(row + l);
+          tops = x > tops ? x : tops;
+        }
+        float top = tops[0];
+        for (int i = 1; i < 8; ++i) top = std::max(top, tops[i]);
+        for (; l < limit; ++l) top = std::max(top, row[l]);
+        v8 total = splat(0.f);
+        for (l = 0; l + 8 <= limit; l += 8) {
           v8 p = exp8(load8(row + l) - splat(top));
           store8(row + l, p);
           total += p;
@@ -442,16 +467,26 @@ class Plan {
           row[l] = std::exp(row[l] - top);
           tail += row[l];
         }
+        pmax[at] = top;
+        psum[at] = sum8(total) + tail;
+      }
+    }
+    // the weighted values, tile by tile: out[i] += p[i, l] * v[l] over each query's visible keys
+    for (int64_t l0 = 0; l0 < L; l0 += TILE) {
+      const int64_t count = std::min(TILE, L - l0);
+      const float* vt = tile(values, l0, count);
+      for (int64_t i = 0; i < Q; ++i) {
+        const int64_t slot = read.start + i / G_, end = std::min(count, slot_limit_[slot] - l0);
+        if (end <= 0) continue;
+        const float* p = scores.data() + i * Lpad + l0;
+        float* out = pout + (slot * H_ + h * G_ + i % G_) * D;
         v8 acc[D / 8];
-        for (int d = 0; d < D / 8; ++d) acc[d] = splat(0.f);
-        for (l = 0; l < limit; ++l) {
-          const v8 p = splat(row[l]);
-          const float* vr = vq + l * D;
-          for (int d = 0; d < D / 8; ++d) acc[d] += p * load8(vr + d * 8);
+        for (int d = 0; d < D / 8; ++d) acc[d] = load8(out + d * 8);
+        for (int64_t l = 0; l < end; ++l) {
+          const v8 w = splat(p[l]);
+          for (int d = 0; d < D / 8; ++d) acc[d] += w * load8(vt + l * D + d * 8);
         }
         for (int d = 0; d < D / 8; ++d) store8(out + d * 8, acc[d]);
-        pmax[slot * H_ + head] = top;
-        psum[slot * H_ + head] = sum8(total) + tail;
       }
     }
   }

@@ -1,0 +1,125 @@
+"""hogwild's fused CPU kernels (hogwild/native): each against the torch ops it replaces, long blocks read in spans
+against the flat reference, and the switches that turn them off."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import FAMILIES, TinyModel, fused_kernels
+
+from hogwild import native
+from hogwild.attention import FlatReference, Row, StepPlan
+from hogwild.collab.layouts import SharedCache
+from hogwild.sampling import SamplingParams
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def fused():
+    return fused_kernels()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [None, torch.float32, torch.bfloat16])
+def test_rms_norm_adds_the_residual_and_matches_torch(fused, dtype, residual):
+    torch.manual_seed(0)
+    x = torch.randn(5, 200) * 3  # 200: not a multiple of 8, so the tail loop runs too
+    weight = torch.rand(200) + 0.5
+    r = None if residual is None else torch.randn(5, 200).to(residual)
+    expected_x = x if r is None else x + r.float()
+    expected = F.rms_norm(expected_x, (200,), weight, 1e-5)
+    out = fused.rms_norm(x, r, weight, 1e-5, dtype)
+    assert out.dtype == dtype and out.shape == (5, 200)
+    assert torch.equal(x, expected_x), "the residual is added into x in place"
+    tol = 1e-5 if dtype == torch.float32 else 2e-2 * expected.abs().max().item()
+    assert (out.float() - expected).abs().max().item() < tol
+    # a wrong eps or a lost weight would not pass
+    assert (F.rms_norm(expected_x, (200,), None, 1e-5) - expected).abs().max().item() > 10 * tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_matches_torch(fused, dtype):
+    torch.manual_seed(0)
+    gate_up = (torch.randn(3, 2 * 100) * 6).to(dtype)  # large |x|: both tails of silu
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    out = fused.silu_mul(gate_up)
+    assert out.dtype == dtype and out.shape == (3, 100)
+    tol = 1e-5 * expected.abs().max().item() if dtype == torch.float32 else 8e-3 * expected.abs().max().item()
+    assert (out.float() - expected).abs().max().item() < tol
+    assert (F.silu(up) * gate - expected).abs().max().item() > 10 * tol  # gate and up swapped would fail
+
+
+def test_kernels_refuse_what_they_cannot_take(fused):
+    with pytest.raises(RuntimeError, match="float32"):
+        fused.rms_norm(torch.zeros(2, 8, dtype=torch.float64), None, torch.ones(8), 1e-5, torch.float32)
+    with pytest.raises(RuntimeError, match="2 \\* intermediate"):
+        fused.silu_mul(torch.zeros(2, 7))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_long_blocks_are_read_in_spans_exactly(family):
+    """A prompt of 400 tokens (longer than the kernel's span of 256 keys, so each read of it is cut into two spans
+    whose partial softmaxes are merged) and workers decoding over it: every step equals the flat reference."""
+    tm = TinyModel(family, seed=2, fused=True)
+    shared = SharedCache(tm.ledger(), 3, "combined")
+    ref = FlatReference(tm.config)
+    rng = random.Random(0)
+    vocab = tm.config.vocab_size
+
+    def step(rows):
+        expected = ref.step(tm.model, rows)
+        fast = tm.step(rows)
+        for f, e in zip(fast, expected, strict=True):
+            assert (f - e).abs().max().item() < 1e-4
+
+    step([Row([shared.prompt], [rng.randrange(vocab) for _ in range(200)])])  # prompts go through torch ops
+    step([Row([shared.prompt], [rng.randrange(vocab) for _ in range(200)])])
+    for n in range(5):
+        rows = [Row(shared.view(w), [rng.randrange(vocab) for _ in range(1 + (w + n) % 3)]) for w in range(3)]
+        for row in rows:
+            row.own.ledger.reserve([(row.own, row.own.length + len(row.tokens))])
+        plan = StepPlan(rows, tm.config, tm.rope, tm.model.dtype, tm.model.fused)
+        assert plan.native is not None, "decode steps attend through the fused kernel"
+        step(rows)
+
+
+def test_bf16_fused_decoder_tracks_the_torch_ops_decoder():
+    """bf16 activations, the same weights: the fused decoder and the torch-ops decoder agree to bf16's precision
+    (the fused kernels round once where torch rounds after every op)."""
+    plain, fast = (TinyModel("qwen2", seed=3, dtype=torch.bfloat16, fused=f) for f in (False, True))
+    outs = []
+    for tm in (plain, fast):
+        shared = SharedCache(tm.ledger(), 2, "interleaved")
+        rng = random.Random(1)
+        tm.step([Row([shared.prompt], [rng.randrange(211) for _ in range(12)])])
+        logits = []
+        for _ in range(4):
+            rows = [Row(shared.view(w), [rng.randrange(211)]) for w in range(2)]
+            logits += [out[-1] for out in tm.step(rows)]
+        outs.append(torch.stack(logits))
+    scale = outs[0].abs().max().item()
+    assert (outs[0] - outs[1]).abs().max().item() < 0.03 * scale
+
+
+def test_switches_turn_the_fused_kernels_off(monkeypatch):
+    monkeypatch.setenv("HOGWILD_FUSED", "0")
+    assert native.unavailable() == "HOGWILD_FUSED=0"
+    monkeypatch.delenv("HOGWILD_FUSED")
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    assert "x86-64" in native.unavailable()
+
+
+def test_engine_uses_the_fused_kernels_unless_told_not_to(default_model_dir):
+    from hogwild.engine import Engine, EngineConfig
+
+    on = Engine.load(EngineConfig(model=str(default_model_dir), threads=1, kv_memory="64MiB"))
+    off = Engine.load(EngineConfig(model=str(default_model_dir), threads=1, kv_memory="64MiB", fused=False))
+    assert on.fused is not None and off.fused is None
+    prompt = on.encode_prompt("Name three colours.")
+    params = SamplingParams(max_tokens=16)
+    assert list(on.generate(prompt, params)) == list(off.generate(prompt, params))
