@@ -32,6 +32,14 @@ from hogwild.native import DTYPES, HEAD_DIMS
 FUSED_ROW_TOKENS = 16  # steps whose rows feed at most this many tokens each attend through the fused kernel
 
 
+def split_qkv(qkv: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, (heads + 2 * kv_heads) * D] -> q [N, heads, D], k and v [N, kv_heads, D] (views)."""
+    H, KV, D = config.num_heads, config.num_kv_heads, config.head_dim
+    q, k, v = qkv.split((H * D, KV * D, KV * D), dim=-1)
+    N = qkv.shape[0]
+    return q.view(N, H, D), k.view(N, KV, D), v.view(N, KV, D)
+
+
 @dataclass
 class Row:
     """One row of a step: `tokens` are appended to `view[-1]` (the row's own block), attending over the whole view.
@@ -269,6 +277,13 @@ class StepPlan:
             self.out = torch.empty((N, kvh, g, D), dtype=self.out_dtype, device=out.device)
         return self.out.copy_(out.transpose(0, 1)).view(N, H * D)
 
+    def attend_qkv(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """`attend` on the fused projection's output, qkv: [N, (heads + 2 * kv_heads) * D] in any float dtype;
+        the fused kernel reads it as it is (no split, no cast)."""
+        if self.native is not None:
+            return self.native.attend_qkv(layer, qkv)
+        return self.attend(layer, *split_qkv(qkv.to(self.dtype), self.config))
+
     def _merge(self, maxes: torch.Tensor, sums: torch.Tensor, outs: torch.Tensor, N: int) -> torch.Tensor:
         """Exact log-sum-exp merge of per-group partials. maxes, sums: [kv_heads, G, group]; outs: [..., D]."""
         kvh, _, g = maxes.shape
@@ -335,6 +350,9 @@ class FlatReference:
         for row, new in zip(rows, pending, strict=True):
             self._append(row.own, new)
         return logits
+
+    def attend_qkv(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        return self.attend(layer, *split_qkv(qkv.float(), self.config))
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # x: [L, heads, D] float64; standard RoPE at flat positions

@@ -30,6 +30,8 @@ class Attention(Protocol):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
+    def attend_qkv(self, layer: int, qkv: torch.Tensor) -> torch.Tensor: ...  # the fused projection's output
+
 
 @dataclass
 class Layer:
@@ -189,14 +191,15 @@ class Decoder:
         x = F.embedding(tokens, self.embed).float()  # [N, hidden], the residual stream, updated in place
         h = fused.rms_norm(x, None, self.layers[0].input_norm_f32, eps, dtype)
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(h).to(attention.dtype).split((H * D, KV * D, KV * D), dim=-1)
-            q = q.view(N, H, D)
-            k = k.view(N, KV, D)
-            v = v.view(N, KV, D)
-            if layer.q_norm is not None:
-                q = F.rms_norm(q.float(), (D,), layer.q_norm_f32, eps).to(attention.dtype)
-                k = F.rms_norm(k.float(), (D,), layer.k_norm_f32, eps).to(attention.dtype)
-            y = layer.o(attention.attend(i, q, k, v).to(dtype))
+            qkv = layer.qkv(h)  # [N, (H + 2 * KV) * D]
+            if layer.q_norm is None:
+                out = attention.attend_qkv(i, qkv)
+            else:
+                q, k, v = qkv.to(attention.dtype).split((H * D, KV * D, KV * D), dim=-1)
+                q = F.rms_norm(q.float().view(N, H, D), (D,), layer.q_norm_f32, eps).to(attention.dtype)
+                k = F.rms_norm(k.float().view(N, KV, D), (D,), layer.k_norm_f32, eps).to(attention.dtype)
+                out = attention.attend(i, q, k, v.view(N, KV, D))
+            y = layer.o(out.to(dtype))
             h = fused.rms_norm(x, y, layer.post_norm_f32, eps, dtype)
             y = layer.down(fused.silu_mul(layer.gate_up(h)))
             last = i + 1 == len(self.layers)

@@ -293,39 +293,62 @@ class Plan {
     TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, "attention writes float32 or bf16");
   }
 
-  // q: [N, heads, D], k, v: [N, kv_heads, D] in the cache dtype, rows of each may be strided (views of the fused
-  // qkv projection) -> [N, heads * D] in the output dtype; the returned tensor is reused by the next layer
+  // q: [N, heads, D], k, v: [N, kv_heads, D], float32 or bf16 (one dtype), rows of each may be strided (views of
+  // the fused qkv projection) -> [N, heads * D] in the output dtype; the returned tensor is reused by the next layer
   at::Tensor attend(int64_t layer, at::Tensor q, at::Tensor k, at::Tensor v) {
     for (const at::Tensor* t : {&q, &k, &v}) {
-      TORCH_CHECK(t->scalar_type() == dtype_ && t->dim() == 3 && t->size(0) == N_ && t->size(2) == D_ &&
+      TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->dim() == 3 && t->size(0) == N_ && t->size(2) == D_ &&
                       t->stride(2) == 1,
-                  "q, k, v must be [N, heads, head_dim] in the cache dtype, head_dim contiguous");
+                  "q, k, v must be [N, heads, head_dim] in one dtype, head_dim contiguous");
     }
+    check_cpu(q, "q");
     TORCH_CHECK(q.size(1) == H_ && k.size(1) == KV_ && v.size(1) == KV_, "q, k, v head counts");
-    if (dtype_ == at::kFloat)
-      run<float>(layer, q, k, v);
-    else
-      run<bf16>(layer, q, k, v);
-    return out_;
+    Input in{q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+             v.stride(0), v.stride(1)};
+    return dispatch(layer, in, q.scalar_type());
+  }
+
+  // qkv: [N, (heads + 2 * kv_heads) * D], the fused projection's output as it comes (float32 or bf16)
+  at::Tensor attend_qkv(int64_t layer, at::Tensor qkv) {
+    check_cpu(qkv, "qkv");
+    TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == N_ && qkv.size(1) == (H_ + 2 * KV_) * D_ && qkv.stride(1) == 1,
+                "qkv must be [N, (heads + 2 * kv_heads) * head_dim] with contiguous rows");
+    const int64_t row = qkv.stride(0), size = qkv.element_size();
+    const char* base = static_cast<const char*>(qkv.data_ptr());
+    Input in{base, base + H_ * D_ * size, base + (H_ + KV_) * D_ * size, row, D_, row, D_, row, D_};
+    return dispatch(layer, in, qkv.scalar_type());
   }
 
  private:
-  template <typename T>
-  void run(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-    write_new<T>(layer, k, v);
+  struct Input {  // q, k, v: element strides between tokens and between heads
+    const void *q, *k, *v;
+    int64_t q_row, q_head, k_row, k_head, v_row, v_head;
+  };
+
+  at::Tensor dispatch(int64_t layer, const Input& in, at::ScalarType input) {
+    const bool f = input == at::kFloat;
+    if (dtype_ == at::kFloat)
+      f ? run<float, float>(layer, in) : run<float, bf16>(layer, in);
+    else
+      f ? run<bf16, float>(layer, in) : run<bf16, bf16>(layer, in);
+    return out_;
+  }
+
+  // T: the cache's dtype; I: the new q, k, v's
+  template <typename T, typename I>
+  void run(int64_t layer, const Input& in) {
+    write_new<T, I>(layer, in);
     const int64_t items = KV_ * static_cast<int64_t>(reads_.size());
     // items differ in size (spans of a few keys to SPAN): threads take the next one as they finish
 #pragma omp parallel for schedule(dynamic, 1) num_threads(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items)))
     for (int64_t item = 0; item < items; ++item) {
-      {
-        const int64_t h = item % KV_;
-        const Read& read = reads_[item / KV_];
-        switch (D_) {
-          case 16: read_block<T, 16>(layer, h, read, q); break;
-          case 32: read_block<T, 32>(layer, h, read, q); break;
-          case 64: read_block<T, 64>(layer, h, read, q); break;
-          default: read_block<T, 128>(layer, h, read, q); break;
-        }
+      const int64_t h = item % KV_;
+      const Read& read = reads_[item / KV_];
+      switch (D_) {
+        case 16: read_block<T, I, 16>(layer, h, read, in); break;
+        case 32: read_block<T, I, 32>(layer, h, read, in); break;
+        case 64: read_block<T, I, 64>(layer, h, read, in); break;
+        default: read_block<T, I, 128>(layer, h, read, in); break;
       }
     }
     if (out_.scalar_type() == at::kFloat)
@@ -335,12 +358,12 @@ class Plan {
   }
 
   // the new tokens' keys rotated at their block-local positions, and their values, into their blocks
-  template <typename T>
-  void write_new(int64_t layer, const at::Tensor& k, const at::Tensor& v) {
+  template <typename T, typename I>
+  void write_new(int64_t layer, const Input& in) {
     const T* cs = cos_.data_ptr<T>();
     const T* sn = sin_.data_ptr<T>();
-    const T* kp = k.data_ptr<T>();
-    const T* vp = v.data_ptr<T>();
+    const I* kp = static_cast<const I*>(in.k);
+    const I* vp = static_cast<const I*>(in.v);
     const int64_t half = D_ / 2;
     for (const Write& w : writes_) {
       T* base = w.kv.data_ptr<T>();
@@ -350,22 +373,23 @@ class Plan {
         const T* c = cs + position * D_;
         const T* s = sn + position * D_;
         for (int64_t h = 0; h < KV_; ++h) {
-          const T* src = kp + token * k.stride(0) + h * k.stride(1);
+          const I* key = kp + token * in.k_row + h * in.k_head;
+          const I* value = vp + token * in.v_row + h * in.v_head;
           T* keys = base + ((layer * 2 * KV_ + h) * capacity + position) * D_;
           T* values = base + ((layer * 2 * KV_ + KV_ + h) * capacity + position) * D_;
           for (int64_t d = 0; d < D_; ++d) {
             const int64_t other = d < half ? d + half : d - half;
-            keys[d] = from_float<T>(to_float(src[d]) * to_float(c[d]) + to_float(src[other]) * to_float(s[d]));
+            keys[d] = from_float<T>(to_float(key[d]) * to_float(c[d]) + to_float(key[other]) * to_float(s[d]));
+            values[d] = from_float<T>(to_float(value[d]));
           }
-          std::memcpy(values, vp + token * v.stride(0) + h * v.stride(1), D_ * sizeof(T));
         }
       }
     }
   }
 
   // one kv head of one block for all of its slots: queries [Q = slots * group, D] against the block's keys
-  template <typename T, int D>
-  void read_block(int64_t layer, int64_t h, const Read& read, const at::Tensor& q) {
+  template <typename T, typename I, int D>
+  void read_block(int64_t layer, int64_t h, const Read& read, const Input& in) {
     const int64_t slots = read.end - read.start, Q = slots * G_, L = read.length;
     const int64_t capacity = read.kv.size(3);
     const T* base = read.kv.data_ptr<T>();
@@ -378,7 +402,7 @@ class Plan {
 
     // queries rotated by their slot's delta, the softmax scale folded in
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
-    const T* qp = q.data_ptr<T>();
+    const I* qp = static_cast<const I*>(in.q);
     const T* cs = cos_.data_ptr<T>();
     const T* sn = sin_.data_ptr<T>();
     for (int64_t s = 0; s < slots; ++s) {
@@ -386,7 +410,7 @@ class Plan {
       const T* c = cs + delta * D;
       const T* sgn = sn + delta * D;
       for (int64_t j = 0; j < G_; ++j) {
-        const T* src = qp + token * q.stride(0) + (h * G_ + j) * q.stride(1);
+        const I* src = qp + token * in.q_row + (h * G_ + j) * in.q_head;
         float* dst = qf.data() + (s * G_ + j) * D;
         for (int d = 0; d < D / 2; d += 8) {  // the halves swap: x * cos + (x2, x1) * signed sin
           const v8 x1 = load8(src + d), x2 = load8(src + D / 2 + d);
@@ -542,5 +566,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<int64_t>, std::vector<int64_t>, std::vector<at::Tensor>, std::vector<int64_t>,
                     std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
                     std::vector<int64_t>, int64_t, at::ScalarType>())
-      .def("attend", &Plan::attend);
+      .def("attend", &Plan::attend)
+      .def("attend_qkv", &Plan::attend_qkv);
 }
