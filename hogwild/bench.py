@@ -333,9 +333,7 @@ def _machine(engine: Engine, reference: Transformers | None) -> str:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {os.cpu_count()} cores"
     versions = f"torch {torch.__version__}" + (f", transformers {reference.version}" if reference else "")
     model = engine.config.model or "SmolLM2-135M-Instruct"
-    return (
-        f"{model}, {torch.get_num_threads()} threads on {where}; {versions}\nhogwild runs {engine.kernels.describe()}"
-    )
+    return f"{model}, {torch.get_num_threads()} threads on {where}; {versions}\nhogwild runs {engine.describe()}"
 
 
 def _row_dict(m: Measurement, engine: Engine, repeats: int, **extra: object) -> dict:
@@ -380,7 +378,7 @@ def _load(args: argparse.Namespace, transformers: bool) -> tuple[Engine, Transfo
     config = engine_config(args)
     progress.print("loading hogwild" + (" and transformers" if transformers else ""))
     engine = Engine.load(config)
-    progress.print(f"hogwild runs {engine.kernels.describe()}")
+    progress.print(f"hogwild runs {engine.describe()}")
     reference = None
     if transformers:
         reference = Transformers(args.model, reference_dtype(engine.kernels, args.device), args.device)

@@ -118,7 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     engine = Engine.load(engine_config(args))
     if args.verbose:
-        print(f"hogwild: {engine.kernels.describe()}, {torch.get_num_threads()} threads", file=sys.stderr)
+        print(f"hogwild: {engine.describe()}, {torch.get_num_threads()} threads", file=sys.stderr)
     prompt_ids = engine.encode_prompt(args.prompt, chat=not args.raw, system=args.system)
     result = Generation()
     start = time.perf_counter()

@@ -180,6 +180,15 @@ class Engine:
         model.quantized.clear()  # the kernels hold their own packed copies
         return cls(model, tokenizer, config, kernels)
 
+    def describe(self) -> str:
+        """The weights, kernels and fused path this engine runs, and why, in one line."""
+        fused = (
+            "norms, silu * up and decode attention through hogwild's fused CPU kernels"
+            if self.fused is not None
+            else "norms and attention as torch ops"
+        )
+        return f"{self.kernels.describe()}; {fused}"
+
     # context
 
     @property

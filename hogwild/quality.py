@@ -114,7 +114,7 @@ def measure(
     base = loglik if ref_loglik is None else ref_loglik
     quality = Quality(
         weights=weights,
-        describe=engine.kernels.describe(),
+        describe=engine.describe(),
         agreement=sum(same) / sum(lengths),
         identical=sum(s == n for s, n in zip(same, lengths, strict=True)),
         flips=flips / max(positions, 1),

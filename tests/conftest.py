@@ -5,9 +5,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from hogwild import native
 from hogwild.model.loading import resolve_model_dir
 
 torch.set_num_threads(1)  # stable timings and no oversubscription on small machines
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fused_kernels_built() -> None:
+    """Build (or find) the fused CPU kernels once, in the real cache, before any test points HOGWILD_CACHE at a
+    temporary folder (the first build takes about 30 s)."""
+    native.load()
 
 
 @pytest.fixture(scope="session")

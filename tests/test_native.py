@@ -123,3 +123,23 @@ def test_engine_uses_the_fused_kernels_unless_told_not_to(default_model_dir):
     prompt = on.encode_prompt("Name three colours.")
     params = SamplingParams(max_tokens=16)
     assert list(on.generate(prompt, params)) == list(off.generate(prompt, params))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_int4_layers_in_one_call_track_the_layer_by_layer_path(family):
+    """int4 projections: the decode steps' one-call layer loop (qkv bias included for qwen2) against the torch-ops
+    decoder on the same 4-bit weights; a lost bias or a swapped projection would be far off."""
+    plain, fast = (TinyModel(family, seed=4, dtype=torch.bfloat16, linear="int4", fused=f) for f in (False, True))
+    assert plain.model.fused_int4 is None and fast.model.fused_int4 is not None
+    outs = []
+    for tm in (plain, fast):
+        shared = SharedCache(tm.ledger(), 3, "combined")
+        rng = random.Random(2)
+        tm.step([Row([shared.prompt], [rng.randrange(211) for _ in range(20)])])
+        logits = []
+        for _ in range(4):
+            rows = [Row(shared.view(w), [rng.randrange(211)]) for w in range(3)]
+            logits += [out[-1] for out in tm.step(rows)]
+        outs.append(torch.stack(logits))
+    scale = outs[0].abs().max().item()
+    assert (outs[0] - outs[1]).abs().max().item() < 0.03 * scale

@@ -152,7 +152,7 @@ def _on_ray(args, engine_config, problems, task, config, out: Path, settings: di
         from hogwild.engine import Engine
 
         engine = Engine.load(engine_config)
-        print(f"{engine.config.model or 'smollm2-135m'}: {engine.kernels.describe()}")
+        print(f"{engine.config.model or 'smollm2-135m'}: {engine.describe()}")
         one = _measure(engine, problems, config)
         del engine
         if one is None:

@@ -144,6 +144,27 @@ class Decoder:
             expected = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
             if self.layers[-1].qkv.shape != (expected, c.hidden_size):
                 raise HogwildError(f"layer {i} attention weights do not match the config's head counts")
+        # int4 decode steps run every layer in one fused call: its tensors, in the order fused.cpp reads them
+        self.fused_int4: list[torch.Tensor] | None = None
+        linears = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if self.fused is not None and not c.qk_norm and all(isinstance(p, Int4Linear) for p in linears):
+            none = torch.empty(0, dtype=dtype)
+
+            def parts(p: Int4Linear) -> tuple[torch.Tensor, ...]:
+                return p.weight, p.scale_zero, none if p.bias is None else p.bias
+
+            self.fused_int4 = [
+                t
+                for layer in self.layers
+                for t in (
+                    layer.input_norm_f32,
+                    *parts(layer.qkv),
+                    *parts(layer.o),
+                    layer.post_norm_f32,
+                    *parts(layer.gate_up),
+                    *parts(layer.down),
+                )
+            ]
 
     @torch.inference_mode()
     def forward(
@@ -183,12 +204,27 @@ class Decoder:
     def _forward_fused(
         self, tokens: torch.Tensor, attention: Attention, logits_at: torch.Tensor | None
     ) -> torch.Tensor:
-        """`forward` with each residual add and the RMSNorm after it in one call, and silu * up in one."""
+        """`forward` with each residual add and the RMSNorm after it in one call, and silu * up in one; a decode
+        step of int4 layers runs all of them in one call."""
+        c, eps = self.config, self.config.rms_norm_eps
+        x = F.embedding(tokens, self.embed).float()  # [N, hidden], the residual stream, updated in place
+        plan = getattr(attention, "native", None)  # a decode step's fused attention
+        if self.fused_int4 is not None and plan is not None:
+            h = self.fused.int4_layers(plan, x, self.fused_int4, eps, self.norm_f32)
+        else:
+            h = self._layers_fused(x, attention)
+        if logits_at is not None:
+            if logits_at.numel() == 0:
+                return x.new_empty((0, c.vocab_size))
+            h = h.index_select(0, logits_at)  # [M, hidden]
+        return self._logits(h)
+
+    def _layers_fused(self, x: torch.Tensor, attention: Attention) -> torch.Tensor:
+        """The layers one by one, each norm and silu * up fused: x [N, hidden] -> its final RMSNorm."""
         c, fused = self.config, self.fused
-        N = tokens.shape[0]
+        N = x.shape[0]
         H, KV, D = c.num_heads, c.num_kv_heads, c.head_dim
         eps, dtype = c.rms_norm_eps, self.dtype
-        x = F.embedding(tokens, self.embed).float()  # [N, hidden], the residual stream, updated in place
         h = fused.rms_norm(x, None, self.layers[0].input_norm_f32, eps, dtype)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(h)  # [N, (H + 2 * KV) * D]
@@ -205,11 +241,7 @@ class Decoder:
             last = i + 1 == len(self.layers)
             norm = self.norm_f32 if last else self.layers[i + 1].input_norm_f32
             h = fused.rms_norm(x, y, norm, eps, torch.float32 if last else dtype)
-        if logits_at is not None:
-            if logits_at.numel() == 0:
-                return x.new_empty((0, c.vocab_size))
-            h = h.index_select(0, logits_at)  # [M, hidden]
-        return self._logits(h)
+        return h
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., hidden] float32 -> float32 logits [..., vocab].

@@ -554,6 +554,37 @@ class Plan {
   at::Tensor partial_max_, partial_sum_, partial_out_, out_;
 };
 
+// ---------------------------------------------------------------------------------------------------------------
+// Every layer of a step whose projections are int4 (aten's CPU int4 kernel, bf16 rows), in one call: the Python
+// loop around ~10 calls a layer costs more than the norms it calls. x: [N, hidden] float32, the residual stream,
+// updated in place; per layer, `PER_LAYER` tensors (see the Python side, hogwild/model/decoder.py); -> the final
+// RMSNorm of x, float32.
+
+// input norm, (weight, scale_zero, bias) of qkv, of o, post norm, (weight, scale_zero, bias) of gate_up, of down;
+// an empty bias is none
+constexpr size_t PER_LAYER = 14;
+
+at::Tensor int4_project(const at::Tensor& x, const at::Tensor* p) {
+  at::Tensor y = at::_weight_int4pack_mm_for_cpu(x, p[0], 32, p[1]);
+  return p[2].numel() ? y.add_(p[2]) : y;
+}
+
+at::Tensor int4_layers(Plan& plan, at::Tensor x, const std::vector<at::Tensor>& layers, double eps,
+                       at::Tensor final_norm) {
+  TORCH_CHECK(!layers.empty() && layers.size() % PER_LAYER == 0, "int4_layers takes ", PER_LAYER, " tensors a layer");
+  const int64_t count = static_cast<int64_t>(layers.size() / PER_LAYER);
+  at::Tensor h = rms_norm(x, std::nullopt, layers[0], eps, at::kBFloat16);
+  for (int64_t i = 0; i < count; ++i) {
+    const at::Tensor* t = layers.data() + i * PER_LAYER;
+    at::Tensor out = plan.attend_qkv(i, int4_project(h, t + 1));
+    h = rms_norm(x, int4_project(out, t + 4), t[7], eps, at::kBFloat16);
+    at::Tensor y = int4_project(silu_mul(int4_project(h, t + 8)), t + 11);
+    const bool last = i + 1 == count;
+    h = rms_norm(x, y, last ? final_norm : t[PER_LAYER], eps, last ? at::kFloat : at::kBFloat16);
+  }
+  return h;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -568,4 +599,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<int64_t>, int64_t, at::ScalarType>())
       .def("attend", &Plan::attend)
       .def("attend_qkv", &Plan::attend_qkv);
+  m.def("int4_layers", &int4_layers, "every int4 layer of a step, attention through `plan`", py::arg("plan"),
+        py::arg("x"), py::arg("layers"), py::arg("eps"), py::arg("final_norm"));
 }

@@ -93,7 +93,7 @@ def cmd_serve(args: argparse.Namespace, engine_config: Callable[[argparse.Namesp
     engine = Engine.load(engine_settings)
     app = create_app(engine, config)
     print(
-        f"hogwild: serving {app.state.server.model} ({engine.kernels.describe()}) at "
+        f"hogwild: serving {app.state.server.model} ({engine.describe()}) at "
         f"http://{config.host}:{config.port}/ (API under /v1)",
         file=sys.stderr,
     )

@@ -47,7 +47,7 @@ class ReplicaActor:
         await self.service.start()
         engine = self.service.engine
         return {"pid": os.getpid(), "error": None, "model": self.service.model, "card": self.service.card(),
-                "kernels": engine.kernels.describe()}  # fmt: skip
+                "kernels": engine.describe()}  # fmt: skip
 
     async def generate(self, request_id: str, kind: str, body: object) -> AsyncIterator[tuple]:
         assert self.service is not None, "generate on a replica whose engine did not load"
