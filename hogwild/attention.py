@@ -12,7 +12,8 @@ the partial softmaxes of each such group are merged exactly with a log-sum-exp m
 Within a step every row reads the cache as it was before the step plus its own new tokens: other rows' tokens of
 the same step become visible at the next step. This keeps rows independent, which the reference relies on.
 
-`StepPlan` is the per-step metadata of the fast path (built once, read by every layer); `FlatReference` is the
+`StepPlan` is the per-step metadata of the fast path (built once, read by every layer); a decode step runs the
+same maths in hogwild's fused CPU kernel (`hogwild/native/fused.cpp`) where it is built. `FlatReference` is the
 brutal, obviously correct path: each row alone, its view's un-rotated keys concatenated into one flat sequence,
 standard RoPE at flat positions, one float64 softmax. Both expose `attend(layer, q, k, v)` for the decoder.
 """

@@ -3,7 +3,9 @@
 Weights are plain tensors (no nn.Module), with q/k/v and gate/up fused into one matmul each at load time. The
 forward pass computes q, k, v for a batch of rows and hands them, un-rotated, to the step's attention object
 (`attend(layer, q, k, v)`), which owns RoPE and the cache: the decoder does not care whether the cache is one
-sequence or a set of shared blocks.
+sequence or a set of shared blocks. With hogwild's fused CPU kernels (`hogwild.native`), each residual add and the
+RMSNorm after it, silu * up and the attention take one call each, and a decode step of int4 layers runs every
+layer in one call; `plain=True` keeps the torch-ops path (the reference's).
 """
 
 from __future__ import annotations
