@@ -119,6 +119,21 @@ def test_switches_turn_the_fused_kernels_off(monkeypatch):
     assert "x86-64" in native.unavailable()
 
 
+def test_a_failed_build_falls_back_with_one_line(monkeypatch, capsys, tmp_path):
+    """No compiler (or any build error): the build says so in one line and gives None, so torch ops run."""
+    import torch.utils.cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension 'hogwild_fused': c++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(native, "build_folder", lambda: tmp_path / "never-built")
+    assert native.build() is None
+    err = capsys.readouterr().err
+    assert "could not compile the fused CPU kernels (Error building extension" in err and "torch ops" in err
+    assert not (tmp_path / "never-built" / "built").exists()
+
+
 def test_engine_uses_the_fused_kernels_unless_told_not_to(default_model_dir):
     from hogwild.engine import Engine, EngineConfig
 

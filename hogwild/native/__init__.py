@@ -52,7 +52,12 @@ def build_folder() -> Path:
 @cache
 def load() -> ModuleType | None:
     """The compiled kernels, built on the first call of a new version (one line on stderr says so), or None with
-    one line saying why (nothing when switched off)."""
+    one line saying why (nothing when switched off). Once per process."""
+    return build()
+
+
+def build() -> ModuleType | None:
+    """`load` without the per-process cache."""
     reason = unavailable()
     if reason is not None:
         if reason != "HOGWILD_FUSED=0":
@@ -63,10 +68,10 @@ def load() -> ModuleType | None:
     if not built.exists():
         print(f"hogwild: compiling the fused CPU kernels once (about 30 s), into {folder}", file=sys.stderr)
     try:
-        from torch.utils.cpp_extension import load as build
+        from torch.utils.cpp_extension import load as compile_and_load
 
         folder.mkdir(parents=True, exist_ok=True)
-        module = build(
+        module = compile_and_load(
             name="hogwild_fused",
             sources=[str(SOURCE)],
             extra_cflags=FLAGS,
