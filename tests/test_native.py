@@ -8,11 +8,13 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import FAMILIES, TinyModel, fused_kernels
+from tiny import FAMILIES, TinyModel, fused_kernels, step_rows
 
 from hogwild import native
 from hogwild.attention import FlatReference, Row, StepPlan
+from hogwild.cache.pool import KVPool
 from hogwild.collab.layouts import SharedCache
+from hogwild.model.rope import Rope
 from hogwild.sampling import SamplingParams
 
 torch.set_num_threads(1)
@@ -103,6 +105,30 @@ def assert_paths_agree(plain: TinyModel, fast: TinyModel, workers: int, layout: 
         outs.append(torch.stack(logits))
     scale = outs[0].abs().max().item()
     assert (outs[0] - outs[1]).abs().max().item() < 0.03 * scale
+
+
+def test_a_bf16_cache_attends_like_the_torch_ops_path():
+    """K/V stored in bf16 (the fused kernel converts each tile of keys and values as it reads it, and rounds the
+    new ones once as it writes them): the same steps through both paths agree, and stay near the float64
+    reference."""
+    outs = []
+    for fused in (False, True):
+        tm = TinyModel("mistral", seed=5, fused=fused)
+        rope = Rope(tm.config, torch.bfloat16)
+        pool = KVPool(tm.config, rope, torch.bfloat16, "cpu", budget_bytes=1 << 24)
+        shared = SharedCache(pool.open(pool.capacity), 3, "combined")
+        ref = FlatReference(tm.config)
+        rng = random.Random(3)
+        rows = [Row([shared.prompt], [rng.randrange(211) for _ in range(10)])]
+        logits = []
+        for _ in range(5):
+            expected = ref.step(tm.model, rows)
+            got = step_rows(tm.model, rope, rows)
+            assert (got[-1][-1] - expected[-1][-1]).abs().max().item() < 0.05 * expected[-1].abs().max().item()
+            logits += [out[-1] for out in got]
+            rows = [Row(shared.view(w), [rng.randrange(211)]) for w in range(3)]
+        outs.append(torch.cat(logits))
+    assert (outs[0] - outs[1]).abs().max().item() < 0.03 * outs[0].abs().max().item()
 
 
 def test_bf16_fused_decoder_tracks_the_torch_ops_decoder():
