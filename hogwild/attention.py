@@ -33,14 +33,6 @@ from hogwild.native import DTYPES, HEAD_DIMS
 FUSED_ROW_TOKENS = 16  # steps whose rows feed at most this many tokens each attend through the fused kernel
 
 
-def split_qkv(qkv: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N, (heads + 2 * kv_heads) * D] -> q [N, heads, D], k and v [N, kv_heads, D] (views)."""
-    H, KV, D = config.num_heads, config.num_kv_heads, config.head_dim
-    q, k, v = qkv.split((H * D, KV * D, KV * D), dim=-1)
-    N = qkv.shape[0]
-    return q.view(N, H, D), k.view(N, KV, D), v.view(N, KV, D)
-
-
 @dataclass
 class Row:
     """One row of a step: `tokens` are appended to `view[-1]` (the row's own block), attending over the whole view.
@@ -283,7 +275,7 @@ class StepPlan:
         the fused kernel reads it as it is (no split, no cast)."""
         if self.native is not None:
             return self.native.attend_qkv(layer, qkv)
-        return self.attend(layer, *split_qkv(qkv.to(self.dtype), self.config))
+        return self.attend(layer, *self.config.split_qkv(qkv.to(self.dtype)))
 
     def _merge(self, maxes: torch.Tensor, sums: torch.Tensor, outs: torch.Tensor, N: int) -> torch.Tensor:
         """Exact log-sum-exp merge of per-group partials. maxes, sums: [kv_heads, G, group]; outs: [..., D]."""
@@ -353,7 +345,7 @@ class FlatReference:
         return logits
 
     def attend_qkv(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        return self.attend(layer, *split_qkv(qkv.float(), self.config))
+        return self.attend(layer, *self.config.split_qkv(qkv.float()))
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # x: [L, heads, D] float64; standard RoPE at flat positions

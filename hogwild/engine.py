@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
@@ -138,7 +139,6 @@ class Engine:
         self.config = config
         self.kernels = kernels or KernelChoice(model.dtype, "aten", "given a built decoder")
         self.model_config: ModelConfig = model.config
-        self.fused = model.fused  # hogwild.native's compiled kernels, or None: torch ops
         # on CPU the cache and attention run in float32: aten's bf16 bmm is 3-4x slower than float32 there
         self.cache_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
         self.rope = Rope(model.config, self.cache_dtype, model.device)
@@ -179,6 +179,11 @@ class Engine:
             save_cached(cache, model.quantized)  # an unwritable cache only costs the next start a quantization
         model.quantized.clear()  # the kernels hold their own packed copies
         return cls(model, tokenizer, config, kernels)
+
+    @property
+    def fused(self) -> ModuleType | None:
+        """hogwild.native's compiled kernels, or None: torch ops."""
+        return self.model.fused
 
     def describe(self) -> str:
         """The weights, kernels and fused path this engine runs, and why, in one line."""

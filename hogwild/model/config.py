@@ -57,6 +57,14 @@ class ModelConfig:
         """Query heads per key/value head (grouped-query attention)."""
         return self.num_heads // self.num_kv_heads
 
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection's output [N, (heads + 2 * kv_heads) * D] -> q [N, heads, D], k and v
+        [N, kv_heads, D] (views)."""
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = qkv.split((H * D, KV * D, KV * D), dim=-1)
+        N = qkv.shape[0]
+        return q.view(N, H, D), k.view(N, KV, D), v.view(N, KV, D)
+
     @classmethod
     def from_hf(cls, hf: dict) -> ModelConfig:
         """Read a Hugging Face `config.json` dict; unsupported or malformed configs raise HogwildError."""

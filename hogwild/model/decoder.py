@@ -21,6 +21,7 @@ from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.kernels import Linear
 from hogwild.model.quant import Int4Linear, Int8Linear, int4_fits, quantize_int4, quantize_linear
+from hogwild.native import DTYPES as FUSED_DTYPES
 
 # logits this close to the best are recomputed in float32: bf16's error is ~0.1 at 25; int8's (weights and
 # activations) was at most 0.59 over the vocabulary and 0.2 near the top on the default model's text (tested < 1.0)
@@ -75,7 +76,7 @@ class Decoder:
         self.int8 = linear == "int8"
         self.int4 = linear == "int4"
         self.head_int8 = self.int8 or self.int4  # the vocabulary projection takes float32 rows, int8 weights
-        self.fused = fused if self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+        self.fused = fused if self.device.type == "cpu" and dtype in FUSED_DTYPES else None
         # name -> quantized weights, for the cache: int8 as "<name>.q" and "<name>.scale", int4 as "<name>.q4"
         # and "<name>.scale_zero"
         self.quantized: dict[str, torch.Tensor] = {}
@@ -177,23 +178,13 @@ class Decoder:
         if self.fused is not None and not plain:
             return self._forward_fused(tokens, attention, logits_at)
         c = self.config
-        N = tokens.shape[0]
-        H, KV, D = c.num_heads, c.num_kv_heads, c.head_dim
         eps = c.rms_norm_eps
         dtype = self.dtype
         # the residual stream stays in float32: in bf16 its rounding alone flips greedy tokens of small models
         x = F.embedding(tokens.to(self.device), self.embed).float()  # [N, hidden]
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (c.hidden_size,), layer.input_norm_f32, eps).to(dtype)
-            q, k, v = layer.qkv(h).to(attention.dtype).split((H * D, KV * D, KV * D), dim=-1)
-            q = q.view(N, H, D)
-            k = k.view(N, KV, D)
-            v = v.view(N, KV, D)
-            if layer.q_norm is not None:
-                # per-head q/k norm (Qwen3) in float32, like the residual stream's norms
-                q = F.rms_norm(q.float(), (D,), layer.q_norm_f32, eps).to(attention.dtype)
-                k = F.rms_norm(k.float(), (D,), layer.k_norm_f32, eps).to(attention.dtype)
-            x += layer.o(attention.attend(i, q, k, v).to(dtype))
+            x += layer.o(self._attend(i, layer, layer.qkv(h), attention).to(dtype))
             h = F.rms_norm(x, (c.hidden_size,), layer.post_norm_f32, eps).to(dtype)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x += layer.down(F.silu(gate) * up)
@@ -224,26 +215,27 @@ class Decoder:
     def _layers_fused(self, x: torch.Tensor, attention: Attention) -> torch.Tensor:
         """The layers one by one, each norm and silu * up fused: x [N, hidden] -> its final RMSNorm."""
         c, fused = self.config, self.fused
-        N = x.shape[0]
-        H, KV, D = c.num_heads, c.num_kv_heads, c.head_dim
         eps, dtype = c.rms_norm_eps, self.dtype
         h = fused.rms_norm(x, None, self.layers[0].input_norm_f32, eps, dtype)
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(h)  # [N, (H + 2 * KV) * D]
-            if layer.q_norm is None:
-                out = attention.attend_qkv(i, qkv)
-            else:
-                q, k, v = qkv.to(attention.dtype).split((H * D, KV * D, KV * D), dim=-1)
-                q = F.rms_norm(q.float().view(N, H, D), (D,), layer.q_norm_f32, eps).to(attention.dtype)
-                k = F.rms_norm(k.float().view(N, KV, D), (D,), layer.k_norm_f32, eps).to(attention.dtype)
-                out = attention.attend(i, q, k, v.view(N, KV, D))
-            y = layer.o(out.to(dtype))
+            y = layer.o(self._attend(i, layer, layer.qkv(h), attention).to(dtype))
             h = fused.rms_norm(x, y, layer.post_norm_f32, eps, dtype)
             y = layer.down(fused.silu_mul(layer.gate_up(h)))
             last = i + 1 == len(self.layers)
             norm = self.norm_f32 if last else self.layers[i + 1].input_norm_f32
             h = fused.rms_norm(x, y, norm, eps, torch.float32 if last else dtype)
         return h
+
+    def _attend(self, i: int, layer: Layer, qkv: torch.Tensor, attention: Attention) -> torch.Tensor:
+        """Layer i's attention on its fused projection's output qkv [N, (heads + 2 * kv_heads) * D]."""
+        if layer.q_norm is None:
+            return attention.attend_qkv(i, qkv)
+        # per-head q/k norm (Qwen3) in float32, like the residual stream's norms
+        q, k, v = self.config.split_qkv(qkv.to(attention.dtype))
+        D, eps = self.config.head_dim, self.config.rms_norm_eps
+        q = F.rms_norm(q.float(), (D,), layer.q_norm_f32, eps).to(attention.dtype)
+        k = F.rms_norm(k.float(), (D,), layer.k_norm_f32, eps).to(attention.dtype)
+        return attention.attend(i, q, k, v)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., hidden] float32 -> float32 logits [..., vocab].
