@@ -2,8 +2,10 @@
 
 `add(run)` queues a run, `step()` runs one forward pass over the rows the scheduler picks from all running runs
 (one flat batch, no padding), samples every row that finished its step with its own run's parameters, hands the
-tokens back to the runs and returns their events; `abort(run)` stops one and frees its blocks at once. Nothing
-else in hogwild calls the model's forward. `stream`, `generate` and `generate_text` are thin loops on top:
+tokens back to the runs and returns their events; `abort(run)` stops one and frees its blocks at once. A fault in
+one run (its script, its sampling) ends that run with `Failed` and `Done` and the step goes on; only a failing
+forward pass, which leaves the cache in an unknown state, raises out of `step`. Nothing else in hogwild calls the
+model's forward. `stream`, `generate` and `generate_text` are thin loops on top:
 prepare -> run model -> sample -> postprocess, yielding as they go.
 """
 
@@ -30,7 +32,7 @@ from hogwild.model.loading import cache_dir, load_state_dict, read_config, resol
 from hogwild.model.quant import cache_key, load_cached, on_int4_grid, save_cached
 from hogwild.model.rope import Rope
 from hogwild.model.tokenizer import Tokenizer
-from hogwild.runs import Done, Event, GenerationResult, Run, Sample, Sampled, Token
+from hogwild.runs import Done, Event, Failed, Feed, GenerationResult, Run, Sample, Sampled, Token
 from hogwild.sampling import SamplingParams, sample_rows
 from hogwild.scheduler import Scheduler
 
@@ -287,30 +289,44 @@ class Engine:
         self.stats.per_step_rows.append(len(rows))
         complete = self.scheduler.advance(chunks, {c: logits[i] for i, c in enumerate(wanted)})
 
-        # sample the rows of every run whose step is complete, all at once, each with its own run's parameters
-        feeds, rows_logits = [], []
+        asked = {}
         for run in complete:
             for feed in run.feed:
                 feed.own.publish()
             step_logits = self.scheduler.step_logits(run)
             asking = [feed for feed in run.feed if feed.sampling is not None]
             assert len(asking) == len(step_logits), f"{run}: {len(asking)} rows ask for logits"
-            feeds.append(asking)
-            rows_logits.extend(step_logits)
-        if rows_logits:
-            flat = [feed for asking in feeds for feed in asking]
-            tokens, logprobs = sample_rows(
-                torch.stack(rows_logits), [f.sampling for f in flat], [f.generator for f in flat]
-            )
-            self.stats.sampled += len(flat)
-            samples = [Sample(int(t), float(lp)) for t, lp in zip(tokens.tolist(), logprobs.tolist(), strict=True)]
-        else:
-            samples = []
-        offset = 0
-        for run, asking in zip(complete, feeds, strict=True):
-            run.take(samples[offset : offset + len(asking)])
-            offset += len(asking)
+            asked[run] = (asking, step_logits)
+        try:
+            samples = self._sample(asked)
+        except Exception:  # one run's rows may be at fault: sample each run alone, and end the runs that fail
+            samples = {}
+            for run, rows in asked.items():
+                try:
+                    samples |= self._sample({run: rows})
+                except Exception as e:
+                    run.fail(e)
+        for run, taken in samples.items():
+            run.take(taken)
         return complete
+
+    def _sample(self, asked: dict[Run, tuple[list[Feed], list[torch.Tensor]]]) -> dict[Run, list[Sample]]:
+        """The rows of every run whose step is complete, sampled at once, each with its own run's parameters."""
+        flat = [
+            (feed, logits)
+            for feeds, step_logits in asked.values()
+            for feed, logits in zip(feeds, step_logits, strict=True)
+        ]
+        samples = []
+        if flat:
+            logits = torch.stack([logits for _, logits in flat])
+            samples = sample_rows(logits, [f.sampling for f, _ in flat], [f.generator for f, _ in flat])
+            self.stats.sampled += len(flat)
+        taken, offset = {}, 0
+        for run, (feeds, _) in asked.items():
+            taken[run] = samples[offset : offset + len(feeds)]
+            offset += len(feeds)
+        return taken
 
     def run_model(self, rows: list[Row], wanted: list[int]) -> torch.Tensor:
         """One forward pass of `rows` as one flat batch, committed to their blocks; returns the next-token logits
@@ -344,7 +360,10 @@ class Engine:
         try:
             while True:
                 while run.outbox:
-                    yield run.outbox.popleft()
+                    event = run.outbox.popleft()
+                    if isinstance(event, Failed):
+                        raise event.error
+                    yield event
                 if run.done:
                     return
                 self.step()

@@ -3,19 +3,30 @@
 Only the loop thread touches the engine. `submit` and `cancel` leave requests in a queue that the loop reads
 between steps; events go back through each run's `Ticket`, a blocking iterator for threads or an async iterator
 whose events are handed to the event loop with `call_soon_threadsafe`, so a server's event loop never waits on a
-forward pass. A run too large for the KV budget is refused in `submit` itself, with the engine's error.
+forward pass. A run too large for the KV budget is refused in `submit` itself, with the engine's error; `call`
+runs a function of the engine on the loop thread between two steps (scoring a text, for the server's `echo`).
+
+A run that fails ends alone (the engine isolates it: its ticket gets `Failed`, then `Done`). An exception out of
+the engine's step itself (a failed forward pass: the cache is in an unknown state) stops the loop: every open
+ticket gets the exception, `alive` turns false, and `on_fatal` is called so that a server can exit and be
+restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
 from hogwild.runs import Done, Event, Run
+
+log = logging.getLogger("hogwild")
 
 
 class Ticket:
@@ -61,8 +72,9 @@ class Ticket:
 class EngineLoop:
     """Runs `engine.step()` in one daemon thread while there is work, and sleeps when there is none."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
+        self.on_fatal = on_fatal  # called on the loop thread when the engine fails and the loop stops
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._tickets: dict[int, Ticket] = {}
@@ -80,6 +92,16 @@ class EngineLoop:
         self._requests.put(("add", ticket))
         self._wake.set()
         return ticket
+
+    def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
+        """Run `fn(engine)` on the loop thread between two steps; its result or its exception comes in the future
+        (`asyncio.wrap_future` it to await it)."""
+        if self._closed or self.error is not None:
+            raise HogwildError("the engine loop has stopped")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._requests.put(("call", (fn, future)))
+        self._wake.set()
+        return future
 
     @property
     def alive(self) -> bool:
@@ -112,15 +134,34 @@ class EngineLoop:
                         self._route(self._add(ticket))
                     elif kind == "abort":
                         self._route(self.engine.abort(ticket.run, "cancelled"))
+                    elif kind == "call":
+                        self._call(*ticket)
                 if self.engine.has_work:
                     self._route(self.engine.step())
                 else:
                     self._wake.wait()
                     self._wake.clear()
-        except BaseException as e:  # a bug in a run or the engine: every consumer hears of it, nobody hangs
+        except BaseException as e:  # the engine itself failed: every consumer hears of it, nobody hangs
             self.error = e
+            log.critical("the engine failed; its loop stops", exc_info=e)
             for ticket in self._tickets.values():
                 ticket._deliver(e)
+            while not self._requests.empty():
+                kind, item = self._requests.get()
+                if kind == "add":
+                    item._deliver(e)
+                elif kind == "call":
+                    item[1].set_exception(e)
+            if self.on_fatal is not None:
+                self.on_fatal(e)
+
+    def _call(self, fn: Callable[[Engine], Any], future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(self.engine))
+        except Exception as e:  # the caller's failure, raised where it awaits the future
+            future.set_exception(e)
 
     def _add(self, ticket: Ticket) -> list[tuple[Run, Event]]:
         try:

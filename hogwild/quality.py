@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from hogwild.attention import Row, StepPlan
 from hogwild.bench import format_table
 from hogwild.cli import engine_config
 from hogwild.engine import Engine
@@ -30,6 +29,7 @@ from hogwild.errors import HogwildError
 from hogwild.eval.tasks import read_jsonl
 from hogwild.runs import Done, GenerationResult, Sampled
 from hogwild.sampling import SamplingParams
+from hogwild.scoring import score
 
 CHOICES = ("fp32", "bf16", "int8", "int4")
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test_dev.jsonl"
@@ -47,24 +47,6 @@ class Quality:
     loglik: float  # mean log-probability per solution token
     loglik_loss: float  # (fp32 - this) / |fp32|
     seconds: float
-
-
-def score(engine: Engine, ids: list[int]) -> torch.Tensor:
-    """Log-probabilities [len(ids) - 1, vocab] of every next token of `ids`, one sequence fed in chunks."""
-    ledger = engine.pool.open(len(ids))
-    try:
-        block = ledger.new_block("score", limit=len(ids))
-        out = []
-        for start in range(0, len(ids), engine.config.step_tokens):
-            chunk = ids[start : start + engine.config.step_tokens]
-            ledger.reserve([(block, block.length + len(chunk))])
-            plan = StepPlan([Row([block], chunk)], engine.model_config, engine.rope, engine.model.dtype, engine.fused)
-            out.append(engine.model.forward(torch.tensor(chunk), plan, logits_at=None).float())
-            plan.commit()
-            block.publish()
-        return torch.log_softmax(torch.cat(out)[:-1], dim=-1)
-    finally:
-        ledger.release()
 
 
 def greedy(engine: Engine, prompts: list[list[int]], tokens: int) -> list[list[int]]:
@@ -102,13 +84,12 @@ def measure(
     for question, ref in zip(questions, ref_continuations, strict=True):
         if not ref:
             continue
-        logprobs = score(engine, question + ref)[len(question) - 1 :]
-        flips += int((logprobs.argmax(dim=-1) != torch.tensor(ref)).sum())
+        best = score(engine, question + ref).top_ids[len(question) - 1 :, 0]
+        flips += int((best != torch.tensor(ref)).sum())
         positions += len(ref)
     total = count = 0.0
     for question, solution in zip(questions, solutions, strict=True):
-        logprobs = score(engine, question + solution)[len(question) - 1 :]
-        total += float(logprobs.gather(1, torch.tensor(solution)[:, None]).sum())
+        total += float(score(engine, question + solution).token[len(question) - 1 :].sum())
         count += len(solution)
     loglik = total / count
     base = loglik if ref_loglik is None else ref_loglik

@@ -1,15 +1,18 @@
 """Runs: the units of work the engine schedules, each a small state machine over the shared KV pool.
 
 A run says which rows it feeds next (`feed`), takes back the tokens sampled for them (`take`), updates its own
-state and returns events. Kinds: `Sampled` (a plain generation, or N independent samples of one prompt sharing its
-prompt block), `Probe` (a throwaway greedy continuation forked from another run's live blocks), and, in `collab/`,
-the Hogwild! collaboration and Group Think. Each run writes its logic as a `script()` generator that yields the
-feeds of its next step and receives the samples for them, which keeps a multi-phase protocol readable.
+state and returns events. A run whose own code fails (building its first feed, reading its samples) ends there:
+it emits `Failed` and then `Done`, its blocks are freed, and every other run goes on. Kinds: `Sampled` (a plain
+generation, or N independent samples of each of its prompts sharing that prompt's block), `Probe` (a throwaway
+greedy continuation forked from another run's live blocks), and, in `collab/`, the Hogwild! collaboration and
+Group Think. Each run writes its logic as a `script()` generator that yields the feeds of its next step and
+receives the samples for them, which keeps a multi-phase protocol readable.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Generator
@@ -22,7 +25,7 @@ from hogwild.cache.blocks import Block
 from hogwild.cache.pool import Ledger
 from hogwild.errors import HogwildError
 from hogwild.model.tokenizer import TextStream
-from hogwild.sampling import GREEDY, SamplingParams
+from hogwild.sampling import GREEDY, Sample, SamplingParams
 
 if TYPE_CHECKING:
     from hogwild.engine import Engine
@@ -47,18 +50,13 @@ class Feed:
         return sum(block.published for block in self.view[:-1]) + self.own.length + len(self.tokens)
 
 
-@dataclass(frozen=True)
-class Sample:
-    token: int
-    logprob: float  # log-probability of the token under the model (temperature 1, no filtering)
-
-
 # events of the plain kinds; the collaboration adds its own in collab/protocol.py
 @dataclass
 class Token:
     worker: int  # the sample, worker or probe row that wrote it
-    token: int  # -1 for text inserted by the run itself (a header, a finisher question)
+    token: int  # -1 for text inserted by the run itself (a header, a finisher question), or for end-of-sequence
     text: str  # newly printable text (may be empty while a multi-byte character is incomplete)
+    sample: Sample | None = None  # the sample behind a sampled token, end-of-sequence included (log-probabilities)
 
 
 @dataclass
@@ -66,8 +64,16 @@ class Done:
     result: object  # the run's result: GenerationResult, ProbeResult, SolveResult
 
 
+@dataclass
+class Failed:
+    """The run failed and ends here (`Done` follows); `error` is what went wrong, logged with its traceback."""
+
+    error: BaseException
+
+
 Event = object
 _ids = itertools.count(1)
+log = logging.getLogger("hogwild")
 
 
 class Run:
@@ -79,6 +85,7 @@ class Run:
       distinct blocks and see each other's tokens only from the next step on.
     - `take(samples)`: the samples for the feeds that asked for logits, in feed order; the run advances.
     - `abort(reason)`: stop now; the run still ends with `Done` (its result so far).
+    - `fail(error)`: the run's own code or its sampling failed: `Failed(error)`, then `Done` (finished by "error").
     Events accumulate in `events` (drained by the engine into `outbox` for the run's consumer); the result in
     the last one, `Done`, is also kept in `final`.
     """
@@ -126,12 +133,22 @@ class Run:
             self.feed = self._script.send(samples)
         except StopIteration:
             self.feed = None
+        except Exception as e:  # this run's own fault: it ends, the engine and the other runs go on
+            self.fail(e)
 
     def abort(self, reason: str = "interrupted") -> None:
         if self._script is not None:
             self._script.close()
         self.feed = None
         self.emit(Done(self.result(reason)))
+
+    def fail(self, error: BaseException) -> None:
+        if isinstance(error, HogwildError):  # said to the run's consumer, who shows the message
+            log.info("%s failed: %s", self, error)
+        else:
+            log.error("%s failed", self, exc_info=error)
+        self.emit(Failed(error))
+        self.abort("error")
 
     def result(self, finished_by: str) -> object:
         """The run's result so far, ended by `finished_by`."""
@@ -197,46 +214,58 @@ class _Stream:
 
 
 class Sampled(Run):
-    """`n` independent samples of one prompt (n=1: a plain generation). With n > 1 the prompt is written once into
-    a shared block and each sample continues it in a block of its own; each stops at eos, a stop string or
-    `params.max_tokens`. Events: `Token(sample, id, text)`, then `Done(GenerationResult)`."""
+    """`n` independent samples of a prompt (n=1: a plain generation), or of each of several prompts (`prompt_ids`
+    a list of token lists; sample p * n + j is the j-th of prompt p), all fed in the same steps. A prompt with one
+    sample is fed in its own block; with n > 1 it is written once into a shared block and each sample continues it
+    in a block of its own. Each sample stops at eos, a stop string or `params.max_tokens`. Events:
+    `Token(sample, id, text, Sample)`, then `Done(GenerationResult)`."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams | None = None, n: int = 1) -> None:
+    def __init__(
+        self, engine: Engine, prompt_ids: list[int] | list[list[int]], params: SamplingParams | None = None, n: int = 1
+    ) -> None:
         super().__init__()
         params = params or SamplingParams()
-        if not prompt_ids:
+        several = bool(prompt_ids) and isinstance(prompt_ids[0], list)
+        self.prompts: list[list[int]] = [list(p) for p in prompt_ids] if several else [list(prompt_ids)]
+        if not all(self.prompts):
             raise HogwildError("the prompt is empty")
         if n < 1:
             raise HogwildError(f"n must be >= 1, got {n}")
-        engine.check_context(len(prompt_ids) + 1, what=f"the prompt has {len(prompt_ids)} tokens;")
+        longest = max(len(p) for p in self.prompts)
+        engine.check_context(longest + 1, what=f"the prompt has {longest} tokens;")
         self.engine = engine
-        self.prompt_ids = list(prompt_ids)
+        self.prompt_ids = prompt_ids  # as given, one prompt or several
         self.params = params
         self.n = n
-        self.max_tokens = min(params.max_tokens, engine.context_window - len(prompt_ids))
-        self.streams = [_Stream(engine.tokenizer, params.stop) for _ in range(n)]
+        self.max_tokens = min(params.max_tokens, engine.context_window - longest)
+        self.streams = [_Stream(engine.tokenizer, params.stop) for _ in range(n * len(self.prompts))]
         self.started = time.perf_counter()
 
     @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
     def kv_tokens(self) -> int:
-        return len(self.prompt_ids) + self.n * self.max_tokens
+        return self.prompt_tokens + len(self.streams) * self.max_tokens
 
     def script(self) -> Generator[list[Feed], list[Sample], None]:
         assert self.ledger is not None
         generator = self.params.generator()
-        prompt = self.prompt_ids
-        if self.n == 1:
-            own = [self.ledger.new_block("sequence", limit=self.kv_tokens)]
-            views = [[own[0]]]
-            feeds = [prompt]
-        else:
+        views, feeds, shared_feeds = [], [], []
+        for prompt in self.prompts:
+            if self.n == 1:
+                views.append([self.ledger.new_block("sequence", limit=len(prompt) + self.max_tokens)])
+                feeds.append(prompt)
+                continue
             shared = self.ledger.new_block("prompt", limit=len(prompt) - 1)
             if len(prompt) > 1:
-                yield [Feed([shared], prompt[:-1])]
-            own = [self.ledger.new_block(f"sample{i}", limit=self.max_tokens) for i in range(self.n)]
-            views = [[shared, block] for block in own]
-            feeds = [prompt[-1:]] * self.n
-        live = list(range(self.n))
+                shared_feeds.append(Feed([shared], prompt[:-1]))
+            views += [[shared, self.ledger.new_block(f"sample{j}", limit=self.max_tokens)] for j in range(self.n)]
+            feeds += [prompt[-1:]] * self.n
+        if shared_feeds:
+            yield shared_feeds
+        live = list(range(len(self.streams)))
         while live:
             samples = yield [Feed(views[i], feeds[i], self.params, generator) for i in live]
             still = []
@@ -245,9 +274,10 @@ class Sampled(Run):
                 if sample.token in self.engine.eos_ids:
                     stream.result.finish_reason = "stop"
                     self._close(i)
+                    self.emit(Token(i, -1, "", sample))
                     continue
                 text, stopped = stream.push(sample)
-                self.emit(Token(i, sample.token, text))
+                self.emit(Token(i, sample.token, text, sample))
                 if stopped:
                     stream.result.finish_reason = "stop"
                 elif len(stream.result.tokens) >= self.max_tokens:
@@ -269,7 +299,7 @@ class Sampled(Run):
             if not stream.result.finish_reason:
                 stream.result.finish_reason = finished_by
         return GenerationResult(
-            [s.result for s in self.streams], len(self.prompt_ids), time.perf_counter() - self.started
+            [s.result for s in self.streams], self.prompt_tokens, time.perf_counter() - self.started
         )
 
 

@@ -73,6 +73,19 @@ class Scheduler:
             started.append(head)
         return started
 
+    def backlog(self, pending: list[Run]) -> int:
+        """How many of `pending` (runs not started yet, in arrival order) would wait for KV room or a run slot if
+        they were admitted now: first come, first served, so the first that does not fit and every run behind it.
+        Read from another thread it is a snapshot, as good as the moment it was taken."""
+        free = self.pool.capacity - self.pool.reserved
+        slots = self.max_runs - len(self.running) if self.max_runs else len(pending)
+        for i, run in enumerate(pending):
+            if run.kv_tokens > free or slots < 1:
+                return len(pending) - i
+            free -= run.kv_tokens
+            slots -= 1
+        return 0
+
     def start(self, run: Run) -> None:
         run.start(self.pool.open(run.kv_tokens))
         self.running.append(run)

@@ -41,22 +41,22 @@ try:
 except RuntimeError as e:
     prepack = str(e)
 from hogwild.engine import Engine, EngineConfig
-from hogwild.quality import score
+from hogwild.scoring import score
 from hogwild.sampling import SamplingParams
 floats = Engine.load(EngineConfig(threads=1, linear="onednn"))
 ids = floats.encode_prompt({PROMPT!r})
 tokens = list(floats.generate(ids, SamplingParams(max_tokens={TOKENS})))
 text = ids + tokens
-picked = torch.tensor(tokens)[:, None]
-ref = score(floats, text)[len(ids) - 1:].gather(1, picked).mean().item()
+picked = torch.tensor(tokens)
+ref = score(floats, text).token[len(ids) - 1:].mean().item()
 report = dict(capability=torch.backends.cpu.get_cpu_capability(), prepack=prepack, dtype=floats.kernels.dtype_name,
               linear=floats.kernels.linear, tokens=tokens, ref=ref)
 for name, weights in (("default", "auto"), ("int8", "int8")):
     engine = Engine.load(EngineConfig(threads=1, weights=weights))
-    logprobs = score(engine, text)[len(ids) - 1:]
+    scores = score(engine, text)
     report[name] = dict(weights=engine.kernels.weights, bits=engine.kernels.activation_bits,
-                        agree=(logprobs.argmax(-1) == picked[:, 0]).float().mean().item(),
-                        loglik=logprobs.gather(1, picked).mean().item())
+                        agree=(scores.top_ids[len(ids) - 1:, 0] == picked).float().mean().item(),
+                        loglik=scores.token[len(ids) - 1:].mean().item())
 print(json.dumps(report))
 """
 
