@@ -9,22 +9,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from hogwild.engine import Engine
-from hogwild.server.app import Server, create_app
+from hogwild.server.app import Server, create_app, uvicorn_server
 from hogwild.server.config import ServerConfig
 
 
 class Live:
-    def __init__(self, url: str, server: Server) -> None:
+    def __init__(self, url: str, server: Server, thread: threading.Thread) -> None:
         self.url = url
         self.server = server
+        self.thread = thread  # uvicorn's: it ends when the server stops
+        key = server.config.api_key
+        self.headers = {"authorization": f"Bearer {key}"} if key else {}
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """/metrics as {(sample name, sorted labels): value}."""
-        text = httpx.get(self.url + "/metrics").text
+        text = httpx.get(self.url + "/metrics", headers=self.headers).text
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text)
@@ -50,7 +52,7 @@ def live_server(engine: Engine, **config) -> Iterator[Live]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn_server(app, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -58,7 +60,7 @@ def live_server(engine: Engine, **config) -> Iterator[Live]:
         assert thread.is_alive() and time.time() < deadline, "the server did not start"
         time.sleep(0.01)
     try:
-        yield Live(f"http://127.0.0.1:{sock.getsockname()[1]}", app.state.server)
+        yield Live(f"http://127.0.0.1:{sock.getsockname()[1]}", app.state.server, thread)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

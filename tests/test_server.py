@@ -2,12 +2,16 @@
 
 A tiny random model serves most tests (the protocol, not the model's quality, is under test): a streamed reply
 equals the same seeded run unstreamed, a plain reply equals the engine's own run, bad input gets OpenAI error
-bodies, a full queue gets 429, a client that goes away frees its KV blocks. One test asks the real default model.
+bodies, a request gets 429 only when its run would wait behind a full queue, a client that goes away frees its KV
+blocks. One bad request never stops the engine: a run that fails ends alone while the others finish, and only a
+failing forward pass stops the server (which exits non-zero). One test asks the real default model.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -16,12 +20,15 @@ import torch
 from serving import live_server
 from tiny import tiny_engine
 
+from hogwild import engine as engine_module
 from hogwild.cli import main
 from hogwild.engine import Engine, EngineConfig
 from hogwild.errors import HogwildError
 from hogwild.model.tokenizer import Tokenizer
 from hogwild.runs import Sampled
-from hogwild.sampling import SamplingParams
+from hogwild.sampling import SamplingParams, sample_rows
+from hogwild.server import command
+from hogwild.server.app import create_app
 from hogwild.server.config import ServerConfig
 
 torch.set_num_threads(1)
@@ -158,9 +165,9 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
         ("/v1/chat/completions", {"model": MODEL}, 400, None, "messages"),
         ("/v1/chat/completions", {**good, "messages": []}, 400, None, "messages"),
         ("/v1/chat/completions", {**good, "model": "gpt-4"}, 404, "model_not_found", "model"),
-        ("/v1/chat/completions", {**good, "workers": 0}, 400, None, None),
-        ("/v1/chat/completions", {**good, "workers": 17}, 400, None, None),
-        ("/v1/chat/completions", {**good, "workers": 2, "layout": "spiral"}, 400, None, None),
+        ("/v1/chat/completions", {**good, "workers": 0}, 400, None, "workers"),
+        ("/v1/chat/completions", {**good, "workers": 17}, 400, None, "workers"),
+        ("/v1/chat/completions", {**good, "workers": 2, "layout": "spiral"}, 400, None, "layout"),
         ("/v1/chat/completions", {**good, "workers": 2, "n": 2}, 400, None, "n"),
         ("/v1/chat/completions", {**good, "budget": 64}, 400, None, "budget"),
         ("/v1/chat/completions", {**good, "max_tokens": 10**6}, 400, "context_length_exceeded", "max_tokens"),
@@ -170,7 +177,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
          "context_length_exceeded", "messages"),
         ("/v1/completions", {"model": MODEL, "prompt": long_prompt}, 400, "context_length_exceeded", "prompt"),
         ("/v1/completions", {"model": MODEL}, 400, None, "prompt"),
-        ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, None, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": ["a", ""]}, 400, None, "prompt"),
         ("/v1/completions", [1, 2], 400, None, None),
         ("/v1/chat/completions", b"x" * (10 * 2**20), 413, "request_too_large", None),
         ("/v1/nothing", good, 404, None, None),
@@ -197,6 +204,124 @@ def test_a_request_larger_than_the_kv_budget_is_refused(tokenizer):
         assert post(live, "/v1/chat/completions", {**body, "max_tokens": 8}).status_code == 200
 
 
+def read_sse(response: httpx.Response) -> tuple[list[dict], bool]:
+    """A stream's chunks and whether it ended with `data: [DONE]`."""
+    chunks, done = [], False
+    for line in response.iter_lines():
+        if line == "data: [DONE]":
+            done = True
+        elif line.startswith("data: "):
+            chunks.append(json.loads(line[6:]))
+    return chunks, done
+
+
+class Stream(threading.Thread):
+    """Another client's streaming request, read to its end in a thread."""
+
+    def __init__(self, live, body: dict) -> None:
+        super().__init__()
+        self.live, self.body = live, body
+        self.chunks: list[dict] = []
+        self.done = False
+        self.start()
+
+    def run(self) -> None:
+        with httpx.stream("POST", self.live.url + "/v1/chat/completions", json=self.body, timeout=60) as response:
+            self.chunks, self.done = read_sse(response)
+
+    def whole(self) -> bool:
+        self.join(timeout=60)
+        finish = [c["choices"][0]["finish_reason"] for c in self.chunks if c.get("choices")]
+        return self.done and not any("error" in c for c in self.chunks) and finish[-1] in ("stop", "length")
+
+
+def test_an_out_of_range_seed_is_refused_while_another_stream_goes_on(live):
+    other = Stream(live, {"model": MODEL, "messages": QUESTION, "max_tokens": 200, "stream": True, "seed": 1})
+    for seed in (2**64, 2**63, -1, -(2**63) - 1):
+        response = post(live, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "seed": seed})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "seed", response.text
+    assert other.whole(), other.chunks[-1:]
+    good = {"model": MODEL, "messages": QUESTION, "max_tokens": 3, "seed": 2**63 - 1}
+    assert post(live, "/v1/chat/completions", good).status_code == 200
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+def test_a_fault_in_one_runs_sampling_ends_that_run_alone(live, monkeypatch):
+    """The test hook: sampling raises for any batch holding a row seeded 666, as a broken sampler would."""
+
+    def faulty(logits, params, generators):
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("a secret detail of a broken sampler")
+        return sample_rows(logits, params, generators)
+
+    monkeypatch.setattr(engine_module, "sample_rows", faulty)
+    other = Stream(live, {"model": MODEL, "messages": QUESTION, "max_tokens": 200, "stream": True, "seed": 1})
+    bad = {"model": MODEL, "messages": QUESTION, "max_tokens": 50, "seed": 666}
+    response = post(live, "/v1/chat/completions", bad)
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["code"] == "run_failed" and "request id" in error["message"] and "secret" not in response.text
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json={**bad, "stream": True}, timeout=60) as streamed:
+        chunks, _ = read_sse(streamed)
+    assert chunks[-1]["error"]["code"] == "run_failed"
+    assert other.whole(), other.chunks[-1:]
+    live.wait_idle()  # the failed runs' blocks were freed
+    assert post(live, "/v1/chat/completions", {**bad, "seed": 5}).status_code == 200
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+    assert live.metric("hogwild_requests_total", endpoint="/v1/chat/completions", status="500") == 1
+
+
+def test_a_failing_forward_pass_stops_the_server(tokenizer, monkeypatch):
+    engine = tiny_engine(tokenizer)
+
+    def broken(rows, wanted):
+        raise RuntimeError("a secret detail of a broken forward pass")
+
+    with live_server(engine) as live:
+        stopped = []
+        stop, live.server.stop_serving = live.server.stop_serving, lambda: stopped.append(True)
+        monkeypatch.setattr(engine, "run_model", broken)
+        response = post(live, "/v1/chat/completions", {"model": MODEL, "messages": QUESTION, "max_tokens": 3})
+        assert response.status_code == 500 and response.json()["error"]["code"] == "engine_failed"
+        health = httpx.get(live.url + "/health")
+        assert health.status_code == 503 and "restarted" in health.json()["error"] and "secret" not in health.text
+        assert stopped == [True] and live.server.failed
+        stop()  # what `serve` wires up: uvicorn shuts down
+        live.thread.join(timeout=10)
+        assert not live.thread.is_alive()
+
+
+def test_serve_exits_non_zero_when_the_engine_fails(tokenizer, monkeypatch):
+    engine = tiny_engine(tokenizer)
+    monkeypatch.setattr(engine, "run_model", lambda rows, wanted: 1 / 0)
+    app = create_app(engine, ServerConfig(port=0))
+
+    def fail_once_started() -> None:
+        while app.state.server.backend.loop is None:
+            threading.Event().wait(0.01)
+        app.state.server.backend.loop.submit(Sampled(engine, [1, 2, 3], SamplingParams(max_tokens=2)))
+
+    threading.Thread(target=fail_once_started, daemon=True).start()
+    assert command._run(app, app.state.server.config) == 1
+
+
+def test_a_temperature_too_small_to_divide_by_samples_greedily(client):
+    greedy = complete(client, False, None, temperature=0, max_tokens=12).choices[0].text
+    for temperature in (1e-38, 1e-45, 1e-6):
+        tiny = complete(client, False, None, temperature=temperature, seed=3, max_tokens=12).choices[0].text
+        assert tiny == greedy, temperature
+
+
+def test_admission_follows_the_kv_budget(tokenizer):
+    """A burst of small requests that the KV budget holds all starts at once, whatever --max-queue says."""
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 4}
+    for max_queue in (2, 0):
+        with live_server(tiny_engine(tokenizer), max_queue=max_queue) as live:
+            with ThreadPoolExecutor(8) as pool:
+                statuses = list(pool.map(lambda _: post(live, "/v1/chat/completions", body).status_code, range(8)))
+            assert statuses == [200] * 8, (max_queue, statuses)
+
+
 def test_a_stopped_engine_answers_503(tokenizer):
     with live_server(tiny_engine(tokenizer)) as live:
         live.server.backend.loop.close()
@@ -211,10 +336,34 @@ def test_api_key(tokenizer):
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "sesame"}):
             response = post(live, "/v1/chat/completions", body, **headers)
             assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
-        assert httpx.get(live.url + "/v1/models").status_code == 401
+        for path in ("/v1/models", "/health", "/metrics"):
+            assert httpx.get(live.url + path).status_code == 401, path
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="sesame", max_retries=0)
         assert client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2).choices
-        assert httpx.get(live.url + "/health").json()["status"] == "ok"
+        assert httpx.get(live.url + "/health", headers=live.headers).json()["status"] == "ok"
+        assert live.metric("hogwild_requests_total", endpoint="/health", status="401") == 1
+
+
+def test_the_key_from_a_file_or_the_environment(tmp_path, monkeypatch, capsys):
+    key_file = tmp_path / "key"
+    key_file.write_text("from-a-file\n")
+    args = type("Args", (), {"api_key": None, "api_key_file": key_file})
+    assert command.api_key(args) == "from-a-file"
+    monkeypatch.setenv("HOGWILD_API_KEY", "from-the-env")
+    args.api_key_file = None
+    assert command.api_key(args) == "from-the-env"
+    args.api_key = "given"
+    assert command.api_key(args) == "given"
+    args.api_key_file = key_file
+    with pytest.raises(HogwildError, match="once"):
+        command.api_key(args)
+    args.api_key, args.api_key_file = None, tmp_path / "missing"
+    with pytest.raises(HogwildError, match="cannot read"):
+        command.api_key(args)
+    # without a key an open host is refused before the model loads
+    monkeypatch.delenv("HOGWILD_API_KEY")
+    assert main(["serve", "--host", "192.168.1.5", "--port", "1"]) == 2
+    assert "without an API key" in capsys.readouterr().err
 
 
 def test_open_hosts_need_a_key_or_insecure(capsys):

@@ -1,32 +1,43 @@
 """The FastAPI app: OpenAI's endpoints over one engine (or over Ray replicas), every request a run of a scheduler.
 
-A request is read (at most `max_body_bytes`), checked (API key here; fields, model, context, KV budget by the
-backend: each mistake an OpenAI error body with a 4xx status), then submitted to an `EngineLoop`, whose thread
-batches the rows of every running request into each forward pass. The handler only relays the run's chunks: as
-server-sent events when `stream` is true, as one JSON body otherwise. A client that goes away cancels its run,
-which frees its blocks at once; when more than `max_queue` requests wait to start, new ones get 429 with
-`Retry-After`.
+Every request first passes `Guard`, which counts its response in the metrics, refuses a `Host` that does not name
+this server (DNS rebinding) and a browser `Origin` that is neither the server's own page nor allowed with
+`--cors-origin`, and turns an unexpected exception into a 500 JSON body with a request id (the traceback goes to
+the log). An API request's body must be `application/json` (a web page cannot send that cross-site without a CORS
+preflight, which this server does not grant), arrive within `body_timeout_s` and hold at most `max_body_bytes`;
+then the backend checks it (fields, model, context, KV budget: each mistake an OpenAI error body with a 4xx
+status) and submits it to an `EngineLoop`, whose thread batches the rows of every running request into each
+forward pass. The handler only relays the run's chunks: as server-sent events when `stream` is true, as one JSON
+body otherwise. A client that goes away cancels its run, which frees its blocks at once; when a run would wait for
+KV room behind `max_queue` others, its request gets 429 with `Retry-After`. If the engine itself fails, /health
+says so and `serve` stops the server, which exits non-zero for its supervisor to restart it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from hogwild.engine import Engine
 from hogwild.server.config import ServerConfig
@@ -53,6 +64,16 @@ class Server:
         self.model = backend.model
         self.started = int(time.time())
         self.metrics = Metrics()
+        self.failed = False  # the engine failed: the server stops and exits non-zero
+        self.stop_serving: Callable[[], None] | None = None  # set by `serve`: asks uvicorn to shut down
+        if isinstance(backend, EngineService):
+            backend.on_fatal = self.engine_failed
+
+    def engine_failed(self, error: BaseException) -> None:
+        """Called from the engine's thread when the engine failed and its loop stopped (logged there)."""
+        self.failed = True
+        if self.stop_serving is not None:
+            self.stop_serving()
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
@@ -72,25 +93,41 @@ class Server:
             raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
 
     async def read_json(self, request: Request) -> object:
-        """The request body as JSON; 413 past `max_body_bytes` (the body is drained up to 16x that, so the client
-        reads the answer instead of a reset connection), 400 when it is not JSON."""
+        """The request body as JSON: 415 unless it is sent as `application/json`, 408 when it has not arrived in
+        `body_timeout_s`, 413 past `max_body_bytes` (the body is drained up to 16x that, so the client reads the
+        answer instead of a reset connection), 400 when it is not strict JSON (NaN, Infinity, nesting deeper than
+        the parser goes)."""
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json":
+            raise ApiError(
+                415,
+                f"send the body as Content-Type: application/json, not {media or 'no content type'}",
+                code="unsupported_media_type",
+            )
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length", "")
         too_large = declared.isdigit() and int(declared) > limit
         chunks, size = [], 0
-        if not (declared.isdigit() and int(declared) > 16 * limit):
-            async for chunk in request.stream():
-                size += len(chunk)
-                too_large = too_large or size > limit
-                if too_large and size > 16 * limit:
-                    break
-                if not too_large:
-                    chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                if not (declared.isdigit() and int(declared) > 16 * limit):
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        too_large = too_large or size > limit
+                        if too_large and size > 16 * limit:
+                            break
+                        if not too_large:
+                            chunks.append(chunk)
+        except TimeoutError:
+            message = f"the request body did not arrive within {self.config.body_timeout_s:g} s"
+            raise ApiError(408, message, code="request_timeout") from None
         if too_large:
             raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
         try:
-            return json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return json.loads(b"".join(chunks), parse_constant=_not_json)
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
+        except ValueError as e:  # JSONDecodeError, bad UTF-8, an integer of thousands of digits, NaN
             raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
 
     # the two generation endpoints
@@ -120,9 +157,10 @@ class Server:
             async for chunk in opened.chunks():
                 yield sse(chunk)
             yield "data: [DONE]\n\n"
-        except Exception as e:  # the engine failed mid-stream: the status line is sent, so say it in the stream
-            log.exception("a request failed")
-            yield sse(ApiError(500, f"the engine failed: {e}", type="server_error").body())
+        except ApiError as e:  # the run failed mid-stream: the status line is sent, so say it in the stream
+            yield sse(e.body())
+        except Exception as e:
+            yield sse(internal_error(e).body())
         finally:
             opened.close()
 
@@ -154,16 +192,30 @@ class Server:
         card = {"id": self.model, "object": "model", "created": self.started, "owned_by": "hogwild"}
         return {"object": "list", "data": [{**card, "hogwild": self.backend.card()}]}
 
-    async def health(self) -> Response:
+    async def health(self, request: Request) -> Response:
+        self.authorize(request)
         status, body = await self.backend.health()
         return JSONResponse(body, status)
 
-    async def render_metrics(self) -> bytes:
+    async def render_metrics(self, request: Request) -> bytes:
+        self.authorize(request)
         return self.metrics.render(await self.backend.snapshot())
 
 
 def sse(chunk: dict) -> str:
     return f"data: {json.dumps(chunk, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def internal_error(error: BaseException) -> ApiError:
+    """An unexpected exception as the client sees it: a request id to find its traceback in the log."""
+    request_id = uuid.uuid4().hex
+    log.error("request %s failed", request_id, exc_info=error)
+    message = f"internal server error (request id {request_id}); the server's log has the details"
+    return ApiError(500, message, type="server_error", code="internal_error", headers={"X-Request-Id": request_id})
 
 
 async def disconnected(receive: Receive) -> None:
@@ -172,8 +224,10 @@ async def disconnected(receive: Receive) -> None:
         pass
 
 
-class CountRequests:
-    """ASGI middleware: counts every response by endpoint and status (streams included, at their status line)."""
+class Guard:
+    """ASGI middleware around everything: refuses a foreign `Host` (400) or `Origin` (403), turns an unexpected
+    exception into a 500 JSON body, and counts every response by endpoint and status (streams at their status
+    line)."""
 
     def __init__(self, app: ASGIApp, server: Server) -> None:
         self.app = app
@@ -183,13 +237,78 @@ class CountRequests:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        started = False
 
         async def counting(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.server.metrics.requests.labels(endpoint, str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, counting)
+        refused = self.refuse(Headers(scope=scope))
+        if refused is not None:
+            return await error_response(refused)(scope, receive, counting)
+        try:
+            await self.app(scope, receive, counting)
+        except Exception as e:
+            if started:  # the status line is out: nothing left to tell the client but a closed connection
+                raise
+            await error_response(internal_error(e))(scope, receive, counting)
+
+    def refuse(self, headers: Headers) -> ApiError | None:
+        config = self.server.config
+        authority = headers.get("host", "")
+        if not config.allows_host(authority):
+            return ApiError(400, "the Host header does not name this server", code="host_not_allowed")
+        origin = headers.get("origin")
+        if origin is not None and not config.allows_origin(origin, authority):
+            message = "cross-origin requests are refused; allow an origin with hogwild serve --cors-origin"
+            return ApiError(403, message, type="permission_error", code="origin_not_allowed")
+        return None
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+class TimedH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's head: a connection that has not sent a whole
+    request line and headers `header_timeout_s` after it opened (or after its last response) is closed, so slow
+    clients cannot hold connections open one byte at a time."""
+
+    def __init__(self, *args, header_timeout_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def _arm(self) -> None:
+        self.loop.call_later(self.header_timeout_s, self._expire, self.cycle)
+
+    def _expire(self, cycle: object) -> None:
+        if self.cycle is cycle and not self.transport.is_closing():  # no new request began since
+            self.transport.close()
+
+
+def uvicorn_server(app: FastAPI, **settings) -> uvicorn.Server:
+    """The uvicorn server for `app` (hogwild's header deadline, `settings`: uvicorn.Config's), which stops when
+    the engine fails; after `run()`, `app.state.server.failed` says whether it did."""
+    config: ServerConfig = app.state.server.config
+    http = functools.partial(TimedH11, header_timeout_s=config.header_timeout_s)
+    server = uvicorn.Server(uvicorn.Config(app, http=http, timeout_graceful_shutdown=5, **settings))
+
+    def stop() -> None:
+        server.should_exit = True
+
+    app.state.server.stop_serving = stop
+    return server
 
 
 def create_app(engine: Engine | Replicas, config: ServerConfig | None = None) -> FastAPI:
@@ -198,16 +317,21 @@ def create_app(engine: Engine | Replicas, config: ServerConfig | None = None) ->
     server = Server(EngineService(engine, config) if isinstance(engine, Engine) else engine, config)
     app = FastAPI(title="hogwild", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-    app.add_middleware(CountRequests, server=server)
+    if config.cors_origins:
+        cors = ["*"] if "*" in config.cors_origins else list(config.cors_origins)
+        app.add_middleware(
+            CORSMiddleware, allow_origins=cors, allow_methods=["GET", "HEAD", "POST"], allow_headers=["*"]
+        )
+    app.add_middleware(Guard, server=server)  # added last: the outermost
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        return error_response(error)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         message = f"no such endpoint: {request.method} {request.url.path}" if error.status_code == 404 else error.detail
-        return JSONResponse(ApiError(error.status_code, str(message)).body(), status_code=error.status_code)
+        return error_response(ApiError(error.status_code, str(message), headers=error.headers))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -217,19 +341,20 @@ def create_app(engine: Engine | Replicas, config: ServerConfig | None = None) ->
     async def completions(request: Request) -> Response:
         return await server.generate(request, "completion")
 
-    @app.get("/v1/models")
+    # HEAD wherever GET is (uvicorn sends the headers without the body)
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request) -> dict:
         return server.models(request)
 
-    @app.get("/health")
-    async def health() -> Response:
-        return await server.health()
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health(request: Request) -> Response:
+        return await server.health(request)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(await server.render_metrics(), media_type=CONTENT_TYPE_LATEST)
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    async def metrics(request: Request) -> Response:
+        return Response(await server.render_metrics(request), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from hogwild.cluster import add_arguments as add_ray_arguments
 from hogwild.engine import EngineConfig
@@ -37,7 +39,18 @@ def add_parser(
     )
     serve.add_argument("--host", default=_default(ServerConfig, "host"), help="address to listen on")
     serve.add_argument("--port", type=int, default=_default(ServerConfig, "port"), help="port to listen on")
-    serve.add_argument("--api-key", default=_default(ServerConfig, "api_key"), help="require this Bearer token")
+    serve.add_argument(
+        "--api-key",
+        default=_default(ServerConfig, "api_key"),
+        help="require this Bearer token (visible to other users in `ps`: prefer --api-key-file or HOGWILD_API_KEY)",
+    )
+    serve.add_argument("--api-key-file", type=Path, help="require the Bearer token this file holds")
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        default=list(_default(ServerConfig, "cors_origins")),
+        help="an origin (https://example.com) whose web pages may call the server; repeat for more, * for any",
+    )
     serve.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback --host without an API key (anyone may use it)"
     )
@@ -74,20 +87,19 @@ def cmd_serve(args: argparse.Namespace, engine_config: Callable[[argparse.Namesp
     config = ServerConfig(
         host=args.host,
         port=args.port,
-        api_key=args.api_key,
+        api_key=api_key(args),
         insecure=args.insecure,
         max_queue=args.max_queue,
         model_name=args.model_name,
+        cors_origins=tuple(args.cors_origin),
     )  # checked before the model loads: a refused --host fails at once
     engine_settings = dataclasses.replace(engine_config(args), max_runs=args.max_runs)
     try:
-        import uvicorn
-
         from hogwild.server.app import create_app
     except ImportError as e:
         raise HogwildError(f"hogwild serve needs the serve extra ({e}): pip install 'hogwild[serve]'") from e
     if args.ray is not None:
-        return _serve_replicas(args, config, engine_settings, uvicorn, create_app)
+        return _serve_replicas(args, config, engine_settings, create_app)
     from hogwild.engine import Engine
 
     engine = Engine.load(engine_settings)
@@ -97,11 +109,37 @@ def cmd_serve(args: argparse.Namespace, engine_config: Callable[[argparse.Namesp
         f"http://{config.host}:{config.port}/ (API under /v1)",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+    return _run(app, config)
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key, --api-key-file or HOGWILD_API_KEY (one of them)."""
+    given = [name for name in ("api_key", "api_key_file") if getattr(args, name) is not None]
+    if len(given) > 1:
+        raise HogwildError("give the key once: --api-key or --api-key-file")
+    if args.api_key_file is not None:
+        try:
+            key = args.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise HogwildError(f"cannot read the API key from {args.api_key_file}: {e}") from None
+        if not key:
+            raise HogwildError(f"{args.api_key_file} holds no API key")
+        return key
+    return args.api_key if args.api_key is not None else os.environ.get("HOGWILD_API_KEY") or None
+
+
+def _run(app, config: ServerConfig) -> int:
+    """Serve until stopped; 1 when the engine failed (its traceback is in the log), so a supervisor restarts it."""
+    from hogwild.server.app import uvicorn_server
+
+    uvicorn_server(app, host=config.host, port=config.port, log_level="info").run()
+    if app.state.server.failed:
+        print("hogwild: the engine failed (see the log above); exiting", file=sys.stderr)
+        return 1
     return 0
 
 
-def _serve_replicas(args: argparse.Namespace, config: ServerConfig, engine_settings: EngineConfig, uvicorn, create_app):
+def _serve_replicas(args: argparse.Namespace, config: ServerConfig, engine_settings: EngineConfig, create_app):
     from hogwild.cluster import connect, import_ray, plan_actors
     from hogwild.server.replicas import Replicas
 
@@ -119,9 +157,8 @@ def _serve_replicas(args: argparse.Namespace, config: ServerConfig, engine_setti
                 f"{replicas.load_s:.1f} s, at http://{config.host}:{config.port}/ (API under /v1)",
                 file=sys.stderr,
             )
-            uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+            return _run(app, config)
         finally:
             replicas.close()
     finally:
         cluster.close()
-    return 0
