@@ -1,4 +1,5 @@
-"""The engine in a background thread: runs submitted from threads and asyncio tasks, batched, cancelled."""
+"""The engine in a background thread: runs submitted from threads and asyncio tasks, batched, cancelled; a run
+that fails ends alone, a failing forward pass stops the loop."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hogwild.collab.protocol import CollabConfig, Collaboration
 from hogwild.errors import HogwildError
 from hogwild.loop import EngineLoop
 from hogwild.model.tokenizer import Tokenizer
-from hogwild.runs import Done, Sampled, Token
+from hogwild.runs import Done, Failed, Sampled, Token
 from hogwild.sampling import SamplingParams
 
 torch.set_num_threads(1)
@@ -100,5 +101,58 @@ def test_a_run_too_large_is_refused_in_submit(tokenizer):
     with pytest.raises(HogwildError, match="raise --kv-memory"):
         loop.submit(Sampled(engine, [1, 2, 3], SamplingParams(max_tokens=4000)))
     loop.close()
+    with pytest.raises(HogwildError, match="stopped"):
+        loop.submit(Sampled(engine, [1, 2, 3], SamplingParams(max_tokens=4)))
+
+
+class Broken(Sampled):
+    """A run whose own code fails at its third step."""
+
+    def script(self):
+        steps = super().script()
+        feeds = next(steps)
+        for _ in range(2):
+            feeds = steps.send((yield feeds))
+        raise ValueError("a bug in this run's script")
+
+
+def test_a_run_that_fails_ends_alone_and_the_loop_goes_on(tokenizer):
+    engine = tiny_engine(tokenizer)
+    loop = EngineLoop(engine)
+    params = SamplingParams(max_tokens=12)
+    alone = tiny_engine(tokenizer)
+    expected = "".join(alone.generate_text(alone.encode_prompt("Count"), params))
+    broken = loop.submit(Broken(engine, engine.encode_prompt("Hi"), params))
+    good = loop.submit(Sampled(engine, engine.encode_prompt("Count"), params))
+    events = list(broken)
+    failed = [e for e in events if isinstance(e, Failed)]
+    assert len(failed) == 1 and isinstance(failed[0].error, ValueError)
+    assert isinstance(events[-1], Done) and events[-1].result.samples[0].finish_reason == "error"
+    good_events = list(good)
+    assert "".join(e.text for e in good_events if isinstance(e, Token)) == expected
+    assert loop.alive and engine.pool.in_use_bytes == 0
+    # a plain engine.stream raises the run's error to its caller, as before
+    with pytest.raises(ValueError, match="a bug"):
+        list(engine.stream(Broken(engine, engine.encode_prompt("Hi"), params)))
+    loop.close()
+
+
+def test_a_failing_forward_pass_stops_the_loop_and_says_so(tokenizer, monkeypatch):
+    engine = tiny_engine(tokenizer)
+    told = []
+    loop = EngineLoop(engine, on_fatal=told.append)
+    assert loop.call(lambda e: threading.current_thread().name).result(timeout=10) == "hogwild-engine"
+    with pytest.raises(KeyError):
+        loop.call(lambda e: {}["missing"]).result(timeout=10)  # the caller's failure, not the loop's
+    assert loop.alive
+
+    def broken(rows, wanted):
+        raise RuntimeError("the forward pass failed")
+
+    monkeypatch.setattr(engine, "run_model", broken)
+    ticket = loop.submit(Sampled(engine, [1, 2, 3], SamplingParams(max_tokens=4)))
+    with pytest.raises(RuntimeError, match="forward pass"):
+        list(ticket)
+    assert not loop.alive and told == [loop.error]
     with pytest.raises(HogwildError, match="stopped"):
         loop.submit(Sampled(engine, [1, 2, 3], SamplingParams(max_tokens=4)))

@@ -69,3 +69,16 @@ def test_generate_text_cuts_at_the_stop_string(default_model_dir):
     assert text == full[:cut]
     assert stopped.finish_reason == "stop" and stopped.text == text
     assert free.finish_reason in ("length", "stop")
+
+
+def test_seeds_out_of_range_and_tiny_temperatures():
+    for seed in (-1, 2**63, 2**64):
+        with pytest.raises(HogwildError, match="seed"):
+            SamplingParams(seed=seed)
+    SamplingParams(seed=2**63 - 1).generator()
+    logits = torch.randn(6, 300) * 5
+    for temperature in (1e-38, 1e-45, 1e-6):  # dividing by these overflows float32: sampled greedily instead
+        params = SamplingParams(temperature=temperature, seed=1)
+        assert torch.equal(sample(logits, params, params.generator()), logits.argmax(-1))
+    with pytest.raises(HogwildError, match="finite"):
+        SamplingParams(temperature=float("inf"))
