@@ -28,7 +28,7 @@ from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
 from hogwild.model.kernels import DTYPE_CHOICES, LINEARS, WEIGHTS, KernelChoice, choose
-from hogwild.model.loading import cache_dir, load_state_dict, read_config, resolve_model_dir, weight_files
+from hogwild.model.loading import cache_dir, open_weights, read_config, resolve_model_dir, weight_files
 from hogwild.model.quant import cache_key, load_cached, on_int4_grid, save_cached
 from hogwild.model.rope import Rope
 from hogwild.model.tokenizer import Tokenizer
@@ -155,17 +155,27 @@ class Engine:
     def load(cls, config: EngineConfig = EngineConfig()) -> Engine:
         """Load a model (the default model when config.model is None)."""
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        kernels = choose(config.dtype, config.linear, config.device, weights=config.weights)
-        if kernels.warning:
-            print(f"hogwild: note: {kernels.warning}", file=sys.stderr)
+        kernels = choose(config.dtype, config.linear, config.device, weights=config.weights)  # flags checked first
         folder = resolve_model_dir(config.model)
         hf = read_config(folder)
         model_config = ModelConfig.from_hf(hf)
         tokenizer = Tokenizer.from_folder(folder, extra_eos_ids=model_config.eos_token_ids)
-        weights = load_state_dict(folder)
+        weights = open_weights(folder)  # tensors read one at a time, a GGUF's mapped where they lie
+        block_kernels = blocks = None
+        if (
+            hasattr(weights, "blocks")
+            and torch.device(config.device).type == "cpu"
+            and config.weights in ("auto", "gguf")
+        ):
+            block_kernels = native.load_gguf()
+            if block_kernels is not None:
+                blocks = f"{weights.describe()}, {block_kernels.isa()} kernels"
+        kernels = choose(config.dtype, config.linear, config.device, weights=config.weights, blocks=blocks)
         # auto's int8, for a 4-bit source (the default model's Q4_1): int4 loses nothing of it and reads half the bytes
         if kernels.linear == "int8" and config.weights == "auto" and on_int4_grid(weights):
             kernels = choose(config.dtype, config.linear, config.device, weights="auto", four_bit=True)
+        if kernels.warning:
+            print(f"hogwild: note: {kernels.warning}", file=sys.stderr)
         cache = cached = None
         if kernels.linear in ("int8", "int4"):
             # quantized once per weight files; a later start reads the quantized weights instead
@@ -174,7 +184,15 @@ class Engine:
             cached = load_cached(cache)
         fused = native.load() if config.fused and torch.device(config.device).type == "cpu" else None
         model = Decoder(
-            model_config, weights, kernels.dtype, config.device, kernels.linear, kernels.activation_bits, cached, fused
+            model_config,
+            weights,
+            kernels.dtype,
+            config.device,
+            kernels.linear,
+            kernels.activation_bits,
+            cached,
+            fused,
+            block_kernels,
         )
         del weights
         if cache is not None and cached is None:

@@ -1,7 +1,6 @@
 """Model folders, weights and the tokenizer: the real default model end to end, and each bad input's one-line error."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -82,11 +81,14 @@ def test_stream_flushes_incomplete_character(tokenizer: Tokenizer) -> None:
     assert stream.text.endswith("\ufffd")
 
 
-def test_default_model_is_cached(default_model_dir: Path) -> None:
-    start = time.perf_counter()
-    again = resolve_model_dir(None)
-    assert time.perf_counter() - start < 3
-    assert again == default_model_dir
+def test_default_model_is_cached(default_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def prepared_again(*args) -> None:
+        raise AssertionError("a prepared model was prepared again")
+
+    monkeypatch.setattr(loading, "write_prepared", prepared_again)
+    assert resolve_model_dir(None) == default_model_dir
+    assert not any(default_model_dir.glob("*.safetensors")), "a GGUF model's weights stay in the GGUF"
+    assert sum(f.stat().st_size for f in default_model_dir.iterdir()) < 0.1 * 98_362_432
 
 
 def test_cache_dir_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -186,13 +188,14 @@ def test_template_errors_and_config_forms(tmp_path: Path) -> None:
         Tokenizer.from_folder(tmp_path)
 
 
-def test_interrupted_conversion_leaves_no_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    def interrupted(path: Path, out: Path) -> None:
+def test_interrupted_preparation_leaves_no_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def interrupted(path: Path, out: Path, source: dict) -> None:
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
     monkeypatch.setenv("HOGWILD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(loading, "write_converted", interrupted)
+    monkeypatch.setattr(loading, "write_prepared", interrupted)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
     with pytest.raises(KeyboardInterrupt):
-        loading.convert_gguf(tmp_path / "model.gguf", "ab" * 32)
+        loading.prepare_gguf(tmp_path / "model.gguf", [tmp_path / "model.gguf"], "ab" * 32)
     assert list((tmp_path / "cache" / "models").iterdir()) == []

@@ -5,6 +5,7 @@ is one error line naming its package, and the registry agrees with pyproject's e
 from __future__ import annotations
 
 import hashlib
+import mmap
 import tomllib
 from pathlib import Path
 
@@ -39,12 +40,19 @@ def uninstall_part(site: Path, i: int) -> None:
         info.rmdir()
 
 
-@pytest.fixture
-def split_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[NamedModel, list[bytes], Path]:
-    """A tiny qwen2 GGUF in three parts, installed into a site folder on sys.path and registered as `tiny-split`."""
+@pytest.fixture(params=["pages", "bytes"])
+def split_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> tuple[NamedModel, list[bytes], Path]:
+    """A tiny qwen2 GGUF in three parts, installed into a site folder on sys.path and registered as `tiny-split`:
+    cut at page boundaries (mapped back to back, as the named models' parts are) or anywhere (read into memory)."""
     monkeypatch.setenv("HOGWILD_CACHE", str(tmp_path / "cache"))
     gguf = write_model_gguf(tmp_path / "tiny.gguf", tiny_source_model("qwen2"), ("Q8_0",)).read_bytes()
-    cut = [0, len(gguf) // 3, 2 * len(gguf) // 3, len(gguf)]
+    third = len(gguf) // 3
+    if request.param == "pages":
+        third -= third % mmap.PAGESIZE
+        assert third > 0, "the tiny GGUF is smaller than three pages"
+    cut = [0, third, 2 * third, len(gguf)]
     chunks = [gguf[a:b] for a, b in zip(cut, cut[1:], strict=False)]
     site = tmp_path / "site"
     for i, chunk in enumerate(chunks, start=1):
@@ -104,30 +112,32 @@ def test_bad_parts_are_one_line_naming_the_package(
     assert not cached_files(tmp_path), "a refused model left files in the cache"
 
 
-def test_parts_assemble_check_and_convert_once(
+def test_parts_are_checked_prepared_once_and_mapped(
     split_model: tuple[NamedModel, list[bytes], Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     model, _, site = split_model
     code, out, err = generate(capsys, model.name)
     assert code == 0, err
-    assert out.strip() and "converting tiny.gguf" in err
+    assert out.strip() and "reading tiny.gguf's metadata" in err
+    code, single, _ = generate(capsys, str(tmp_path / "tiny.gguf"))
+    assert code == 0 and single == out, "the parts read as the whole file does"
     folder = converted_dir(model.sha256)
     assert is_converted(folder)
-    kept = {p.parent for p in cached_files(tmp_path)} - {tmp_path / "cache" / "quantized"}  # int8 weights: kept
-    assert kept == {folder}, "the assembled GGUF is not kept"
+    kept = {p.parent for p in cached_files(tmp_path)} - {tmp_path / "cache" / "quantized"}
+    assert folder in kept and not any(folder.glob("*.gguf")), "the assembled GGUF is not kept"
+    assert not any(folder.glob("*.safetensors")), "the weights stay in the parts"
 
-    code, out, _ = run_cli(capsys, "models")
+    code, listing, _ = run_cli(capsys, "models")
     assert code == 0
-    (row,) = [line for line in out.splitlines() if line.startswith("tiny-split")]
+    (row,) = [line for line in listing.splitlines() if line.startswith("tiny-split")]
     assert row.split()[-2:] == ["yes", "yes"]
 
-    for i in range(1, 4):
-        uninstall_part(site, i)
+    code, again, err = generate(capsys, model.name)
+    assert code == 0 and again == out and "reading" not in err, "a prepared model is not prepared again"
+
+    uninstall_part(site, 2)
     code, _, err = generate(capsys, model.name)
-    assert code == 0 and "converting" not in err, "the converted model is used without its packages"
-    code, out, _ = run_cli(capsys, "models")
-    (row,) = [line for line in out.splitlines() if line.startswith("tiny-split")]
-    assert row.split()[-4:] == ["no", "(0/3", "packages)", "yes"]
+    assert_one_error_line(code, err, "tiny-split is not installed", "fakemodel-part2==1.0.0 is missing")
 
 
 def test_models_lists_the_named_models(capsys: pytest.CaptureFixture) -> None:

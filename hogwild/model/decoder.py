@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hogwild.errors import HogwildError
+from hogwild.model.blocks import GgufLinear
 from hogwild.model.config import ModelConfig
 from hogwild.model.kernels import Linear
 from hogwild.model.quant import Int4Linear, Int8Linear, int4_fits, quantize_int4, quantize_linear
@@ -54,27 +55,39 @@ class Layer:
         self.k_norm_f32 = None if self.k_norm is None else self.k_norm.float()
 
 
+class Weights(Protocol):
+    """A model's tensors, read one at a time (`hogwild.model.loading.open_weights`): `get` gives a tensor in a float
+    dtype (None when the checkpoint has none of that name); a GGUF's also gives a weight matrix's own blocks."""
+
+    def get(self, name: str) -> torch.Tensor | None: ...
+
+
 class Decoder:
     def __init__(
         self,
         config: ModelConfig,
-        weights: dict[str, torch.Tensor],
+        weights: Weights | dict[str, torch.Tensor],
         dtype: torch.dtype,
         device: str = "cpu",
         linear: str = "aten",
         activation_bits: int = 7,
         quantized: dict[str, torch.Tensor] | None = None,
         fused: ModuleType | None = None,
+        blocks: ModuleType | None = None,
     ) -> None:
-        """`linear` is the kernel every projection runs ("onednn", "aten", "int8" or "int4"), chosen by
+        """`linear` is the kernel every projection runs ("onednn", "aten", "int8", "int4" or "gguf"), chosen by
         `hogwild.model.kernels`. With "int8" or "int4", `quantized` holds the weights of an earlier start (see
-        `quantized`); "int4" keeps the vocabulary projection int8. `fused` (`hogwild.native.load()`) runs the
-        norms and silu * up in one call each (CPU, float32 or bf16)."""
+        `quantized`); "int4" keeps the vocabulary projection int8. "gguf" multiplies the GGUF's own blocks
+        (`weights.blocks`) with `blocks` (`hogwild.native.load_gguf()`), the embedding and the vocabulary
+        projection too. `fused` (`hogwild.native.load()`) runs the norms and silu * up in one call each (CPU,
+        float32 or bf16)."""
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
         self.int8 = linear == "int8"
         self.int4 = linear == "int4"
+        self.gguf = linear == "gguf"
+        assert not self.gguf or (blocks is not None and hasattr(weights, "blocks")), "gguf runs a GGUF's blocks"
         self.head_int8 = self.int8 or self.int4  # the vocabulary projection takes float32 rows, int8 weights
         self.fused = fused if self.device.type == "cpu" and dtype in FUSED_DTYPES else None
         # name -> quantized weights, for the cache: int8 as "<name>.q" and "<name>.scale", int4 as "<name>.q4"
@@ -84,7 +97,7 @@ class Decoder:
 
         # int4 quantizes from the float32 weights, not from their bf16 rounding, so 4-bit weights keep their grid;
         # the embedding and norms stay float32 too (the float32 recompute of the top logits reads the embedding)
-        stored_dtype = torch.float32 if self.int4 else dtype
+        stored_dtype = torch.float32 if self.int4 or self.gguf else dtype
 
         def stored(name: str, keys: tuple[str, str], quantize, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
             """One projection's quantized tensors, from the cache or quantized now, and recorded for the cache."""
@@ -92,17 +105,6 @@ class Decoder:
             tensors = tuple(cached[n] for n in names) if all(n in cached for n in names) else quantize(weight)
             self.quantized.update(zip(names, tensors, strict=True))
             return tensors
-
-        def project(
-            name: str, weight: torch.Tensor, bias: torch.Tensor | None = None
-        ) -> Linear | Int8Linear | Int4Linear:
-            if self.int4 and name != "lm_head":
-                if not int4_fits(weight.shape):  # no model we know of; bf16 keeps it running
-                    return Linear(weight.to(dtype), None if bias is None else bias.to(dtype), "aten")
-                return Int4Linear(*stored(name, ("q4", "scale_zero"), quantize_int4, weight), bias, dtype)
-            if not self.head_int8:
-                return Linear(weight, bias, linear)
-            return Int8Linear(*stored(name, ("q", "scale"), quantize_linear, weight), bias, activation_bits)
 
         def take(name: str, required: bool = True) -> torch.Tensor | None:
             tensor = weights.get(name)
@@ -112,36 +114,59 @@ class Decoder:
                 return None
             return tensor.to(device=self.device, dtype=stored_dtype)
 
+        def project(
+            name: str, parts: list[str], bias: list[str] | None = None, weight: torch.Tensor | None = None
+        ) -> Linear | Int8Linear | Int4Linear | GgufLinear:
+            """The linear of the matrices `parts` stacked by rows (q, k, v; gate, up), and their biases; `weight`:
+            the float matrix itself, already taken."""
+            b = None if bias is None else torch.cat([take(n) for n in bias])
+            if self.gguf:
+                return GgufLinear([weights.blocks(n) for n in parts], b, blocks)
+            if weight is None:
+                weight = torch.cat([take(n) for n in parts]) if len(parts) > 1 else take(parts[0])
+            if self.int4 and name != "lm_head":
+                if not int4_fits(weight.shape):  # no model we know of; bf16 keeps it running
+                    return Linear(weight.to(dtype), None if b is None else b.to(dtype), "aten")
+                return Int4Linear(*stored(name, ("q4", "scale_zero"), quantize_int4, weight), b, dtype)
+            if not self.head_int8:
+                return Linear(weight, b, linear)
+            return Int8Linear(*stored(name, ("q", "scale"), quantize_linear, weight), b, activation_bits)
+
         c = config
-        self.embed = take("model.embed_tokens.weight")
-        if self.embed.shape != (c.vocab_size, c.hidden_size):
+        embed_name = "model.embed_tokens.weight"
+        head_name = embed_name if c.tie_embeddings or weights.get("lm_head.weight") is None else "lm_head.weight"
+        if self.gguf:
+            self.lm_head_linear = project("lm_head", [head_name])
+            self.embed = self.lm_head = None  # rows are read from the blocks (`embed_rows`, `head_rows`)
+            self.embed_blocks = weights.blocks(embed_name)
+            embed_shape = self.embed_blocks.shape
+        else:
+            self.embed = take(embed_name)
+            embed_shape = self.embed.shape
+            self.lm_head = self.embed if head_name == embed_name else take(head_name)
+            self.lm_head_linear = project("lm_head", [head_name], weight=self.lm_head)
+        if tuple(embed_shape) != (c.vocab_size, c.hidden_size):
             raise HogwildError(
-                f"embedding shape {tuple(self.embed.shape)} does not match config ({c.vocab_size}, {c.hidden_size})"
+                f"embedding shape {tuple(embed_shape)} does not match config ({c.vocab_size}, {c.hidden_size})"
             )
         self.norm_f32 = take("model.norm.weight").float()
-        self.lm_head = self.embed if c.tie_embeddings else take("lm_head.weight", required=False)
-        if self.lm_head is None:
-            self.lm_head = self.embed  # checkpoints that tie weights without saying so
-        self.lm_head_linear = project("lm_head", self.lm_head)
         self.layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            attn = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
-            bias = None
-            if c.qkv_bias:
-                bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
             self.layers.append(
                 Layer(
                     input_norm=take(p + "input_layernorm.weight"),
-                    qkv=project(p + "qkv", torch.cat(attn), bias),
+                    qkv=project(
+                        p + "qkv",
+                        [p + f"self_attn.{n}_proj.weight" for n in "qkv"],
+                        [p + f"self_attn.{n}_proj.bias" for n in "qkv"] if c.qkv_bias else None,
+                    ),
                     q_norm=take(p + "self_attn.q_norm.weight") if c.qk_norm else None,
                     k_norm=take(p + "self_attn.k_norm.weight") if c.qk_norm else None,
-                    o=project(p + "o", take(p + "self_attn.o_proj.weight")),
+                    o=project(p + "o", [p + "self_attn.o_proj.weight"]),
                     post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=project(
-                        p + "gate_up", torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-                    ),
-                    down=project(p + "down", take(p + "mlp.down_proj.weight")),
+                    gate_up=project(p + "gate_up", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                    down=project(p + "down", [p + "mlp.down_proj.weight"]),
                 )
             )
             expected = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
@@ -181,7 +206,7 @@ class Decoder:
         eps = c.rms_norm_eps
         dtype = self.dtype
         # the residual stream stays in float32: in bf16 its rounding alone flips greedy tokens of small models
-        x = F.embedding(tokens.to(self.device), self.embed).float()  # [N, hidden]
+        x = self.embed_rows(tokens.to(self.device))  # [N, hidden]
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (c.hidden_size,), layer.input_norm_f32, eps).to(dtype)
             x += layer.o(self._attend(i, layer, layer.qkv(h), attention).to(dtype))
@@ -200,7 +225,7 @@ class Decoder:
         """`forward` with each residual add and the RMSNorm after it in one call, and silu * up in one; a decode
         step of int4 layers runs all of them in one call."""
         c, eps = self.config, self.config.rms_norm_eps
-        x = F.embedding(tokens, self.embed).float()  # [N, hidden], the residual stream, updated in place
+        x = self.embed_rows(tokens)  # [N, hidden], the residual stream, updated in place
         plan = getattr(attention, "native", None)  # a decode step's fused attention
         if self.fused_int4 is not None and plan is not None:
             h = self.fused.int4_layers(plan, x, self.fused_int4, eps, self.norm_f32)
@@ -237,18 +262,34 @@ class Decoder:
         k = F.rms_norm(k.float(), (D,), layer.k_norm_f32, eps).to(attention.dtype)
         return attention.attend(i, q, k, v)
 
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [N] -> their embeddings, float32 [N, hidden] (a new tensor: the residual stream)."""
+        if self.gguf:
+            return self.lm_head_linear.kernels.get_rows(
+                self.embed_blocks.data, self.embed_blocks.type_id, self.embed_blocks.columns, tokens
+            )
+        return F.embedding(tokens, self.embed).float()
+
+    def head_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The vocabulary projection's rows at `index`, float32 [len(index), hidden], exactly as stored."""
+        if self.gguf:
+            return self.lm_head_linear.rows(index)
+        return self.lm_head[index].float()
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., hidden] float32 -> float32 logits [..., vocab].
 
-        In bf16 the logits near 25 are 0.125 apart, so rounding would settle near-ties. The candidates within
-        REFINE_MARGIN of the best are recomputed in float32 from the same weights: the top of the distribution,
-        which greedy decoding and nucleus sampling read, is exact, and the full-vocabulary matmul stays bf16 (int8)."""
-        if self.dtype == torch.float32 and not self.head_int8:
+        In bf16 the logits near 25 are 0.125 apart, so rounding would settle near-ties; int8 and GGUF blocks
+        multiply activations quantized to 8 bits. The candidates within REFINE_MARGIN of the best are recomputed in
+        float32 from the same weights: the top of the distribution, which greedy decoding and nucleus sampling
+        read, is exact, and the full-vocabulary matmul stays cheap."""
+        if self.dtype == torch.float32 and not (self.head_int8 or self.gguf):
             return self.lm_head_linear(x)
         flat = x.reshape(-1, x.shape[-1])
-        logits = self.lm_head_linear(flat if self.head_int8 else flat.to(self.dtype)).float()  # [N, vocab]
+        quantized = self.head_int8 or self.gguf
+        logits = self.lm_head_linear(flat if quantized else flat.to(self.dtype)).float()  # [N, vocab]
         best = logits.amax(dim=-1, keepdim=True)
-        margin = REFINE_MARGIN["int8" if self.head_int8 else self.dtype]
+        margin = REFINE_MARGIN["int8" if quantized else self.dtype]
         rows, cols = (logits >= best - margin).nonzero(as_tuple=True)
-        logits[rows, cols] = (self.lm_head[cols].float() * flat[rows]).sum(-1)
+        logits[rows, cols] = (self.head_rows(cols) * flat[rows]).sum(-1)
         return logits.view(*x.shape[:-1], -1)

@@ -1,29 +1,35 @@
-"""GGUF files as data: block dequantizers, the config in their metadata, and the one-time conversion to safetensors.
+"""GGUF files as they lie: the config and tokenizer in their metadata, and their tensors memory-mapped in place.
 
 A GGUF file (llama.cpp's format) holds a model's hyperparameters, its tokenizer and chat template as metadata, and
-its weights as tensors in one of several block formats. `write_converted` turns one into a Hugging Face folder that
-hogwild loads like any other: config.json from the metadata, tokenizer.json and the chat template through
-transformers' GGUF tokenizer reader, and model.safetensors with every tensor dequantized to float32 by the numpy
-dequantizers here, streamed to disk one slice at a time. The file is read with `gguf.GGUFReader` (memory-mapped, no
-code execution); the weights are never more than one tensor in memory. Architectures and tensor types that hogwild
-cannot run are refused, naming them, before any work is done.
+its weights as tensors in one of several block formats. `write_prepared` reads the metadata once (with
+`gguf.GGUFReader`: memory-mapped, no code execution) into a small Hugging Face style folder: config.json, the
+tokenizer through transformers' GGUF reader, and `gguf.json`, an index of every tensor (its Hugging Face name,
+shape, block type and byte range in the file). At every start `GgufWeights` maps the file (or the installed parts
+of a split model, back to back in one address range) and hands the decoder each tensor's own blocks; nothing is
+converted to float on disk. Float copies are made only where asked for, a tensor at a time, by gguf's own
+dequantizer (`float_tensor`). Architectures and tensor types that hogwild cannot run are refused, naming them,
+before any work is done.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
+import mmap
+import os
 import sys
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from hogwild.errors import HogwildError
 
-QK_K = 256  # elements per K-quant super-block
+INDEX = "gguf.json"  # the tensor index `write_prepared` writes beside config.json
+INDEX_VERSION = 1
 
 # llama.cpp architecture -> (transformers model_type, class name); Mistral GGUFs are written as "llama"
 ARCHITECTURES = {
@@ -33,6 +39,22 @@ ARCHITECTURES = {
 }
 # llama.cpp stores llama-family q/k rows permuted for its rotary kernel; Qwen GGUFs keep Hugging Face's order
 PERMUTED_QK = ("llama",)
+
+# the block types hogwild runs: GGML type id -> (name, elements per block, bytes per block), as ggml-common.h
+TYPES = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    30: ("BF16", 1, 2),
+}
+TYPE_IDS = {name: type_id for type_id, (name, _, _) in TYPES.items()}
 
 GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -53,175 +75,29 @@ LAYER_TENSORS = {
     "ffn_down": "mlp.down_proj",
 }
 
-SLICE_ELEMENTS = 1 << 24  # float32 elements dequantized at a time: 64 MiB of output
+
+def type_id(type_name: str) -> int:
+    if type_name not in TYPE_IDS:
+        raise HogwildError(f"GGUF tensor type {type_name} is not supported: hogwild reads {', '.join(TYPE_IDS)}")
+    return TYPE_IDS[type_name]
 
 
-# Each dequantizer takes raw blocks, uint8 [n, type_size], and returns float32 [n, block_size]. The layouts are
-# llama.cpp's (ggml-common.h); the arithmetic is done in the same order as its reference dequantize_row_* so the
-# results are bit-identical. Scales are float16 stored little-endian at fixed byte offsets in each block.
-
-
-def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
-    """The float16 at byte `at` of every block, as float32 [n, 1]."""
-    return blocks[:, at : at + 2].copy().view(np.float16).astype(np.float32)
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """[n, 16] packed bytes -> [n, 32] values: the low nibbles are elements 0-15, the high nibbles 16-31."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
-
-
-def _high_bits(qh: np.ndarray) -> np.ndarray:
-    """[n, 4] bytes = one little-endian uint32 per block -> [n, 32] bits, bit j for element j."""
-    return (qh.copy().view("<u4") >> np.arange(32, dtype=np.uint32)).astype(np.uint8) & 1
-
-
-def dequant_f32(blocks: np.ndarray) -> np.ndarray:
-    return blocks.copy().view("<f4")
-
-
-def dequant_f16(blocks: np.ndarray) -> np.ndarray:
-    return blocks.copy().view("<f2").astype(np.float32)
-
-
-def dequant_bf16(blocks: np.ndarray) -> np.ndarray:
-    # bfloat16 is the top half of a float32
-    return (blocks.copy().view("<u2").astype(np.uint32) << 16).view(np.float32)
-
-
-def dequant_q4_0(blocks: np.ndarray) -> np.ndarray:
-    # d: f16 | qs: 16 bytes of 4-bit values, offset by 8
-    q = _nibbles(blocks[:, 2:18]).astype(np.int8) - 8
-    return _f16(blocks, 0) * q.astype(np.float32)
-
-
-def dequant_q4_1(blocks: np.ndarray) -> np.ndarray:
-    # d: f16 | m: f16 | qs: 16 bytes of 4-bit values; x = d * q + m
-    q = _nibbles(blocks[:, 4:20]).astype(np.float32)
-    return _f16(blocks, 0) * q + _f16(blocks, 2)
-
-
-def dequant_q5_0(blocks: np.ndarray) -> np.ndarray:
-    # d: f16 | qh: 32 fifth bits | qs: 16 bytes of low 4 bits; offset by 16
-    q = (_nibbles(blocks[:, 6:22]) | (_high_bits(blocks[:, 2:6]) << 4)).astype(np.int8) - 16
-    return _f16(blocks, 0) * q.astype(np.float32)
-
-
-def dequant_q5_1(blocks: np.ndarray) -> np.ndarray:
-    # d: f16 | m: f16 | qh: 32 fifth bits | qs: 16 bytes of low 4 bits; x = d * q + m
-    q = (_nibbles(blocks[:, 8:24]) | (_high_bits(blocks[:, 4:8]) << 4)).astype(np.float32)
-    return _f16(blocks, 0) * q + _f16(blocks, 2)
-
-
-def dequant_q8_0(blocks: np.ndarray) -> np.ndarray:
-    # d: f16 | qs: 32 int8
-    return _f16(blocks, 0) * blocks[:, 2:34].view(np.int8).astype(np.float32)
-
-
-def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K's 12 bytes -> eight 6-bit scales and eight 6-bit mins, each [n, 8] float32.
-
-    Bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3; scales and mins 4-7 take their low 4 bits
-    from bytes 8-11 (low and high nibble) and their top 2 bits from the spare top bits of bytes 0-3 and 4-7.
-    """
-    a, b, c = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
-    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=1)
-    m = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=1)
-    return sc.astype(np.float32), m.astype(np.float32)
-
-
-def _k_dequant(blocks: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """x = (d * scale) * q - (dmin * min) for 8 sub-blocks of 32; q: [n, 8, 32]."""
-    sc, m = _k_scales(blocks[:, 4:16])
-    scale = (_f16(blocks, 0) * sc)[:, :, None]
-    offset = (_f16(blocks, 2) * m)[:, :, None]
-    return (scale * q.astype(np.float32) - offset).reshape(-1, QK_K)
-
-
-def dequant_q4_k(blocks: np.ndarray) -> np.ndarray:
-    # d: f16 | dmin: f16 | scales: 12 | qs: 128 = four 32-byte chunks, each chunk's low nibbles one sub-block and
-    # its high nibbles the next
-    qs = blocks[:, 16:144].reshape(-1, 4, 1, 32)
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)
-    return _k_dequant(blocks, q)
-
-
-def dequant_q5_k(blocks: np.ndarray) -> np.ndarray:
-    # d: f16 | dmin: f16 | scales: 12 | qh: 32 (bit s of byte l: fifth bit of sub-block s, element l) | qs: 128
-    qs = blocks[:, 48:176].reshape(-1, 4, 1, 32)
-    low = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)
-    high = (blocks[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [n, 8, 32]
-    return _k_dequant(blocks, low | (high << 4))
-
-
-def dequant_q6_k(blocks: np.ndarray) -> np.ndarray:
-    # ql: 128 (low 4 bits) | qh: 64 (top 2 bits) | scales: 16 int8, one per 16 elements | d: f16; offset by 32.
-    # Each half of 128 elements reads 64 ql bytes as two 32-byte chunks (low nibbles: quarters 0-1, high: 2-3) and
-    # 32 qh bytes whose bit pairs 0-1, 2-3, 4-5, 6-7 go to quarters 0, 1, 2, 3.
-    ql = blocks[:, 0:128].reshape(-1, 2, 1, 2, 32)
-    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(-1, 2, 4, 32)
-    qh = blocks[:, 128:192].reshape(-1, 2, 1, 32)
-    high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]) & 3  # [n, 2, 4, 32]
-    q = ((low | (high << 4)).astype(np.int8) - 32).reshape(-1, 16, 16).astype(np.float32)
-    scale = _f16(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32)  # [n, 16]
-    return (scale[:, :, None] * q).reshape(-1, QK_K)
-
-
-@dataclass(frozen=True)
-class BlockFormat:
-    block_size: int  # elements per block
-    type_size: int  # bytes per block
-    dequantize: Callable[[np.ndarray], np.ndarray]
-
-
-FORMATS = {
-    "F32": BlockFormat(1, 4, dequant_f32),
-    "F16": BlockFormat(1, 2, dequant_f16),
-    "BF16": BlockFormat(1, 2, dequant_bf16),
-    "Q4_0": BlockFormat(32, 18, dequant_q4_0),
-    "Q4_1": BlockFormat(32, 20, dequant_q4_1),
-    "Q5_0": BlockFormat(32, 22, dequant_q5_0),
-    "Q5_1": BlockFormat(32, 24, dequant_q5_1),
-    "Q8_0": BlockFormat(32, 34, dequant_q8_0),
-    "Q4_K": BlockFormat(QK_K, 144, dequant_q4_k),
-    "Q5_K": BlockFormat(QK_K, 176, dequant_q5_k),
-    "Q6_K": BlockFormat(QK_K, 210, dequant_q6_k),
-}
+def row_bytes(type_name: str, columns: int) -> int:
+    """Bytes of one row of `columns` elements stored as `type_name`."""
+    _, block, size = TYPES[type_id(type_name)]
+    if columns % block:
+        raise HogwildError(f"a row of {columns} elements is not a whole number of {type_name} blocks of {block}")
+    return columns // block * size
 
 
 def dequantize(raw: np.ndarray, type_name: str) -> np.ndarray:
-    """Raw tensor bytes (any shape, viewed as uint8) of GGML type `type_name` -> float32, flat."""
-    fmt = FORMATS.get(type_name)
-    if fmt is None:
-        raise HogwildError(f"GGUF tensor type {type_name} is not supported: hogwild reads {', '.join(FORMATS)}")
-    data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
-    assert data.size % fmt.type_size == 0, f"{data.size} bytes is not a whole number of {type_name} blocks"
-    return fmt.dequantize(data.reshape(-1, fmt.type_size)).reshape(-1)
+    """Raw tensor bytes (uint8 [rows, row bytes]) of GGML type `type_name` -> float32 [rows, columns], by gguf's
+    own dequantizer."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as reference
 
-
-@dataclass(frozen=True)
-class GgufTensor:
-    """One tensor to write: its Hugging Face name and shape, where its bytes are, and how to undo llama.cpp's q/k
-    row permutation (the head count, or 0 when the rows are in Hugging Face's order)."""
-
-    name: str
-    shape: tuple[int, ...]  # Hugging Face order: [out, in] for a weight matrix
-    type_name: str
-    raw: np.ndarray  # memory-mapped bytes from the file
-    permute_heads: int = 0
-
-    @property
-    def n_elements(self) -> int:
-        return int(np.prod(self.shape))
-
-    def slices(self) -> Iterator[np.ndarray]:
-        """float32 [rows, *shape[1:]] slices in row order, about SLICE_ELEMENTS each."""
-        cols = self.n_elements // self.shape[0]
-        raw = np.asarray(self.raw).reshape(-1).view(np.uint8).reshape(self.shape[0], -1)  # one row of blocks each
-        rows = self.shape[0] if self.permute_heads else max(1, SLICE_ELEMENTS // cols)
-        for start in range(0, self.shape[0], rows):
-            values = dequantize(raw[start : start + rows], self.type_name).reshape(-1, *self.shape[1:])
-            yield unpermute_qk(values, self.permute_heads) if self.permute_heads else values
+    type_id(type_name)  # refuse what hogwild does not run before gguf is asked
+    return np.asarray(reference(np.ascontiguousarray(raw), GGMLQuantizationType[type_name]), dtype=np.float32)
 
 
 def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
@@ -232,6 +108,34 @@ def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
     """
     rest = w.shape[1:]
     return w.reshape(heads, -1, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor of a GGUF file under its Hugging Face name: shape, block type, where its bytes lie, and how to
+    undo llama.cpp's q/k row permutation (the head count, or 0 when the rows are in Hugging Face's order)."""
+
+    name: str
+    shape: tuple[int, ...]  # Hugging Face order: [out, in] for a weight matrix
+    type_name: str
+    offset: int  # of its first byte in the file
+    nbytes: int
+    permute_heads: int = 0
+
+    @property
+    def type_id(self) -> int:
+        return TYPE_IDS[self.type_name]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if len(self.shape) > 1 else 1
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> GgufTensor:
+        return cls(**{**data, "shape": tuple(data["shape"])})
 
 
 class GgufFile:
@@ -252,14 +156,14 @@ class GgufFile:
         self.architecture = str(self.get("general.architecture", ""))
         if self.architecture not in ARCHITECTURES:
             raise HogwildError(
-                f"{path.name}: GGUF architecture {self.architecture!r} is not supported: hogwild converts "
+                f"{path.name}: GGUF architecture {self.architecture!r} is not supported: hogwild runs "
                 f"{', '.join(ARCHITECTURES)} GGUF files"
             )
         for t in self.reader.tensors:
-            if t.tensor_type.name not in FORMATS:
+            if t.tensor_type.name not in TYPE_IDS:
                 raise HogwildError(
-                    f"{path.name}: tensor {t.name} has type {t.tensor_type.name}, which hogwild cannot dequantize "
-                    f"(supported: {', '.join(FORMATS)})"
+                    f"{path.name}: tensor {t.name} has type {t.tensor_type.name}, which hogwild cannot run "
+                    f"(supported: {', '.join(TYPE_IDS)})"
                 )
 
     def get(self, key: str, default: object = None) -> object:
@@ -340,19 +244,25 @@ class GgufFile:
             if name is None:
                 raise HogwildError(f"{self.path.name}: tensor {t.name} has no place in a {self.architecture} decoder")
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists the fastest dimension first
-            out.append(GgufTensor(name, shape, t.tensor_type.name, t.data, layer_heads))
+            type_name = t.tensor_type.name
+            expected = row_bytes(type_name, shape[-1]) * int(np.prod(shape[:-1], dtype=np.int64))
+            if int(t.n_bytes) != expected or t.data_offset + expected > self.path.stat().st_size:
+                raise HogwildError(f"{self.path.name}: tensor {t.name} does not fit the file; is it truncated?")
+            out.append(GgufTensor(name, shape, type_name, int(t.data_offset), expected, layer_heads))
         return out
 
 
-def write_converted(path: Path, out: Path) -> None:
-    """Write config.json, the tokenizer (with the chat template) and float32 model.safetensors for `path` into
-    `out`. Unsupported files are refused before anything is written."""
+def write_prepared(path: Path, out: Path, source: dict) -> None:
+    """Write config.json, the tokenizer (with the chat template) and the tensor index for the GGUF at `path` into
+    `out`. `source` says where the weights are read from at every start (see `GgufWeights.open`). Unsupported
+    files are refused before anything is written."""
     gguf = GgufFile(path)
     config = gguf.hf_config()
     tensors = gguf.tensors(config)
-    print(f"hogwild: converting {path.name} to safetensors (once) ...", file=sys.stderr, flush=True)
+    print(f"hogwild: reading {path.name}'s metadata (once) ...", file=sys.stderr, flush=True)
     write_tokenizer(path, out)
-    write_safetensors(out / "model.safetensors", tensors, f"converting {path.name}")
+    index = {"version": INDEX_VERSION, "source": source, "tensors": [t.to_json() for t in tensors]}
+    (out / INDEX).write_text(json.dumps(index) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -362,7 +272,7 @@ def write_tokenizer(path: Path, out: Path) -> None:
         import transformers
         from transformers import AutoTokenizer
     except ImportError as e:
-        raise HogwildError("converting a .gguf file needs transformers: pip install 'hogwild[convert]'") from e
+        raise HogwildError("reading a .gguf file's tokenizer needs transformers: pip install 'hogwild[convert]'") from e
 
     transformers.utils.logging.set_verbosity_error()
     noise = io.StringIO()  # the GGUF reader's own progress bar writes straight to stderr
@@ -374,24 +284,163 @@ def write_tokenizer(path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def write_safetensors(path: Path, tensors: list[GgufTensor], label: str) -> None:
-    """Stream `tensors` as float32 into one safetensors file, a slice at a time, with a progress bar."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        size = 4 * t.n_elements
-        header[t.name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    with progress_bar() as progress, open(path, "wb") as f:
-        task = progress.add_task(label, total=offset)
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
+class Mapping:
+    """Files mapped back to back into one read-only address range (copy-on-write, never written), kept mapped for
+    as long as this object lives. One file is one `mmap`; the parts of a split model are mapped at consecutive
+    addresses, which needs every part but the last to be a whole number of pages, else they are read into
+    memory."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+        self._maps: list[mmap.mmap] = []
+        self._base = 0
+        try:
+            sizes = [f.stat().st_size for f in files]
+        except OSError as e:
+            raise HogwildError(f"cannot read the model's GGUF ({e})") from e
+        self.size = sum(sizes)
+        page = mmap.PAGESIZE
+        if len(files) == 1:
+            with open(files[0], "rb") as f:
+                self._maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
+            self.buffer = memoryview(self._maps[0])
+        elif all(size % page == 0 for size in sizes[:-1]) and hasattr(os, "sysconf"):
+            self.buffer = self._map_fixed(files, sizes)
+        else:
+            data = bytearray(self.size)  # parts that cannot be mapped side by side: read once into memory
+            at = 0
+            for file, size in zip(files, sizes, strict=True):
+                with open(file, "rb") as f:
+                    f.readinto(memoryview(data)[at : at + size])
+                at += size
+            self.buffer = memoryview(data)
+        self.array = np.frombuffer(self.buffer, dtype=np.uint8)
+
+    def _map_fixed(self, files: list[Path], sizes: list[int]) -> memoryview:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        prot = mmap.PROT_READ | mmap.PROT_WRITE  # private and never written: writable only so torch takes it
+        fixed = 0x10  # MAP_FIXED (Linux and the BSDs)
+        base = libc.mmap(None, self.size, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)  # reserve the range
+        if base in (None, ctypes.c_void_p(-1).value):
+            raise HogwildError(f"cannot map the model's {len(files)} parts ({os.strerror(ctypes.get_errno())})")
+        self._base, self._libc = base, libc
+        at = 0
+        for file, size in zip(files, sizes, strict=True):
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                got = libc.mmap(base + at, size, prot, mmap.MAP_PRIVATE | fixed, fd, 0)
+            finally:
+                os.close(fd)  # the mapping keeps the file
+            if got != base + at:
+                raise HogwildError(f"cannot map {file} ({os.strerror(ctypes.get_errno())})")
+            at += size
+        view = (ctypes.c_uint8 * self.size).from_address(base)
+        view.mapping = self  # every tensor over these bytes keeps the mapping, and so the map, alive
+        return memoryview(view).cast("B")
+
+    def __del__(self) -> None:
+        if self._base:
+            self._libc.munmap(self._base, self.size)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A weight matrix as the GGUF stores it: `data` uint8 [rows, row bytes] of `type_name` blocks (a view into
+    the mapped file, or rows reordered where llama.cpp permuted them), `columns` elements a row."""
+
+    data: torch.Tensor
+    type_name: str
+    columns: int
+
+    @property
+    def type_id(self) -> int:
+        return TYPE_IDS[self.type_name]
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.rows, self.columns))
+
+    def dequantize(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """float32 [rows, columns] of the chosen rows (all when None), by gguf's dequantizer."""
+        data = self.data if rows is None else self.data[rows]
+        values = dequantize(data.numpy().reshape(-1, self.data.shape[1]), self.type_name)
+        return torch.from_numpy(values.reshape(-1, self.columns))
+
+
+class GgufWeights:
+    """A prepared GGUF model's tensors, read from the mapped file at each start: `blocks(name)` gives a weight
+    matrix's own blocks, `get(name)` a float32 copy of any tensor (made now, by gguf's dequantizer)."""
+
+    def __init__(self, mapping: Mapping, tensors: list[GgufTensor], label: str) -> None:
+        self.mapping = mapping
+        self.tensors = {t.name: t for t in tensors}
+        self.label = label
         for t in tensors:
-            for values in t.slices():
-                f.write(np.ascontiguousarray(values, dtype="<f4").tobytes())
-                progress.advance(task, values.nbytes)
+            if t.offset + t.nbytes > mapping.size:
+                raise HogwildError(f"{label}: tensor {t.name} lies past the end of the file; is it truncated?")
+
+    @classmethod
+    def open(cls, folder: Path) -> GgufWeights:
+        """The weights of a folder `write_prepared` wrote."""
+        try:
+            index = json.loads((folder / INDEX).read_text())
+            if index["version"] != INDEX_VERSION:
+                raise ValueError(f"index version {index['version']}, this hogwild writes {INDEX_VERSION}")
+            tensors = [GgufTensor.from_json(t) for t in index["tensors"]]
+            files = [Path(f) for f in index["source"]["files"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise HogwildError(f"{folder / INDEX} is damaged ({e}); delete {folder} to prepare the model again") from e
+        for file, size in zip(files, index["source"]["sizes"], strict=True):
+            if not file.is_file() or file.stat().st_size != size:
+                raise HogwildError(
+                    f"{file} is missing or changed since hogwild prepared it; delete {folder} to prepare it again"
+                )
+        return cls(Mapping(files), tensors, files[0].name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def describe(self) -> str:
+        """The block types of the weight matrices, most bytes first: "Q4_K + Q6_K blocks"."""
+        size: dict[str, int] = {}
+        for t in self.tensors.values():
+            if len(t.shape) == 2:
+                size[t.type_name] = size.get(t.type_name, 0) + t.nbytes
+        return " + ".join(sorted(size, key=size.get, reverse=True)) + " blocks"
+
+    def _raw(self, t: GgufTensor) -> np.ndarray:
+        return self.mapping.array[t.offset : t.offset + t.nbytes].reshape(t.rows, -1)
+
+    def blocks(self, name: str) -> Blocks:
+        t = self.tensors[name]
+        raw = torch.from_numpy(self._raw(t))
+        if t.permute_heads:  # llama's q/k rows back in Hugging Face's order: a copy of these rows only
+            order = torch.from_numpy(unpermute_qk(np.arange(t.rows), t.permute_heads))
+            raw = raw.index_select(0, order)
+        return Blocks(raw, t.type_name, t.shape[-1])
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """A float32 copy of the tensor in Hugging Face's layout, or None when the file has no such tensor."""
+        t = self.tensors.get(name)
+        if t is None:
+            return None
+        values = dequantize(self._raw(t), t.type_name).reshape(t.shape)
+        if t.permute_heads:
+            values = unpermute_qk(values, t.permute_heads)
+        return torch.from_numpy(np.array(values, copy=True))  # F32 tensors come back as views of the map
 
 
 def progress_bar():

@@ -2,6 +2,10 @@
 
 The choice is made once, from what torch and the CPU report, never by trying a matmul and catching the error:
 
+- a GGUF model on a CPU where hogwild's block kernels run (`hogwild.native.load_gguf`: x86-64 with AVX2, a C++
+  compiler): the GGUF's own blocks, multiplied where they lie (`hogwild.model.blocks`), float32 activations
+  quantized per block inside the kernels. No second rounding of the published weights, and the fewest bytes.
+
 - CPU with AVX2 or better and fbgemm in torch (every x86 build): 8-bit weights (`hogwild.model.quant`), float32
   activations. A decode step reads each weight once, so its speed is weight bytes over memory bandwidth; int8 reads
   half of bf16's bytes and a quarter of float32's, and holds the quality bar the README's table measures.
@@ -36,7 +40,7 @@ from hogwild.model.quant import activation_bits, fbgemm_available, fbgemm_isa_li
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 LINEARS = ("auto", "onednn", "aten")  # onednn: weights prepacked once for oneDNN; aten: F.linear on plain weights
-WEIGHTS = ("auto", "int8", "int4", "bf16", "fp32")  # how the linears' weights are stored
+WEIGHTS = ("auto", "gguf", "int8", "int4", "bf16", "fp32")  # how the linears' weights are stored
 _WEIGHT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert")
 NATIVE_FP16_FLAGS = ("avx512_fp16", "amx_fp16")
@@ -99,7 +103,8 @@ class KernelChoice:
     """The weight dtype and linear kernel of one engine, and why."""
 
     dtype: torch.dtype  # of the activations, and of the weights unless they are int8
-    linear: str  # "onednn", "aten", "int8" (fbgemm) or "int4" (aten's int4 kernel), see `hogwild.model.quant`
+    linear: str  # "onednn", "aten", "int8" (fbgemm), "int4" (aten's int4 kernel, see `hogwild.model.quant`) or
+    # "gguf" (a GGUF's own blocks, see `hogwild.model.blocks`)
     reason: str
     warning: str | None = None  # one line for the user when an explicit choice runs slowly here
     activation_bits: int = 0  # int8 linears (all, or int4's vocabulary projection): per-row activation bits
@@ -110,9 +115,11 @@ class KernelChoice:
 
     @property
     def weights(self) -> str:
-        return self.linear if self.linear in ("int8", "int4") else self.dtype_name
+        return self.linear if self.linear in ("int8", "int4", "gguf") else self.dtype_name
 
     def describe(self) -> str:
+        if self.linear == "gguf":
+            return f"the GGUF's own blocks through hogwild's block kernels, float32 activations ({self.reason})"
         if self.linear == "int4":
             return (
                 "4-bit weights in groups of 32 through aten's int4 kernel, bf16 activations; the vocabulary "
@@ -135,11 +142,13 @@ def choose(
     facts: CpuFacts | None = None,
     weights: str = "auto",
     four_bit: bool = False,
+    blocks: str | None = None,
 ) -> KernelChoice:
     """The weights, dtype and linear kernel for `device`, given what the user asked for ("auto": the machine
     decides). An explicit `dtype` or `linear` asks for float weights: auto picks quantized weights only when all
-    three are auto, int4 where the model's weights are already 4-bit (`four_bit`, see `quant.on_int4_grid`), else
-    int8."""
+    three are auto: a GGUF's own blocks where `blocks` says what they are and the block kernels run here (`blocks`
+    names the types and the kernels' ISA, None otherwise), else int4 where the model's weights are already 4-bit
+    (`four_bit`, see `quant.on_int4_grid`), else int8."""
     if dtype not in DTYPE_CHOICES:
         raise HogwildError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
     if linear not in LINEARS:
@@ -159,6 +168,16 @@ def choose(
             raise HogwildError(
                 f"--weights {weights} runs {activations} activations through {kernel}; leave --dtype and --linear auto"
             )
+    if weights == "gguf" and cuda:
+        raise HogwildError("--weights gguf is a CPU path; on CUDA use --weights auto or bf16")
+    if weights == "gguf" and blocks is None:
+        raise HogwildError(
+            "--weights gguf needs a GGUF model and hogwild's block kernels (x86-64 with AVX2, a C++ compiler); "
+            "use --weights auto"
+        )
+    if weights == "gguf" or (blocks is not None and not cuda and weights == dtype == linear == "auto"):
+        why = "asked for" if weights == "gguf" else "the model's own bytes, the fewest a step can read"
+        return KernelChoice(torch.float32, "gguf", f"{blocks}; {why}")
     if cuda:
         return _choose_cuda(dtype, linear)
     facts = facts or CpuFacts.detect()

@@ -1,9 +1,11 @@
 """Finding and reading model weights.
 
-hogwild reads Hugging Face model folders (config.json, tokenizer files, `*.safetensors` weights). A `.gguf` file,
-including the named models of `registry` (the default SmolLM2-135M-Instruct among them), is converted once into such
-a folder under `cache_dir()/models/<sha256 prefix>-v<converter version>/` (see `gguf.write_converted`), and that
-folder is reused afterwards. Everything here turns a bad path or a damaged file into a one-line `HogwildError`.
+hogwild reads Hugging Face model folders (config.json, tokenizer files, `*.safetensors` weights) and `.gguf` files,
+including the named models of `registry` (the default SmolLM2-135M-Instruct among them). A GGUF's metadata is read
+once into a small folder under `cache_dir()/models/` (config.json, the tokenizer and a tensor index, see
+`gguf.write_prepared`); its weights stay in the GGUF, memory-mapped at every start. `open_weights` gives the decoder
+a model's tensors one at a time, so loading holds one float tensor at most beside the weights it keeps. Everything
+here turns a bad path or a damaged file into a one-line `HogwildError`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from hogwild.errors import HogwildError
-from hogwild.model.gguf import write_converted
+from hogwild.model.gguf import INDEX, GgufWeights, write_prepared
 
 SHARD_INDEX = "model.safetensors.index.json"
 COMPLETE_MARKER = ".hogwild-complete"
-CONVERTER_VERSION = 2  # part of the cache folder name: bump it when the converted bytes change
+CONVERTER_VERSION = 3  # part of the cache folder name: bump it when the prepared folder changes
 SUPPORTED = (
     "hogwild reads a named model (see `hogwild models`), a Hugging Face model folder with config.json and "
     "*.safetensors weights, or a .gguf file"
@@ -40,8 +42,9 @@ def cache_dir() -> Path:
 
 
 def resolve_model_dir(model: str | None) -> Path:
-    """A validated Hugging Face model folder for `model`: None (the default model), a name from `hogwild models`,
-    a `.gguf` file, or a folder. Names win over paths; write `./name` for a folder that shares a model's name."""
+    """A validated model folder for `model`: None (the default model), a name from `hogwild models`, a `.gguf` file
+    (prepared once, see `prepare_gguf`), or a Hugging Face folder. Names win over paths; write `./name` for a folder
+    that shares a model's name."""
     from hogwild.model import registry
 
     named = registry.find(registry.DEFAULT if model is None else model)
@@ -53,7 +56,7 @@ def resolve_model_dir(model: str | None) -> Path:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise HogwildError(f"model path {path} is a file but not a .gguf file ({SUPPORTED})")
-        return convert_gguf(path, file_sha256(path))
+        return prepare_gguf(path, [path], file_key(path))
     check_model_dir(path)
     return path
 
@@ -74,8 +77,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_key(path: Path) -> str:
+    """Names a GGUF file by its path, size and modification time: a start needs no pass over its bytes."""
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+
+
 def converted_dir(digest: str) -> Path:
-    """Where the conversion of the GGUF file with this sha256 lives."""
+    """Where the prepared folder of the GGUF named `digest` (a sha256 or `file_key`) lives."""
     return cache_dir() / "models" / f"{digest[:16]}-v{CONVERTER_VERSION}"
 
 
@@ -83,11 +92,13 @@ def is_converted(folder: Path) -> bool:
     return (folder / COMPLETE_MARKER).is_file()
 
 
-def convert_gguf(path: Path, digest: str) -> Path:
-    """Convert a `.gguf` file to a safetensors folder once; later calls return the cached folder immediately.
+def prepare_gguf(path: Path, files: list[Path], digest: str) -> Path:
+    """Read the GGUF at `path` into its prepared folder once (config, tokenizer, tensor index); later calls return
+    the folder at once. `files` are where its bytes are mapped from at each start: the file itself, or the
+    installed parts of a split model (then `path` is their temporary concatenation).
 
     The folder is built under a temporary name next to its final place and renamed into place at the end, so an
-    interrupted conversion never leaves a half-written cache behind.
+    interrupted preparation never leaves a half-written cache behind.
     """
     target = converted_dir(digest)
     models = target.parent
@@ -100,8 +111,9 @@ def convert_gguf(path: Path, digest: str) -> Path:
         hint = "set HOGWILD_CACHE to a writable folder"
         raise HogwildError(f"cannot write the model cache {models} ({e}); {hint}") from e
     try:
-        write_converted(path, tmp)
-        (tmp / COMPLETE_MARKER).write_text(f"{path.name} sha256 {digest}\n")
+        files = [f.resolve() for f in files]
+        write_prepared(path, tmp, {"files": [str(f) for f in files], "sizes": [f.stat().st_size for f in files]})
+        (tmp / COMPLETE_MARKER).write_text(f"{path.name} {digest}\n")
         if target.exists() and not is_converted(target):
             shutil.rmtree(target)  # left by something other than this function, which only renames finished folders
         try:
@@ -109,13 +121,20 @@ def convert_gguf(path: Path, digest: str) -> Path:
         except OSError:
             if not is_converted(target):
                 raise
-            # another process finished the same conversion first
+            # another process finished the same preparation first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
+def is_gguf_folder(folder: Path) -> bool:
+    return (folder / INDEX).is_file()
+
+
 def weight_files(folder: Path) -> list[Path]:
+    """The files a model's weights are read from: its safetensors files, or the GGUF (parts) it maps."""
+    if is_gguf_folder(folder):
+        return GgufWeights.open(folder).mapping.files
     index = folder / SHARD_INDEX
     if index.is_file():
         try:
@@ -126,32 +145,73 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor in the folder's safetensors files, in its stored dtype, keyed by its name in the checkpoint."""
-    files = weight_files(folder)
-    if not files:
-        raise HogwildError(f"model folder {folder} has no *.safetensors weights ({SUPPORTED})")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        if not file.is_file():
-            raise HogwildError(f"weight file {file} listed in {SHARD_INDEX} does not exist")
+class SafetensorsWeights:
+    """A Hugging Face folder's tensors, read one at a time from the memory-mapped safetensors files in their stored
+    dtype: loading never holds the whole model in float32 beside the weights the decoder keeps."""
+
+    def __init__(self, folder: Path) -> None:
+        files = weight_files(folder)
+        if not files:
+            raise HogwildError(f"model folder {folder} has no *.safetensors weights ({SUPPORTED})")
+        self.handles = []
+        self.where: dict[str, object] = {}
+        for file in files:
+            if not file.is_file():
+                raise HogwildError(f"weight file {file} listed in {SHARD_INDEX} does not exist")
+            try:
+                handle = safe_open(str(file), framework="pt")
+                names = list(handle.keys())
+            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+                raise HogwildError(f"weight file {file} is truncated or corrupt ({e}); re-download it") from e
+            self.handles.append((file, handle))
+            self.where.update(dict.fromkeys(names, (file, handle)))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        if name not in self.where:
+            return None
+        file, handle = self.where[name]
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                    state[name] = f.get_tensor(name)
+            return handle.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise HogwildError(f"weight file {file} is truncated or corrupt ({e}); re-download it") from e
-    return state
+
+
+def open_weights(folder: Path) -> GgufWeights | SafetensorsWeights:
+    """The tensors of a model folder `resolve_model_dir` returned, read on demand: a GGUF's (mapped, its own
+    blocks available through `blocks`) or a safetensors folder's."""
+    return GgufWeights.open(folder) if is_gguf_folder(folder) else SafetensorsWeights(folder)
+
+
+def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the model at once, keyed by its name in the checkpoint: a safetensors folder's in their
+    stored dtype, a GGUF's dequantized to float32 (for tests and float references; the engine reads
+    `open_weights`)."""
+    weights = open_weights(folder)
+    return {name: weights.get(name) for name in weights.names()}
 
 
 def read_config(folder: Path) -> dict:
-    """config.json as a dict, with generation_config.json's `eos_token_id` under `generation_eos_token_id`."""
+    """config.json as a dict, with generation_config.json's `eos_token_id` under `generation_eos_token_id` and its
+    sampling settings (temperature, top_p, top_k, when it samples) under `generation_sampling`."""
     config = read_json(folder / "config.json")
     generation = folder / "generation_config.json"
     if generation.is_file():
-        eos = read_json(generation).get("eos_token_id")
+        settings = read_json(generation)
+        eos = settings.get("eos_token_id")
         if eos is not None:
             config["generation_eos_token_id"] = eos
+        if settings.get("do_sample", True):
+            keys = ("temperature", "top_p", "top_k")
+            config["generation_sampling"] = {k: settings[k] for k in keys if isinstance(settings.get(k), int | float)}
     return config
 
 

