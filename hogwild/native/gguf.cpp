@@ -110,7 +110,8 @@ struct alignas(64) B32Group {
 
 // One 256-element super-block of a row.
 struct alignas(64) KGroup {
-  int8_t q[256];  // Q4_K/Q5_K: 32-element sub-blocks in the order 0 2 1 3 4 6 5 7; Q6_K: in order
+  int8_t q[256];  // Q4_K/Q5_K: four 64-byte quarters, 16 bytes of sub-block 2c (or 2c + 1) in lane c of each:
+                  // [sb 2c, elements 0-15], [sb 2c, 16-31], [sb 2c + 1, 0-15], [sb 2c + 1, 16-31]; Q6_K: in order
   float d[16];    // the scale, in every lane
   union {
     float dsum[16];    // Q4_K/Q5_K: d * the sum of q over sub-block j (j < 8), then 0
@@ -120,7 +121,6 @@ struct alignas(64) KGroup {
 
 static_assert(sizeof(B32Group) == 320 && sizeof(KGroup) == 384, "activation layouts are whole cache lines");
 
-constexpr int kKq4Order[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // KQ4 position -> sub-block (its own inverse)
 
 inline float hmax8(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -181,7 +181,9 @@ void prepare_k(const float* x, int64_t k, Layout layout, KGroup* out) {
     for (int e = 0; e < 16; ++e) G.d[e] = d;
     std::memset(G.nsum, 0, sizeof G.nsum);
     if (layout == Layout::KQ4) {
-      for (int p = 0; p < 8; ++p) std::memcpy(G.q + 32 * p, q + 32 * kKq4Order[p], 32);
+      for (int c = 0; c < 4; ++c)
+        for (int part = 0; part < 4; ++part)  // part: (odd sub-block, second half)
+          std::memcpy(G.q + 64 * part + 16 * c, q + 32 * (2 * c + part / 2) + 16 * (part % 2), 16);
       for (int j = 0; j < 8; ++j) G.dsum[j] = d * static_cast<float>(sum_q(q + 32 * j, 32));
     } else {
       std::memcpy(G.q, q, 256);
@@ -331,21 +333,17 @@ template <int64_t T, int R>
 HW_AVX512 void kq4_512(const Tile& t) {  // Q4_K and Q5_K
   constexpr int64_t bytes = T == Q4_K ? 144 : 176, qs_at = T == Q4_K ? 16 : 48;
   const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
-  // vpshufb controls: the int16 scales of W0..W3 ([sb0|sb2], [sb1|sb3], [sb4|sb6], [sb5|sb7]) from the 16 bytes
-  // of scales and mins broadcast to every 128-bit lane; 0x80 zeroes each word's high byte
-  __m512i sel[4];
-  for (int k = 0; k < 4; ++k) {
-    const int a = (k >> 1) * 4 + (k & 1), b = a + 2;  // W_k's sub-blocks: lower 256 bits a, upper b
-    const int16_t wa = static_cast<int16_t>(0x8000 | a), wb = static_cast<int16_t>(0x8000 | b);
-    sel[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(wa)), _mm256_set1_epi16(wb), 1);
-  }
-  // Q5_K: bit j of qh byte l is sub-block j's element l; W_k's lower half is sub-block a, upper b
-  __m512i bits[4];
-  for (int k = 0; k < 4; ++k) {
-    const int a = (k >> 1) * 4 + (k & 1), b = a + 2;
-    bits[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi8(static_cast<char>(1 << a))),
-                                 _mm256_set1_epi8(static_cast<char>(1 << b)), 1);
-  }
+  // vpshufb of the 16 bytes of scales and mins in every lane: lane c's words are sub-block 2c's scale four times,
+  // then 2c + 1's (0x80 zeroes a word's high byte), matching vpackssdw of the even and odd sums below
+  const __m512i pick_scales = _mm512_setr_epi32(
+      0x80008000, 0x80008000, 0x80018001, 0x80018001, 0x80028002, 0x80028002, 0x80038003, 0x80038003,
+      0x80048004, 0x80048004, 0x80058005, 0x80058005, 0x80068006, 0x80068006, 0x80078007, 0x80078007);
+  const __m128i pick_mins = _mm_setr_epi8(8, 9, 10, 11, 12, 13, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+  // Q5_K: bit j of qh byte l is sub-block j's element l; lane c holds sub-block 2c (or 2c + 1)
+  const __m512i bit_even = _mm512_setr_epi32(0x01010101, 0x01010101, 0x01010101, 0x01010101, 0x04040404, 0x04040404,
+                                             0x04040404, 0x04040404, 0x10101010, 0x10101010, 0x10101010, 0x10101010,
+                                             0x40404040, 0x40404040, 0x40404040, 0x40404040);
+  const __m512i bit_odd = _mm512_slli_epi32(bit_even, 1);
   for (int64_t m = 0; m < t.rows; ++m) {
     const uint8_t* row = t.w + m * t.w_stride;
     __m512 acc[R];
@@ -355,27 +353,39 @@ HW_AVX512 void kq4_512(const Tile& t) {  // Q4_K and Q5_K
       alignas(16) uint32_t sm[4];
       k_scales(p + 4, sm);
       const __m512i both = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(sm)));
-      __m512i S[4];
-      for (int k = 0; k < 4; ++k) S[k] = _mm512_shuffle_epi8(both, sel[k]);
-      const __m256 mins8 = _mm256_mul_ps(
-          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 2)))),
-          _mm256_set1_ps(half(p + 2)));
-      const __m512 mins = _mm512_zextps256_ps512(mins8);
-      const __m512 d = _mm512_set1_ps(half(p));
+      const __m512i scales = _mm512_shuffle_epi8(both, pick_scales);
+      // [d, dmin] in every pair of lanes
+      const __m512 dd = _mm512_cvtph_ps(_mm256_set1_epi32(static_cast<int>(u32(p))));
+      const __m512 d = _mm512_permute_ps(dd, 0x00);
+      const __m512 mins = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm512_castsi512_si128(both), pick_mins))),
+          _mm512_permute_ps(dd, 0x55));  // dmin * min of sub-block j in lane j < 8, then 0
+      // qs: four 32-byte chunks, chunk c's low nibbles sub-block 2c, its high nibbles 2c + 1. Regrouped so that lane
+      // c of every vector is chunk c: its bytes 0-15 (first) and 16-31 (second)
       const __m512i p0 = _mm512_loadu_si512(p + qs_at), p1 = _mm512_loadu_si512(p + qs_at + 64);
-      __m512i W[4] = {_mm512_and_si512(p0, low), _mm512_and_si512(_mm512_srli_epi16(p0, 4), low),
-                      _mm512_and_si512(p1, low), _mm512_and_si512(_mm512_srli_epi16(p1, 4), low)};
+      const __m512i first = _mm512_shuffle_i64x2(p0, p1, _MM_SHUFFLE(2, 0, 2, 0));
+      const __m512i second = _mm512_shuffle_i64x2(p0, p1, _MM_SHUFFLE(3, 1, 3, 1));
+      __m512i W[4] = {_mm512_and_si512(first, low), _mm512_and_si512(second, low),
+                      _mm512_and_si512(_mm512_srli_epi16(first, 4), low),
+                      _mm512_and_si512(_mm512_srli_epi16(second, 4), low)};
       if constexpr (T == Q5_K) {
-        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
-        for (int k = 0; k < 4; ++k) W[k] = _mm512_mask_add_epi8(W[k], _mm512_test_epi8_mask(qh, bits[k]), W[k], sixteen);
+        const __m512i h0 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+        const __m512i h1 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
+        W[0] = _mm512_mask_add_epi8(W[0], _mm512_test_epi8_mask(h0, bit_even), W[0], sixteen);
+        W[1] = _mm512_mask_add_epi8(W[1], _mm512_test_epi8_mask(h1, bit_even), W[1], sixteen);
+        W[2] = _mm512_mask_add_epi8(W[2], _mm512_test_epi8_mask(h0, bit_odd), W[2], sixteen);
+        W[3] = _mm512_mask_add_epi8(W[3], _mm512_test_epi8_mask(h1, bit_odd), W[3], sixteen);
       }
       for (int r = 0; r < R; ++r) {
         const KGroup* a = reinterpret_cast<const KGroup*>(t.act + r * t.act_stride) + s;
-        __m512i v = _mm512_madd_epi16(_mm512_maddubs_epi16(W[0], _mm512_load_si512(a->q)), S[0]);
-        v = _mm512_dpwssd_epi32(v, _mm512_maddubs_epi16(W[1], _mm512_load_si512(a->q + 64)), S[1]);
-        v = _mm512_dpwssd_epi32(v, _mm512_maddubs_epi16(W[2], _mm512_load_si512(a->q + 128)), S[2]);
-        v = _mm512_dpwssd_epi32(v, _mm512_maddubs_epi16(W[3], _mm512_load_si512(a->q + 192)), S[3]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(d, _mm512_load_ps(a->d)), acc[r]);
+        const __m512i zero = _mm512_setzero_si512();
+        // each int32 sums 8 products of at most 31 * 127: int16, so the even and odd sums pack into one register
+        __m512i e = _mm512_dpbusd_epi32(zero, W[0], _mm512_load_si512(a->q));
+        e = _mm512_dpbusd_epi32(e, W[1], _mm512_load_si512(a->q + 64));
+        __m512i o = _mm512_dpbusd_epi32(zero, W[2], _mm512_load_si512(a->q + 128));
+        o = _mm512_dpbusd_epi32(o, W[3], _mm512_load_si512(a->q + 192));
+        const __m512i v = _mm512_madd_epi16(_mm512_packs_epi32(e, o), scales);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(d, _mm512_set1_ps(a->d[0])), acc[r]);
         acc[r] = _mm512_fnmadd_ps(mins, _mm512_load_ps(a->dsum), acc[r]);
       }
     }
@@ -390,11 +400,13 @@ HW_AVX512 void q6k_512(const Tile& t) {
   // shifted to bits 4-5 of each byte
   const __m512i up = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
   const __m512i down = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
-  // W_k (k = 2h + high) lane i is 16-element sub-block 4k + i: its scale in each of the lane's eight words
-  __m512i pick[4];
-  for (int k = 0; k < 4; ++k) {
+  // W_k (k = 2h + high) lane i is 16-element sub-block 4k + i. Its vpdpbusd sums (four int32 of at most
+  // 4 * 63 * 127, so int16) are packed in pairs, W_0 with W_1 and W_2 with W_3: lane i's eight words are four sums
+  // of sub-block 4k + i and four of 4k + 4 + i, each multiplied by its scale by one vpmaddwd
+  __m512i pick[2];
+  for (int k = 0; k < 2; ++k) {
     alignas(64) int16_t idx[32];
-    for (int w = 0; w < 32; ++w) idx[w] = static_cast<int16_t>(4 * k + w / 8);
+    for (int w = 0; w < 32; ++w) idx[w] = static_cast<int16_t>(8 * k + w / 8 + (w % 8 < 4 ? 0 : 4));
     pick[k] = _mm512_load_si512(idx);
   }
   for (int64_t m = 0; m < t.rows; ++m) {
@@ -405,10 +417,10 @@ HW_AVX512 void q6k_512(const Tile& t) {
       const uint8_t* p = row + s * 210;
       const __m512i sc = _mm512_zextsi256_si512(
           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192))));
-      __m512i S[4], W[4];
-      for (int k = 0; k < 4; ++k) S[k] = _mm512_permutexvar_epi16(pick[k], sc);
+      const __m512i S0 = _mm512_permutexvar_epi16(pick[0], sc), S1 = _mm512_permutexvar_epi16(pick[1], sc);
       const __m512i offset = _mm512_slli_epi16(sc, 5);  // 32 * scale: with minus the 16-element sums, the -32
       const __m512 d = _mm512_set1_ps(half(p + 208));
+      __m512i W[4];
       for (int h = 0; h < 2; ++h) {
         const __m512i ql = _mm512_loadu_si512(p + 64 * h);
         const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * h)));
@@ -419,12 +431,15 @@ HW_AVX512 void q6k_512(const Tile& t) {
       }
       for (int r = 0; r < R; ++r) {
         const KGroup* a = reinterpret_cast<const KGroup*>(t.act + r * t.act_stride) + s;
-        __m512i v = _mm512_madd_epi16(_mm512_maddubs_epi16(W[0], _mm512_load_si512(a->q)), S[0]);
-        v = _mm512_dpwssd_epi32(v, _mm512_maddubs_epi16(W[1], _mm512_load_si512(a->q + 64)), S[1]);
-        v = _mm512_dpwssd_epi32(v, _mm512_maddubs_epi16(W[2], _mm512_load_si512(a->q + 128)), S[2]);
-        v = _mm512_dpwssd_epi32(v, _mm512_maddubs_epi16(W[3], _mm512_load_si512(a->q + 192)), S[3]);
+        const __m512i zero = _mm512_setzero_si512();
+        const __m512i d0 = _mm512_dpbusd_epi32(zero, W[0], _mm512_load_si512(a->q));
+        const __m512i d1 = _mm512_dpbusd_epi32(zero, W[1], _mm512_load_si512(a->q + 64));
+        const __m512i d2 = _mm512_dpbusd_epi32(zero, W[2], _mm512_load_si512(a->q + 128));
+        const __m512i d3 = _mm512_dpbusd_epi32(zero, W[3], _mm512_load_si512(a->q + 192));
+        __m512i v = _mm512_madd_epi16(_mm512_packs_epi32(d0, d1), S0);
+        v = _mm512_dpwssd_epi32(v, _mm512_packs_epi32(d2, d3), S1);
         v = _mm512_dpwssd_epi32(v, offset, _mm512_load_si512(a->nsum));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(d, _mm512_load_ps(a->d)), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(d, _mm512_set1_ps(a->d[0])), acc[r]);
       }
     }
     for (int r = 0; r < R; ++r) t.y[r * t.ldy + m] = _mm512_reduce_add_ps(acc[r]);
@@ -564,27 +579,33 @@ void kq4_256(const Tile& t) {  // Q4_K and Q5_K
           _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 2)))),
           _mm256_set1_ps(half(p + 2)));
       const __m256 d = _mm256_set1_ps(half(p));
-      __m256i qh = _mm256_setzero_si256();
-      if constexpr (T == Q5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
       __m256i v[R];
       for (int r = 0; r < R; ++r) v[r] = _mm256_setzero_si256();
-      for (int c = 0; c < 4; ++c) {  // 32 bytes of qs: low nibbles sub-block 2c, high 2c + 1
-        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + qs_at + 32 * c));
-        __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-        if constexpr (T == Q5_K) {  // bit j of qh byte l -> bit 4 of sub-block j's element l
-          const int j = 2 * c;
-          const __m256i bl = j <= 4 ? _mm256_slli_epi16(qh, 4 - j) : _mm256_srli_epi16(qh, j - 4);
-          const __m256i bh = j + 1 <= 4 ? _mm256_slli_epi16(qh, 3 - j) : _mm256_srli_epi16(qh, j - 3);
-          lo = _mm256_or_si256(lo, _mm256_and_si256(bl, fifth));
-          hi = _mm256_or_si256(hi, _mm256_and_si256(bh, fifth));
+      for (int g = 0; g < 2; ++g) {  // chunks 2g, 2g + 1: sub-blocks 4g .. 4g + 3, the AVX-512 layout's lanes 2g, 2g + 1
+        const uint8_t* qs = p + qs_at + 64 * g;
+        const __m256i first = load2x16(qs, qs + 32), second = load2x16(qs + 16, qs + 48);
+        __m256i W[4] = {_mm256_and_si256(first, low), _mm256_and_si256(second, low),
+                        _mm256_and_si256(_mm256_srli_epi16(first, 4), low),
+                        _mm256_and_si256(_mm256_srli_epi16(second, 4), low)};
+        if constexpr (T == Q5_K) {  // bit j of qh byte l: sub-block j's element l; W[k] lanes: sub-blocks 4g + (k >= 2) + {0, 2}
+          for (int k = 0; k < 4; ++k) {
+            const int j = 4 * g + (k >= 2);
+            const __m256i qh = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 + 16 * (k & 1))));
+            const __m256i bit = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi8(static_cast<char>(1 << j))),
+                                                        _mm_set1_epi8(static_cast<char>(1 << (j + 2))), 1);
+            W[k] = _mm256_or_si256(W[k], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), fifth));
+          }
         }
-        const __m256i slo = _mm256_set1_epi16(scale[2 * c]), shi = _mm256_set1_epi16(scale[2 * c + 1]);
+        const __m256i se = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(scale[4 * g])),
+                                                   _mm_set1_epi16(scale[4 * g + 2]), 1);
+        const __m256i so = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(scale[4 * g + 1])),
+                                                   _mm_set1_epi16(scale[4 * g + 3]), 1);
         for (int r = 0; r < R; ++r) {
-          const KGroup* a = reinterpret_cast<const KGroup*>(t.act + r * t.act_stride) + s;
-          const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(a->q + 32 * kKq4Order[2 * c]));
-          const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(a->q + 32 * kKq4Order[2 * c + 1]));
-          v[r] = _mm256_add_epi32(v[r], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), slo));
-          v[r] = _mm256_add_epi32(v[r], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), shi));
+          const int8_t* q = (reinterpret_cast<const KGroup*>(t.act + r * t.act_stride) + s)->q + 32 * g;
+          auto x = [q](int part) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 64 * part)); };
+          const __m256i pe = _mm256_add_epi16(_mm256_maddubs_epi16(W[0], x(0)), _mm256_maddubs_epi16(W[1], x(1)));
+          const __m256i po = _mm256_add_epi16(_mm256_maddubs_epi16(W[2], x(2)), _mm256_maddubs_epi16(W[3], x(3)));
+          v[r] = _mm256_add_epi32(v[r], _mm256_add_epi32(_mm256_madd_epi16(pe, se), _mm256_madd_epi16(po, so)));
         }
       }
       for (int r = 0; r < R; ++r) {
