@@ -22,10 +22,13 @@ import inspect
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -36,7 +39,7 @@ from hogwild.collab.layouts import LAYOUTS, SharedCache
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
 from hogwild.model.kernels import CpuFacts, KernelChoice
-from hogwild.model.loading import resolve_model_dir
+from hogwild.model.loading import is_gguf_folder, resolve_model_dir
 from hogwild.runs import Feed, Run, Sample
 from hogwild.sampling import GREEDY
 
@@ -51,9 +54,12 @@ class DecodeBench:
     tokens: int = 128  # decode steps timed
     context: int = 64  # prompt tokens before the first timed step
     repeats: int = 3  # runs per engine; the fastest is kept
+    prefill: int = 512  # prompt tokens timed through prompt processing (0: none)
 
     def __post_init__(self) -> None:
         _check_sizes(self.tokens, (self.context,), self.repeats)
+        if self.prefill < 0:
+            raise HogwildError(f"--prefill must be >= 0, got {self.prefill}")
 
 
 @dataclass(frozen=True)
@@ -264,7 +270,27 @@ class Transformers:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         folder = resolve_model_dir(model)
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        if is_gguf_folder(folder):  # transformers dequantizes the GGUF itself (a float copy, for the reference only)
+            from hogwild.llamacpp import gguf_for
+
+            work = Path(tempfile.mkdtemp(prefix="hogwild-reference-"))
+            try:
+                path = gguf_for(model, work)
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                    path.parent, gguf_file=path.name, dtype=dtype
+                )
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        else:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        self.model = self.model.to(device).eval()
+        head = self.model.get_output_embeddings().weight
+        # the linears and the vocabulary projection; the embedding reads only its rows (unless it is the head)
+        self.step_bytes = sum(
+            p.numel() * p.element_size()
+            for name, p in self.model.named_parameters()
+            if p.dim() == 2 and p is not self.model.get_input_embeddings().weight
+        ) + (head.numel() * head.element_size() if head is self.model.get_input_embeddings().weight else 0)
         self.device = torch.device(device)
         self.version = transformers.__version__
         # the KV cache's argument and output field: `cache` from transformers 5.24, `past_key_values` before
@@ -417,8 +443,29 @@ def _against(text: str) -> tuple[str, ...]:
     return names
 
 
+def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes a second this machine reads with torch's threads: the fastest of `repeats` sums over a buffer far
+    larger than any cache."""
+    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best
+
+
+def hogwild_prompt_seconds(engine: Engine, prompt: list[int]) -> float:
+    """Prompt processing: seconds to feed `prompt` into a fresh block and sample its first token."""
+    start = time.perf_counter()
+    holder = hogwild_prefill(engine, prompt)
+    seconds = time.perf_counter() - start
+    engine.abort(holder, "done")
+    return seconds
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
-    bench = DecodeBench(tokens=args.tokens, context=args.context, repeats=args.repeats)
+    bench = DecodeBench(tokens=args.tokens, context=args.context, repeats=args.repeats, prefill=args.prefill)
     against = _against(args.against)
     if "llama.cpp" in against:
         from hogwild.llamacpp import import_llama_cpp
@@ -436,29 +483,69 @@ def cmd_decode(args: argparse.Namespace) -> int:
         from hogwild.llamacpp import LlamaCpp
 
         progress.print("loading llama.cpp")
-        llama = LlamaCpp(args.model, torch.get_num_threads(), bench.context + bench.tokens + 16)
+        llama = LlamaCpp(args.model, torch.get_num_threads(), max(bench.context + bench.tokens, bench.prefill) + 16)
         c = engine.model_config
         kv = llama.kv_bytes(c.num_layers, c.num_kv_heads, c.head_dim)
         candidates["llama.cpp"] = lambda steps: (llama.decode(prompt, steps), kv)
+    weight_bytes = {"hogwild": engine.model.step_bytes}
+    if reference is not None:
+        weight_bytes["transformers"] = reference.step_bytes
+    if llama is not None:
+        weight_bytes["llama.cpp"] = llama.step_bytes
     progress.print(f"decoding {bench.tokens} tokens after {bench.context}, {bench.repeats} runs each")
+    prompt_seconds: dict[str, float] = {}
     try:
         best = _measure(candidates, bench.tokens, bench.repeats)
+        if bench.prefill:
+            progress.print(f"processing a {bench.prefill}-token prompt, {bench.repeats} runs each")
+            long_prompt = prompt_ids(engine, bench.prefill)
+            prompts = {"hogwild": partial(hogwild_prompt_seconds, engine, long_prompt)}
+            if llama is not None:
+                prompts["llama.cpp"] = partial(llama.prompt_seconds, long_prompt)
+            for _ in range(bench.repeats):
+                for name, run in prompts.items():
+                    prompt_seconds[name] = min(prompt_seconds.get(name, float("inf")), run())
+        progress.print("measuring the memory read bandwidth")
+        bandwidth = memory_bandwidth()
     finally:
         if llama is not None:
             llama.close()
     results = [Measurement(name, 1, bench.context, bench.tokens, *best[name]) for name in candidates]
     if args.json:
-        print(json.dumps([_row_dict(m, engine, bench.repeats) for m in results], indent=2))
+        rows = [
+            _row_dict(
+                m,
+                engine,
+                bench.repeats,
+                weight_bytes=weight_bytes[m.engine],
+                bandwidth=bandwidth,
+                prompt_tokens=bench.prefill,
+                prompt_seconds=prompt_seconds.get(m.engine),
+            )
+            for m in results
+        ]
+        print(json.dumps(rows, indent=2))
         return 0
     print(_machine(engine, reference) + (f"; llama-cpp-python {llama.version}, the model's GGUF" if llama else ""))
     print(
         f"greedy decode of {bench.tokens} tokens after a {bench.context}-token prompt, prefill excluded, "
-        f"best of {bench.repeats} runs\n"
+        f"best of {bench.repeats} runs; memory read bandwidth {bandwidth / 1e9:.1f} GB/s, measured in this run\n"
     )
-    print(format_table(HEADERS, [_cells(m) for m in results]))
-    print()
+    headers = [*HEADERS, "weights MB/step", "GB/s read", "limit tok/s"]
+    cells = []
+    for m in results:
+        read = weight_bytes[m.engine]
+        cells.append([*_cells(m), f"{read / 1e6:.0f}", f"{read * m.tokens_per_s / 1e9:.1f}", f"{bandwidth / read:.1f}"])
+    print(format_table(headers, cells))
+    print("\nlimit: weight bytes a step reads over the memory read bandwidth; no decode step can be faster\n")
     for other in results[1:]:
         print(f"hogwild / {other.engine}: {results[0].tokens_per_s / other.tokens_per_s:.2f}x")
+    if prompt_seconds:
+        timed = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in prompt_seconds.items())
+        print(f"\nprompt processing, {bench.prefill} tokens (best of {bench.repeats}): {timed}")
+        if "llama.cpp" in prompt_seconds:
+            ratio = prompt_seconds["hogwild"] / prompt_seconds["llama.cpp"]
+            print(f"hogwild's time / llama.cpp's: {ratio:.2f}x")
     return 0
 
 
@@ -677,6 +764,12 @@ def add_parser(
     decode.add_argument("--tokens", type=int, default=DecodeBench.tokens, help="decode steps timed")
     decode.add_argument("--context", type=int, default=DecodeBench.context, help="prompt length in tokens")
     decode.add_argument("--repeats", type=int, default=DecodeBench.repeats, help="runs per engine; the fastest is kept")
+    decode.add_argument(
+        "--prefill",
+        type=int,
+        default=DecodeBench.prefill,
+        help="also time processing a prompt of this many tokens (hogwild and llama.cpp; 0: skip)",
+    )
     decode.add_argument(
         "--against",
         default="transformers",

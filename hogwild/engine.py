@@ -155,7 +155,10 @@ class Engine:
     def load(cls, config: EngineConfig = EngineConfig()) -> Engine:
         """Load a model (the default model when config.model is None)."""
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        kernels = choose(config.dtype, config.linear, config.device, weights=config.weights)  # flags checked first
+        # the flags are checked before anything loads; whether a GGUF's blocks run is known once the model is open
+        choose(
+            config.dtype, config.linear, config.device, weights="auto" if config.weights == "gguf" else config.weights
+        )
         folder = resolve_model_dir(config.model)
         hf = read_config(folder)
         model_config = ModelConfig.from_hf(hf)

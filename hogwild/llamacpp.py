@@ -40,6 +40,17 @@ def gguf_for(model: str | None, work: Path) -> Path:
     raise HogwildError(f"llama.cpp runs GGUF files: give a named model or a .gguf file as --model, not {model}")
 
 
+def decode_bytes(path: Path) -> int:
+    """Weight bytes a decode step reads from the GGUF at `path`: every matrix but the embedding, of which only rows
+    are read (unless the output projection is the embedding itself)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors if len(t.shape) == 2}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)
+    return sum(tensors.values())
+
+
 class LlamaCpp:
     def __init__(self, model: str | None, threads: int, context: int) -> None:
         self.llama_cpp = llama_cpp = import_llama_cpp()
@@ -54,6 +65,7 @@ class LlamaCpp:
             raise
         self.version = llama_cpp.__version__
         self.vocab = self.llm.n_vocab()
+        self.step_bytes = decode_bytes(path)
 
     def close(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)  # an assembled GGUF is only needed while loading
@@ -67,6 +79,14 @@ class LlamaCpp:
 
         logits = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return int(np.ctypeslib.as_array(logits, shape=(self.vocab,)).argmax())
+
+    def prompt_seconds(self, prompt: list[int]) -> float:
+        """Prompt processing: seconds to evaluate `prompt` into an empty cache and pick the next token."""
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(prompt)
+        self._next()
+        return time.perf_counter() - start
 
     def decode(self, prompt: list[int], steps: int) -> float:
         """Prefill `prompt` (not timed), then `steps` greedy decode steps -> seconds."""

@@ -194,6 +194,13 @@ class Decoder:
                 )
             ]
 
+    @property
+    def step_bytes(self) -> int:
+        """Weight bytes a decode step reads: every layer's linears and the vocabulary projection (the embedding
+        reads only its rows)."""
+        linears = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return sum(p.nbytes for p in [*linears, self.lm_head_linear])
+
     @torch.inference_mode()
     def forward(
         self, tokens: torch.Tensor, attention: Attention, logits_at: torch.Tensor | None, plain: bool = False

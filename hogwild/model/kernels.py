@@ -267,6 +267,7 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "aten") -> None:
         assert kernel in ("onednn", "aten"), f"unknown linear kernel {kernel!r}"
         self.shape = weight.shape
+        self.nbytes = weight.numel() * weight.element_size()  # what a decode step reads
         self.bias = bias
         # the packed copy replaces the plain weight, which is not kept: holding both would double the memory
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if kernel == "onednn" else weight

@@ -100,6 +100,7 @@ class Int8Linear:
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int = 7) -> None:
         assert qweight.dtype == torch.int8 and qweight.dim() == 2, "Int8Linear takes an int8 [out, in] weight"
         self.shape = qweight.shape
+        self.nbytes = qweight.numel() + 4 * scale.numel()  # what a decode step reads
         self.hadamard = hadamard(rotation_block(qweight.shape[1]))
         self.bias = None if bias is None else bias.float()
         levels = (1 << bits) - 1  # 255 or 127 uint8 levels; [-1, 1] maps onto them around the middle
@@ -191,6 +192,7 @@ class Int4Linear:
         self, packed: torch.Tensor, scale_zero: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
     ) -> None:
         self.shape = torch.Size((packed.shape[0], packed.shape[1] * 2))
+        self.nbytes = packed.numel() + scale_zero.numel() * torch.finfo(dtype).bits // 8  # what a decode step reads
         assert int4_fits(self.shape), f"Int4Linear cannot take a weight of shape {tuple(self.shape)}"
         # the kernel's own layout (it differs between CPU kinds), made at each start from the portable levels
         self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed), 2)
