@@ -209,8 +209,11 @@ struct Tile {
   const uint8_t* w;    // weight row 0's blocks
   int64_t w_stride;    // bytes between weight rows
   int64_t rows;        // weight rows
-  int64_t groups;      // B32: groups of four blocks; K-quants: super-blocks; float types: elements (K)
+  int64_t groups;      // a row's B32 groups of four blocks, K-quant super-blocks, or (float types) elements
   int64_t tail;        // B32: blocks in the last group (1-4)
+  int64_t g0, g1;      // this call's part of the row: groups [g0, g1)
+  float* acc;          // when the row is split (g0 > 0 or g1 < groups): each (weight row m, activation row r)'s
+                       // 16 partial sums at acc[(m * R + r) * 16], kept between the calls
   const uint8_t* act;  // activation row 0's layout (float types: its floats)
   int64_t act_stride;  // bytes between activation rows' layouts
   float* y;            // y[r * ldy + m]: activation row r, weight row m
@@ -243,6 +246,23 @@ inline uint64_t halves4(const uint8_t* p, int stride) {
 // ---- AVX-512 (F, BW, VL, VNNI)
 
 #define HW_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// A kernel's accumulators: zero at a row's first group, else the partial sums an earlier call left; at its last
+// group summed into y, else left for the next call. The order of every row's sums is the same either way.
+template <int R>
+HW_AVX512 inline void acc_start_512(const Tile& t, int64_t m, __m512* acc) {
+  for (int r = 0; r < R; ++r) acc[r] = t.g0 > 0 ? _mm512_load_ps(t.acc + (m * R + r) * 16) : _mm512_setzero_ps();
+}
+
+template <int R>
+HW_AVX512 inline void acc_end_512(const Tile& t, int64_t m, const __m512* acc) {
+  for (int r = 0; r < R; ++r) {
+    if (t.g1 < t.groups)
+      _mm512_store_ps(t.acc + (m * R + r) * 16, acc[r]);
+    else
+      t.y[r * t.ldy + m] = _mm512_reduce_add_ps(acc[r]);
+  }
+}
 
 struct B32Weights512 {
   __m512i w0, w1;  // u8: elements 0-15 and 16-31 of four blocks, a block per 128-bit lane
@@ -310,22 +330,22 @@ HW_AVX512 inline void b32_group_512(const B32Weights512& w, const uint8_t* act, 
 template <int64_t T, int R>
 HW_AVX512 void b32_512(const Tile& t) {
   using F = B32Type<T>;
-  const int64_t full = t.tail == 4 ? t.groups : t.groups - 1;
+  const int64_t full = std::min(t.g1, t.tail == 4 ? t.groups : t.groups - 1);
   for (int64_t m = 0; m < t.rows; ++m) {
     const uint8_t* row = t.w + m * t.w_stride;
     __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < full; ++g) {
+    acc_start_512<R>(t, m, acc);
+    for (int64_t g = t.g0; g < full; ++g) {
       const B32Weights512 w = b32_decode_512<T>(row + g * 4 * F::bytes);
       b32_group_512<T, R>(w, t.act, t.act_stride, g, acc);
     }
-    if (full < t.groups) {  // a last group of 1-3 blocks, padded with zero blocks (the activations there are zero)
+    if (full < t.g1) {  // a last group of 1-3 blocks, padded with zero blocks (the activations there are zero)
       alignas(64) uint8_t pad[4 * F::bytes] = {};
       std::memcpy(pad, row + full * 4 * F::bytes, t.tail * F::bytes);
       const B32Weights512 w = b32_decode_512<T>(pad);
       b32_group_512<T, R>(w, t.act, t.act_stride, full, acc);
     }
-    for (int r = 0; r < R; ++r) t.y[r * t.ldy + m] = _mm512_reduce_add_ps(acc[r]);
+    acc_end_512<R>(t, m, acc);
   }
 }
 
@@ -347,8 +367,8 @@ HW_AVX512 void kq4_512(const Tile& t) {  // Q4_K and Q5_K
   for (int64_t m = 0; m < t.rows; ++m) {
     const uint8_t* row = t.w + m * t.w_stride;
     __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < t.groups; ++s) {
+    acc_start_512<R>(t, m, acc);
+    for (int64_t s = t.g0; s < t.g1; ++s) {
       const uint8_t* p = row + s * bytes;
       alignas(16) uint32_t sm[4];
       k_scales(p + 4, sm);
@@ -389,7 +409,7 @@ HW_AVX512 void kq4_512(const Tile& t) {  // Q4_K and Q5_K
         acc[r] = _mm512_fnmadd_ps(mins, _mm512_load_ps(a->dsum), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) t.y[r * t.ldy + m] = _mm512_reduce_add_ps(acc[r]);
+    acc_end_512<R>(t, m, acc);
   }
 }
 
@@ -412,8 +432,8 @@ HW_AVX512 void q6k_512(const Tile& t) {
   for (int64_t m = 0; m < t.rows; ++m) {
     const uint8_t* row = t.w + m * t.w_stride;
     __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < t.groups; ++s) {
+    acc_start_512<R>(t, m, acc);
+    for (int64_t s = t.g0; s < t.g1; ++s) {
       const uint8_t* p = row + s * 210;
       const __m512i sc = _mm512_zextsi256_si512(
           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192))));
@@ -442,7 +462,7 @@ HW_AVX512 void q6k_512(const Tile& t) {
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(d, _mm512_set1_ps(a->d[0])), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) t.y[r * t.ldy + m] = _mm512_reduce_add_ps(acc[r]);
+    acc_end_512<R>(t, m, acc);
   }
 }
 
@@ -457,20 +477,19 @@ HW_AVX512 inline __m512 load_float_512(const uint8_t* p, __mmask16 mask) {  // 1
 template <int64_t T, int R>
 HW_AVX512 void float_512(const Tile& t) {
   constexpr int64_t size = T == F32 ? 4 : 2;
-  const int64_t k = t.groups;
   for (int64_t m = 0; m < t.rows; ++m) {
     const uint8_t* row = t.w + m * t.w_stride;
     __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < k; i += 16) {
-      const __mmask16 mask = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    acc_start_512<R>(t, m, acc);
+    for (int64_t i = t.g0; i < t.g1; i += 16) {
+      const __mmask16 mask = t.g1 - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (t.g1 - i)) - 1);
       const __m512 w = load_float_512<T>(row + i * size, mask);
       for (int r = 0; r < R; ++r) {
         const float* x = reinterpret_cast<const float*>(t.act + r * t.act_stride) + i;
         acc[r] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) t.y[r * t.ldy + m] = _mm512_reduce_add_ps(acc[r]);
+    acc_end_512<R>(t, m, acc);
   }
 }
 
@@ -488,6 +507,21 @@ inline float hsum8(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+template <int R>
+inline void acc_start_256(const Tile& t, int64_t m, __m256* acc) {
+  for (int r = 0; r < R; ++r) acc[r] = t.g0 > 0 ? _mm256_load_ps(t.acc + (m * R + r) * 16) : _mm256_setzero_ps();
+}
+
+template <int R>
+inline void acc_end_256(const Tile& t, int64_t m, const __m256* acc) {
+  for (int r = 0; r < R; ++r) {
+    if (t.g1 < t.groups)
+      _mm256_store_ps(t.acc + (m * R + r) * 16, acc[r]);
+    else
+      t.y[r * t.ldy + m] = hsum8(acc[r]);
+  }
 }
 
 inline __m256i load2x16(const uint8_t* a, const uint8_t* b) {  // [16 bytes at a | 16 bytes at b]
@@ -547,18 +581,18 @@ inline void b32_group_256(const uint8_t* p, const uint8_t* act, int64_t stride, 
 template <int64_t T, int R>
 void b32_256(const Tile& t) {
   using F = B32Type<T>;
-  const int64_t full = t.tail == 4 ? t.groups : t.groups - 1;
+  const int64_t full = std::min(t.g1, t.tail == 4 ? t.groups : t.groups - 1);
   for (int64_t m = 0; m < t.rows; ++m) {
     const uint8_t* row = t.w + m * t.w_stride;
     __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < full; ++g) b32_group_256<T, R>(row + g * 4 * F::bytes, t.act, t.act_stride, g, acc);
-    if (full < t.groups) {
+    acc_start_256<R>(t, m, acc);
+    for (int64_t g = t.g0; g < full; ++g) b32_group_256<T, R>(row + g * 4 * F::bytes, t.act, t.act_stride, g, acc);
+    if (full < t.g1) {
       alignas(64) uint8_t pad[4 * F::bytes] = {};
       std::memcpy(pad, row + full * 4 * F::bytes, t.tail * F::bytes);
       b32_group_256<T, R>(pad, t.act, t.act_stride, full, acc);
     }
-    for (int r = 0; r < R; ++r) t.y[r * t.ldy + m] = hsum8(acc[r]);
+    acc_end_256<R>(t, m, acc);
   }
 }
 
@@ -569,8 +603,8 @@ void kq4_256(const Tile& t) {  // Q4_K and Q5_K
   for (int64_t m = 0; m < t.rows; ++m) {
     const uint8_t* row = t.w + m * t.w_stride;
     __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t s = 0; s < t.groups; ++s) {
+    acc_start_256<R>(t, m, acc);
+    for (int64_t s = t.g0; s < t.g1; ++s) {
       const uint8_t* p = row + s * bytes;
       alignas(16) uint32_t sm[4];
       k_scales(p + 4, sm);
@@ -614,7 +648,7 @@ void kq4_256(const Tile& t) {  // Q4_K and Q5_K
         acc[r] = _mm256_fnmadd_ps(mins, _mm256_load_ps(a->dsum), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) t.y[r * t.ldy + m] = hsum8(acc[r]);
+    acc_end_256<R>(t, m, acc);
   }
 }
 
@@ -624,8 +658,8 @@ void q6k_256(const Tile& t) {
   for (int64_t m = 0; m < t.rows; ++m) {
     const uint8_t* row = t.w + m * t.w_stride;
     __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t s = 0; s < t.groups; ++s) {
+    acc_start_256<R>(t, m, acc);
+    for (int64_t s = t.g0; s < t.g1; ++s) {
       const uint8_t* p = row + s * 210;
       const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
       const __m256i offset =
@@ -660,7 +694,7 @@ void q6k_256(const Tile& t) {
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v[r]), _mm256_mul_ps(d, _mm256_load_ps(a->d)), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) t.y[r * t.ldy + m] = hsum8(acc[r]);
+    acc_end_256<R>(t, m, acc);
   }
 }
 
@@ -675,17 +709,17 @@ inline __m256 load_float_256(const uint8_t* p) {  // 8 weights
 template <int64_t T, int R>
 void float_256(const Tile& t) {
   constexpr int64_t size = T == F32 ? 4 : 2;
-  const int64_t k = t.groups, whole = k / 8 * 8;
+  const int64_t k = t.groups, whole = std::min(t.g1, k / 8 * 8);
   for (int64_t m = 0; m < t.rows; ++m) {
     const uint8_t* row = t.w + m * t.w_stride;
     __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < whole; i += 8) {
+    acc_start_256<R>(t, m, acc);
+    for (int64_t i = t.g0; i < whole; i += 8) {
       const __m256 w = load_float_256<T>(row + i * size);
       for (int r = 0; r < R; ++r)
         acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(reinterpret_cast<const float*>(t.act + r * t.act_stride) + i), acc[r]);
     }
-    if (whole < k) {  // the last 1-7 elements, through zero-padded copies
+    if (whole < t.g1) {  // the last 1-7 elements, through zero-padded copies
       alignas(32) uint8_t wpad[32] = {};
       alignas(32) float xpad[8] = {};
       std::memcpy(wpad, row + whole * size, (k - whole) * size);
@@ -695,7 +729,7 @@ void float_256(const Tile& t) {
         acc[r] = _mm256_fmadd_ps(w, _mm256_load_ps(xpad), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) t.y[r * t.ldy + m] = hsum8(acc[r]);
+    acc_end_256<R>(t, m, acc);
   }
 }
 
@@ -784,9 +818,11 @@ const char* isa_name(Isa isa) { return isa == Isa::Avx512 ? "avx512-vnni" : "avx
 // Weight bytes below which a call runs on the calling thread alone: a parallel region costs a few microseconds,
 // about what 64 KB take to stream.
 constexpr int64_t kSerialBytes = 1 << 16;
-// With more activation rows than one tile, a chunk of weight rows this large stays in L1/L2 while every tile of
-// activation rows passes through it.
-constexpr int64_t kChunkBytes = 1 << 14;
+// With more activation rows than fit in L1 at once (more than a tile, or one tile of long rows), a chunk of weight
+// rows this large stays in L2 while every tile of activation rows passes through it, a block of K at a time small
+// enough that the tile's part of the activations stays in L1.
+constexpr int64_t kChunkBytes = 1 << 16;
+constexpr int64_t kL1Activations = 20 << 10;
 
 struct Part {  // one weight matrix of a call
   const uint8_t* w;
@@ -850,15 +886,40 @@ void run_rows(Isa isa, const Part& part, int64_t begin, int64_t end, const Prepa
   t.w_stride = part.w_stride;
   t.act_stride = act.stride[l];
   t.ldy = ldy;
+  t.acc = nullptr;
+  int64_t group_bytes;  // one activation row's bytes per group
   if (f.layout == Layout::B32) {
     const int64_t blocks = k / 32;
     t.groups = (blocks + 3) / 4;
     t.tail = blocks - 4 * (t.groups - 1);
-  } else {
-    t.groups = f.layout == Layout::Float ? k : k / 256;
+    group_bytes = sizeof(B32Group);
+  } else if (f.layout == Layout::Float) {
+    t.groups = k;
     t.tail = 4;
+    group_bytes = 4;
+  } else {
+    t.groups = k / 256;
+    t.tail = 4;
+    group_bytes = sizeof(KGroup);
   }
-  const int64_t chunk = n <= tile ? end - begin : std::max<int64_t>(1, kChunkBytes / part.row_bytes);
+  const int64_t rows_at_once = std::min<int64_t>(tile, n);
+  if (n <= tile && rows_at_once * t.groups * group_bytes <= kL1Activations) {  // one pass: a decode step
+    t.rows = end - begin;
+    t.w = part.w + begin * part.w_stride;
+    t.act = act.data[l];
+    t.y = part.y + begin;
+    t.g0 = 0;
+    t.g1 = t.groups;
+    kern[n - 1](t);
+    return;
+  }
+  // groups per block of K (float types: a multiple of 64 elements, so only the row's end is ragged)
+  int64_t block = std::max<int64_t>(1, kL1Activations / (rows_at_once * group_bytes));
+  if (f.layout == Layout::Float) block = std::max<int64_t>(64, block / 64 * 64);
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / part.row_bytes);
+  thread_local std::vector<float> sums;  // this thread's partial sums: [chunk rows][tile rows][16]
+  if (static_cast<int64_t>(sums.size()) < chunk * tile * 16 + 16) sums.resize(chunk * tile * 16 + 16);
+  t.acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(sums.data()) + 63) & ~uintptr_t{63});
   for (int64_t m = begin; m < end; m += chunk) {
     t.rows = std::min(chunk, end - m);
     t.w = part.w + m * part.w_stride;
@@ -866,7 +927,10 @@ void run_rows(Isa isa, const Part& part, int64_t begin, int64_t end, const Prepa
       const int64_t rows = std::min<int64_t>(tile, n - r);
       t.act = act.data[l] + r * act.stride[l];
       t.y = part.y + r * ldy + m;
-      kern[rows - 1](t);
+      for (t.g0 = 0; t.g0 < t.groups; t.g0 = t.g1) {
+        t.g1 = std::min(t.groups, t.g0 + block);
+        kern[rows - 1](t);
+      }
     }
   }
 }
