@@ -2,12 +2,18 @@
 
 A request without `workers` is a plain generation: `Sampled(engine, prompt, SamplingParams, n=n)`, each sample one
 choice. A request with `workers` is a `Collaboration` of that many workers on the problem (the last user message,
-or the completion prompt), shaped by the extension fields `layout`, `mode` and `budget`; its content, sent when
-the run ends, is the answer followed by the words it came from (the step that holds it, or the finisher's), and
-everything the workers write rides in the extension field `hogwild` of the stream chunks
-(`choices[0].delta.hogwild` for chat, `choices[0].hogwild` for completions), one event per chunk, so a plain
-OpenAI client still reads an ordinary reply. `Reply` turns one run's events into chunks as they come and into the
-whole response at the end, so a streamed reply and the same run unstreamed carry the same content.
+or the completion prompt), shaped by the extension fields `layout`, `mode` and `budget`; its content is the answer
+(the text of the final `\\boxed{}`, empty when there is none), and everything the workers write rides in the
+extension field `hogwild` of the stream chunks (`choices[0].delta.hogwild` for chat, `choices[0].hogwild` for
+completions), one event per chunk, so a plain OpenAI client still reads an ordinary reply. `Reply` turns one
+run's events into chunks as they come and into the whole response at the end, so a streamed reply and the same
+run unstreamed carry the same content.
+
+Bodies are validated strictly (no coercion: `"2"` is not 2), every text must be valid Unicode, and OpenAI fields
+hogwild does not implement are refused by name when they ask for something (`UNSUPPORTED`); each mistake is an
+`ApiError` naming the field in `param`. A completions request may hold several prompts (each its own `n` choices,
+one `Sampled` run); `logprobs` and `top_logprobs` come from each sample (`server/logprobs.py` shapes them), and
+`echo` gives the prompts back, with `logprobs` their own tokens' scores (`Echo`, filled by the service).
 """
 
 from __future__ import annotations
