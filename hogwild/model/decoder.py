@@ -59,6 +59,8 @@ class Weights(Protocol):
     """A model's tensors, read one at a time (`hogwild.model.loading.open_weights`): `get` gives a tensor in a float
     dtype (None when the checkpoint has none of that name); a GGUF's also gives a weight matrix's own blocks."""
 
+    def __contains__(self, name: str) -> bool: ...
+
     def get(self, name: str) -> torch.Tensor | None: ...
 
 
@@ -134,7 +136,7 @@ class Decoder:
 
         c = config
         embed_name = "model.embed_tokens.weight"
-        head_name = embed_name if c.tie_embeddings or weights.get("lm_head.weight") is None else "lm_head.weight"
+        head_name = "lm_head.weight" if "lm_head.weight" in weights and not c.tie_embeddings else embed_name
         if self.gguf:
             self.lm_head_linear = project("lm_head", [head_name])
             self.embed = self.lm_head = None  # rows are read from the blocks (`embed_rows`, `head_rows`)
