@@ -106,6 +106,13 @@ def build(extension: Extension = FUSED) -> ModuleType | None:
     folder = build_folder(extension)
     built = folder / "built"
     if not built.exists():
+        compiler = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension runs
+        if shutil.which(compiler) is None:
+            print(
+                f"hogwild: {extension.what} off (no C++ compiler: {compiler}); running {extension.instead}",
+                file=sys.stderr,
+            )
+            return None
         print(f"hogwild: compiling the {extension.what} once (about 30 s), into {folder}", file=sys.stderr)
     try:
         from torch.utils.cpp_extension import load as compile_and_load
