@@ -165,10 +165,11 @@ class Engine:
         tokenizer = Tokenizer.from_folder(folder, extra_eos_ids=model_config.eos_token_ids)
         weights = open_weights(folder)  # tensors read one at a time, a GGUF's mapped where they lie
         block_kernels = blocks = None
+        auto = config.weights == config.dtype == config.linear == "auto"
         if (
             hasattr(weights, "blocks")
             and torch.device(config.device).type == "cpu"
-            and config.weights in ("auto", "gguf")
+            and (auto or config.weights == "gguf")
         ):
             block_kernels = native.load_gguf()
             if block_kernels is not None:

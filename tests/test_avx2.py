@@ -4,10 +4,10 @@
 machine behave like an AVX2-only CPU (an AMD EPYC without native bf16 or VNNI), so whatever machine CI lands on,
 this path is exercised. The subprocess first checks that the restriction took (oneDNN refuses to prepack a bf16
 weight, the crash such CPUs used to hit), then loads the default model twice: with float weights (float32 through
-oneDNN), whose greedy tokens must equal float32 decoding in this process, with the default weights (int4, the
-default model's 4-bit weights, through aten's int4 kernel on bf16 activations emulated without native bf16) and
-with int8 weights (fbgemm's AVX2 kernel, 7-bit activations), whose logits must track float32's on that
-continuation.
+oneDNN), whose greedy tokens must equal float32 decoding in this process, then with the default weights (the
+GGUF's own blocks through hogwild's AVX2 block kernels, `HOGWILD_KERNEL_ISA=avx2`), int4 (aten's int4 kernel on
+bf16 activations emulated without native bf16) and int8 (fbgemm's AVX2 kernel, 7-bit activations), whose logits
+must track float32's on that continuation.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ AVX2 = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+    "HOGWILD_KERNEL_ISA": "avx2",
     "OMP_NUM_THREADS": "1",
 }
 PROMPT = "Name three colours of the rainbow."
@@ -51,10 +52,10 @@ picked = torch.tensor(tokens)
 ref = score(floats, text).token[len(ids) - 1:].mean().item()
 report = dict(capability=torch.backends.cpu.get_cpu_capability(), prepack=prepack, dtype=floats.kernels.dtype_name,
               linear=floats.kernels.linear, tokens=tokens, ref=ref)
-for name, weights in (("default", "auto"), ("int8", "int8")):
+for name, weights in (("default", "auto"), ("int8", "int8"), ("int4", "int4")):
     engine = Engine.load(EngineConfig(threads=1, weights=weights))
     scores = score(engine, text)
-    report[name] = dict(weights=engine.kernels.weights, bits=engine.kernels.activation_bits,
+    report[name] = dict(weights=engine.kernels.weights, bits=engine.kernels.activation_bits, runs=engine.describe(),
                         agree=(scores.top_ids[len(ids) - 1:, 0] == picked).float().mean().item(),
                         loglik=scores.token[len(ids) - 1:].mean().item())
 print(json.dumps(report))
@@ -72,10 +73,12 @@ def test_default_model_runs_on_avx2_and_matches_float32(default_model_dir: Path)
     assert report["capability"] == "AVX2"
     assert "bf16 path needs" in report["prepack"], "the AVX2 restriction did not take: the test would prove nothing"
     assert (report["dtype"], report["linear"]) == ("float32", "onednn")
-    assert report["default"]["weights"] == "int4", "the default model's weights are 4-bit: auto runs them as int4"
-    for name in ("default", "int8"):
+    assert report["default"]["weights"] == "gguf", "a GGUF model runs its own blocks"
+    assert "avx2 kernels" in report["default"]["runs"], report["default"]["runs"]
+    for name in ("int8", "int4"):
         # no VNNI under AVX2: 8-bit activations would saturate fbgemm's kernel (int8, and int4's vocabulary head)
         assert report[name]["bits"] == 7
+    for name in ("default", "int8", "int4"):
         # on float32's own greedy continuation both pick the same token almost everywhere and lose little
         # likelihood; saturated or mis-scaled weights pick noise
         assert report[name]["agree"] >= 0.75, name
