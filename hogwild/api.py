@@ -8,7 +8,8 @@
 
 `solve_stream` yields the run's events as they happen (`Token`, `StepStarted`, `NudgeInserted`, `StepFinished`,
 `Pass`, `AnswerFound`, and last `Done` with the result); the CLI, the server and the evaluation harness use it.
-Defaults live in `CollabConfig`, `SamplingParams` and `EngineConfig`.
+Defaults live in `CollabConfig`, `default_sampling` (the workers sample with the model's settings, from seed 0
+unless told) and `EngineConfig`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-from hogwild.collab.protocol import CollabConfig, Collaboration, Event, SolveResult
+from hogwild.collab.protocol import CollabConfig, Collaboration, Event, SolveResult, default_sampling
 from hogwild.engine import Engine, EngineConfig
 from hogwild.runs import Done
 from hogwild.sampling import SamplingParams
@@ -32,17 +33,17 @@ def load(config: EngineConfig | None = None, **kwargs) -> Engine:
     return _ENGINES[config]
 
 
-def _split(kwargs: dict) -> tuple[CollabConfig, SamplingParams]:
+def _split(engine: Engine, kwargs: dict) -> tuple[CollabConfig, SamplingParams]:
     names = {f.name for f in dataclasses.fields(CollabConfig)}
     collab = {k: v for k, v in kwargs.items() if k in names}
     sampling = {k: v for k, v in kwargs.items() if k not in names}
-    return CollabConfig(**collab), SamplingParams(**sampling)
+    return CollabConfig(**collab), default_sampling(engine, **{"seed": 0, **sampling})
 
 
 def solve_stream(problem: str, engine: Engine | None = None, **kwargs) -> Iterator[Event]:
     """Yield the events of one collaborative run; keyword arguments are CollabConfig and SamplingParams fields."""
-    config, sampling = _split(kwargs)
     engine = engine or load()
+    config, sampling = _split(engine, kwargs)
     yield from engine.stream(Collaboration(engine, problem, config, sampling))
 
 

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from hogwild.collab.protocol import CollabConfig
+from hogwild.collab import prompts
+from hogwild.collab.protocol import REPEAT_GUARDS, TEMPERATURE, TOP_P, CollabConfig
 from hogwild.engine import Engine, EngineConfig, Generation
 from hogwild.errors import HogwildError
 from hogwild.model.kernels import DTYPE_CHOICES, LINEARS, WEIGHTS
@@ -74,18 +75,107 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: bool = True) -> None:
+    """Sampling flags; without `max_tokens` (a collaboration), temperature, top-p and top-k default to the
+    workers' sampling (`default_sampling`): the model's generation settings, else 0.6 and 0.95."""
     group = parser.add_argument_group("sampling")
+    workers = "" if max_tokens else "; default: the model's generation settings, else "
     group.add_argument(
-        "--temperature", type=float, default=default(SamplingParams, "temperature"), help="0 means greedy (argmax)"
+        "--temperature",
+        type=float,
+        default=default(SamplingParams, "temperature") if max_tokens else None,
+        help="0 means greedy (argmax)" + (f"{workers}{TEMPERATURE}" if workers else ""),
     )
-    group.add_argument("--top-p", type=float, default=default(SamplingParams, "top_p"), help="nucleus sampling mass")
-    group.add_argument("--top-k", type=int, default=default(SamplingParams, "top_k"), help="0: no top-k filter")
+    group.add_argument(
+        "--top-p",
+        type=float,
+        default=default(SamplingParams, "top_p") if max_tokens else None,
+        help="nucleus sampling mass" + (f"{workers}{TOP_P}" if workers else ""),
+    )
+    group.add_argument(
+        "--top-k",
+        type=int,
+        default=default(SamplingParams, "top_k") if max_tokens else None,
+        help="0: no top-k filter" + (f"{workers}0" if workers else ""),
+    )
     group.add_argument("--seed", type=int, default=default(SamplingParams, "seed"), help="random seed")
     if max_tokens:
         group.add_argument(
             "--max-tokens", type=int, default=default(SamplingParams, "max_tokens"), help="new tokens at most"
         )
         group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser, parts: bool = True) -> None:
+    """How Hogwild! workers work together: the CollabConfig fields an ablation varies (defaults from there);
+    `parts`: whether --parts is a flag (an evaluation reads it from each problem)."""
+    group = parser.add_argument_group("protocol")
+    group.add_argument(
+        "--opening",
+        choices=prompts.OPENINGS,
+        default=default(CollabConfig, "opening"),
+        help="first steps: plan (the first worker proposes a split, the others start once it is written), paper "
+        "(the Hogwild! paper's openers, everyone at once) or symmetric (headers only)",
+    )
+    group.add_argument(
+        "--mask",
+        action=argparse.BooleanOptionalAction,
+        default=default(CollabConfig, "mask"),
+        help="never draw tokens that forge the scratchpad's structure (markup, special tokens, headers)",
+    )
+    group.add_argument(
+        "--min-step-tokens",
+        type=int,
+        default=default(CollabConfig, "min_step_tokens"),
+        help="a step ends at a paragraph break only once it holds this many tokens",
+    )
+    group.add_argument(
+        "--max-step-tokens",
+        type=int,
+        default=default(CollabConfig, "max_step_tokens"),
+        help="past this a step ends at any line break; at twice this, anywhere",
+    )
+    group.add_argument(
+        "--repeat-guard",
+        choices=REPEAT_GUARDS,
+        default=default(CollabConfig, "repeat_guard"),
+        help="a step that repeats an earlier one is not taken: drawn again (then nudged), nudged at once, or off",
+    )
+    group.add_argument(
+        "--repeat-threshold",
+        type=float,
+        default=default(CollabConfig, "repeat_threshold"),
+        help="share of a step's word 4-grams found in one earlier step that makes it a repeat",
+    )
+    group.add_argument(
+        "--self-check-every",
+        type=int,
+        default=default(CollabConfig, "self_check_every"),
+        help="tokens written by all workers between self-check questions (0: never)",
+    )
+    group.add_argument(
+        "--assign",
+        action="store_true",
+        help="with --parts N: the engine writes each worker's first line naming the parts it takes",
+    )
+    if not parts:
+        return
+    group.add_argument(
+        "--parts",
+        type=int,
+        default=default(CollabConfig, "parts"),
+        help="independent questions in the problem: an answer gives all of them in one \\boxed{}",
+    )
+
+
+PROTOCOL = (
+    "opening", "mask", "min_step_tokens", "max_step_tokens", "repeat_guard", "repeat_threshold", "self_check_every",
+    "assign", "parts",
+)  # fmt: skip
+
+
+def protocol_fields(args: argparse.Namespace, parts: bool = True) -> dict:
+    """The CollabConfig fields given by `add_protocol_arguments`' flags."""
+    return {name: getattr(args, name) for name in PROTOCOL if parts or name != "parts"}
 
 
 def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
@@ -150,7 +240,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from hogwild.collab.protocol import Collaboration
+    from hogwild.collab.protocol import Collaboration, default_sampling
     from hogwild.runs import Done
     from hogwild.view import LiveView
 
@@ -159,11 +249,11 @@ def cmd_solve(args: argparse.Namespace) -> int:
         mode=args.mode,
         layout=args.layout,
         budget=args.budget,
-        self_check_every=args.self_check_every,
         format=args.format,
+        **protocol_fields(args),
     )
-    params = sampling_params(args)
     engine = Engine.load(engine_config(args))
+    params = default_sampling(engine, seed=args.seed, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     run = Collaboration(engine, args.problem, config, params)
     result = None
     if args.json:
@@ -188,6 +278,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         f"[bold]answer:[/bold] {result.answer if result.answer is not None else '(none)'}, "
         f"finished by {result.finished_by}, {result.forward_passes} forward passes, {result.tokens} tokens, "
         f"{result.wall_s:.1f} s, {result.tokens_per_s:.1f} tok/s"
+        + (f", redundancy {result.redundancy:.0%}" if result.redundancy is not None else "")
     )
     if result.finished_by == "interrupted":
         for worker in result.workers:
@@ -237,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument(
         "--mode",
         default=default(CollabConfig, "mode"),
-        help="hogwild (steps, shared history) or groupthink (token-level)",
+        help="hogwild (steps, shared history), groupthink (token-level) or sot (Skeleton-of-Thought: an outline, "
+        "one point per worker, unseen by the others, then one answer)",
     )
     solve.add_argument(
         "--layout", default=default(CollabConfig, "layout"), help="cache layout: combined, interleaved or contiguous"
@@ -249,17 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequential forward passes before the finisher",
     )
     solve.add_argument(
-        "--self-check-every",
-        type=int,
-        default=default(CollabConfig, "self_check_every"),
-        help="tokens between a worker's self-check questions (0: never)",
-    )
-    solve.add_argument(
         "--format",
         default=default(CollabConfig, "format"),
         help="prompt preset: chat, think or plain (default: by model family)",
     )
     solve.add_argument("--json", action="store_true", help="print one JSON object instead of the live view")
+    add_protocol_arguments(solve)
     add_engine_arguments(solve)
     add_sampling_arguments(solve, max_tokens=False)
     solve.set_defaults(func=cmd_solve)

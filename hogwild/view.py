@@ -14,7 +14,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from hogwild.collab.protocol import AnswerFound, Event, NudgeInserted, Pass, StepFinished, StepStarted
+from hogwild.collab.protocol import AnswerFound, Event, NudgeInserted, Pass, StepDiscarded, StepFinished, StepStarted
 from hogwild.runs import Done, Token
 
 COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
@@ -41,7 +41,7 @@ class LiveView:
         self.answer: str | None = None
 
     def update(self, event: Event) -> None:
-        if isinstance(event, (Token, StepStarted, NudgeInserted)):
+        if isinstance(event, (Token, StepStarted, NudgeInserted, StepDiscarded)):
             self.texts[event.worker] += event.text
         elif isinstance(event, StepFinished):
             self.history.append((event.worker, event.text.strip()))

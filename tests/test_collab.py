@@ -1,4 +1,6 @@
-"""Collaboration mechanics: steps, history, self-check cadence, stopping, the finisher, Group Think, bad input."""
+"""Collaboration mechanics: steps, history, the logits mask, per-worker generators, openings, the self-check
+cadence, the repeated-step guard, stopping, the finisher, the readable reply, Group Think, Skeleton-of-Thought,
+redundancy, bad input."""
 
 from __future__ import annotations
 
@@ -9,11 +11,21 @@ import sys
 import pytest
 import torch
 import transformers
+from tiny import tiny_engine
 
 import hogwild
 from hogwild.attention import Row
 from hogwild.collab import prompts
-from hogwild.collab.protocol import CollabConfig, Collaboration, NudgeInserted, StepFinished, StepStarted
+from hogwild.collab.masks import masks
+from hogwild.collab.protocol import (
+    CollabConfig,
+    Collaboration,
+    NudgeInserted,
+    StepDiscarded,
+    StepFinished,
+    StepStarted,
+)
+from hogwild.collab.redundancy import redundancy, repeated
 from hogwild.collab.text import boxed_answer, step_ends
 from hogwild.engine import Engine, EngineConfig
 from hogwild.errors import HogwildError
@@ -21,6 +33,7 @@ from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
 from hogwild.model.tokenizer import Tokenizer
 from hogwild.runs import Done, Token
+from hogwild.sampling import SamplingParams, sample
 
 
 class ScriptedEngine(Engine):
@@ -60,9 +73,13 @@ def tokenizer(default_model_dir):
     return Tokenizer.from_folder(default_model_dir)
 
 
-def run_scripted(tokenizer, scripts, **config) -> tuple[list, object, Collaboration]:
-    engine = ScriptedEngine(tokenizer, scripts)
-    run = Collaboration(engine, "Add 2 and 3.", CollabConfig(workers=len(scripts), **config))
+# the step mechanics alone: every worker starts at once, a paragraph break ends a step, nothing is left out
+MECHANICS = {"opening": "symmetric", "min_step_tokens": 0, "repeat_guard": "off"}
+
+
+def run_scripted(tokenizer, scripts, engine=None, sampling=None, **config) -> tuple[list, object, Collaboration]:
+    engine = engine or ScriptedEngine(tokenizer, scripts)
+    run = Collaboration(engine, "Add 2 and 3.", CollabConfig(workers=len(scripts), **(MECHANICS | config)), sampling)
     events = list(engine.stream(run))
     assert isinstance(events[-1], Done)
     return events, events[-1].result, run
@@ -88,19 +105,26 @@ def test_steps_move_into_history_at_paragraph_ends_not_inside_code_or_math(token
     assert tokenizer.decode(run.shared.history.tokens) == prompts.HISTORY_TITLE + "".join(text for _, text in steps)
 
 
-def test_self_check_question_opens_steps_at_the_configured_cadence(tokenizer):
+def test_self_check_counts_every_workers_tokens_and_is_answered_yes_or_no(tokenizer):
     sentence = "One more small step is done.\n\n"
     per_step = len(tokenizer.encode(sentence, add_special_tokens=False))
     events, result, run = run_scripted(tokenizer, [sentence * 12, sentence * 12], budget=150, self_check_every=10)
-    every = -(-10 // per_step)  # steps it takes to write 10 tokens
-    for w, name in enumerate(["Alice", "Bob"]):
-        nudged = [e for e in events if isinstance(e, NudgeInserted) and e.worker == w]
-        started = [e.step for e in events if isinstance(e, StepStarted) and e.worker == w]
-        nudged_steps = [
-            s for s in started if f"{prompts.header(name, s)}{prompts.SELF_CHECK}" in result.workers[w].text
-        ]
-        assert len(nudged) == len(nudged_steps) >= 2
-        assert nudged_steps == [1 + every * k for k in range(1, len(nudged_steps) + 1)]
+    answers = masks(tokenizer, run.names, run.engine.eos_ids, run.engine.model_config.vocab_size).answers
+    written, since, nudged, pending = 0, [], [], {}
+    for e in events:
+        if isinstance(e, Token) and e.token >= 0:
+            written += 1
+            if e.worker in pending:  # the first token after a question is its answer
+                assert e.token in answers and pending.pop(e.worker) is not None
+        if isinstance(e, NudgeInserted):
+            assert e.text == prompts.SELF_CHECK
+            since.append(written)
+            nudged.append(e.worker)
+            pending[e.worker] = e
+            written = 0
+    assert len(since) >= 4 and set(nudged) == {0, 1}
+    # every question waits for 10 tokens of both workers together, and comes with the next step that opens
+    assert all(10 <= n < 10 + 2 * per_step for n in since), since
 
 
 def test_run_stops_on_a_boxed_answer(tokenizer):
@@ -122,11 +146,194 @@ def test_budget_ends_the_run_through_the_finisher(tokenizer):
     assert prompts.finisher("Alice").strip() in result.workers[0].text
 
 
+class LuredEngine(ScriptedEngine):
+    """A scripted engine whose every row likes `lure` best: the script's token comes second."""
+
+    def __init__(self, tokenizer: Tokenizer, scripts: list[str], lure: int) -> None:
+        super().__init__(tokenizer, scripts)
+        self.lure = lure
+
+    def run_model(self, rows: list[Row], wanted: list[int]) -> torch.Tensor:
+        forced = super().run_model(rows, wanted)
+        forced[:, self.lure] = 5.0
+        return forced
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_masked_tokens_are_never_drawn_and_steps_still_end(tokenizer, mask):
+    (lure,) = tokenizer.encode("###", add_special_tokens=False)
+    script = "I add 2 and 3.\n\nIt makes 5.\n\n"
+    engine = LuredEngine(tokenizer, [script, script], lure)
+    events, result, run = run_scripted(
+        tokenizer, [script, script], engine=engine, budget=40, self_check_every=0, mask=mask
+    )
+    end = next(i for i, e in enumerate(events) if isinstance(e, Token) and e.text == run.finisher_text)
+    drawn = [e.token for e in events[:end] if isinstance(e, Token) and e.token >= 0]  # the finisher is unmasked
+    finished = [e.text for e in events if isinstance(e, StepFinished)]
+    assert (lure in run.params["write"].banned) == mask
+    if mask:
+        assert lure not in drawn and "#" not in "".join(w.text.split(run.finisher_text)[0] for w in result.workers)
+        assert "**Alice [1]:** I add 2 and 3.\n\n" in finished and "**Bob [2]:** It makes 5.\n\n" in finished
+    else:  # without the mask the lure wins every draw and no step ends at a paragraph break
+        assert drawn and all(t == lure for t in drawn) and finished == []
+        return
+    # right after a `*` a worker's name is banned too (a forged `**Bob [2]:**`), never otherwise
+    (bob,) = tokenizer.encode("Bob", add_special_tokens=False)
+    assert bob in run.params["star"].banned and bob not in run.params["write"].banned
+
+
+def test_each_worker_draws_from_its_own_generator(tokenizer):
+    engine = ScriptedEngine(tokenizer, ["x", "x"])
+    logits = torch.zeros(2, 64)  # the same view for both rows: the same logits, every token equally likely
+
+    def draws(temperature: float, seed: int) -> list[tuple[int, int]]:
+        sampling = SamplingParams(temperature=temperature, top_p=1.0, seed=seed)
+        run = Collaboration(engine, "Add 2 and 3.", CollabConfig(workers=2), sampling)
+        alice, bob = (w.generator for w in run.workers)
+        rows = [(sample(logits[:1], sampling, alice), sample(logits[1:], sampling, bob)) for _ in range(12)]
+        return [(int(a), int(b)) for a, b in rows]
+
+    sampled = draws(1.0, seed=3)
+    assert sum(a != b for a, b in sampled) >= 8  # two workers, two streams
+    assert draws(1.0, seed=3) == sampled != draws(1.0, seed=4)  # seeded: the same run draws the same tokens
+    assert all(a == b == 0 for a, b in draws(0.0, seed=3))  # greedy: argmax for both, no generator
+
+
+def test_a_run_given_no_sampling_samples_with_the_default_settings(tokenizer):
+    engine = ScriptedEngine(tokenizer, ["x"])
+    run = Collaboration(engine, "Add 2 and 3.")
+    assert (run.sampling.temperature, run.sampling.top_p, run.sampling.seed) == (0.6, 0.95, 0)
+    assert all(w.generator is not None for w in run.workers)
+
+
+def test_plan_opening_the_others_start_once_the_plan_is_written(tokenizer):
+    alice = "I add the numbers, Bob checks.\n\nTwo plus three is five.\n\n"
+    bob = " will check the sum.\n\nIt is right.\n\n"
+    events, result, run = run_scripted(tokenizer, [alice, bob], budget=60, self_check_every=0, opening="plan")
+    plan = next(i for i, e in enumerate(events) if isinstance(e, StepFinished) and e.worker == 0)
+    first_bob = next(i for i, e in enumerate(events) if isinstance(e, Token) and e.worker == 1 and e.token >= 0)
+    assert plan < first_bob
+    assert result.workers[0].text.startswith("**Alice [1]:** Hi, I'm Alice. Here is how we split the work:I add")
+    assert result.workers[1].text.startswith("**Bob [1]:** Hi, I'm Bob. Following Alice's plan, I will check")
+
+
+def test_paper_opening_and_assigned_parts(tokenizer):
+    events, result, run = run_scripted(tokenizer, ["x\n\n", "y\n\n"], budget=20, opening="paper")
+    assert result.workers[0].text.startswith("**Alice [1]:** Hi, I'm Alice. Here's how we can")
+    assert result.workers[1].text.startswith("**Bob [1]:** Hi, I'm Bob.")
+    events, result, run = run_scripted(tokenizer, ["x\n\n", "y\n\n"], budget=20, parts=4, assign=True)
+    assert result.workers[0].text.startswith("**Alice [1]:** I take problems 1 and 3 (Bob takes problems 2 and 4).")
+    assert result.workers[1].text.startswith("**Bob [1]:** I take problems 2 and 4 (Alice takes problems 1 and 3).")
+    assert "Problem 4:" in prompts.assignment(["Alice", "Bob", "Carol", "Dave"], 3, 4)
+    with pytest.raises(HogwildError, match="assign splits a problem of several parts"):
+        CollabConfig(assign=True)
+
+
+def test_coarse_steps_hold_a_paragraph_of_work(tokenizer):
+    alice = "One.\n\nTwo.\n\nThree is here, and it is a longer line.\n\nFour.\n\n"
+    _, fine, _ = run_scripted(tokenizer, [alice], budget=40, self_check_every=0)
+    _, coarse, _ = run_scripted(tokenizer, [alice], budget=40, self_check_every=0, min_step_tokens=10)
+    fine_steps = [h.text for h in fine.history]
+    assert fine_steps[:2] == ["One.\n\n", "Two.\n\n"]  # one worker: no headers
+    assert coarse.history[0].text == "One.\n\nTwo.\n\nThree is here, and it is a longer line.\n\n"
+
+
+@pytest.mark.parametrize("guard", ["nudge", "resample"])
+def test_a_repeated_step_is_not_taken(tokenizer, guard):
+    same = "I add 2 and 3 to get 5 in total.\n\n"
+    alice = same * 3 + "Now I check the sum twice over.\n\n"
+    bob = "Bob looks at the question first.\n\nThen Bob thinks of another way.\n\nAnd he waits quietly now.\n\n"
+    sampling = SamplingParams(temperature=0.7, seed=1) if guard == "resample" else SamplingParams()
+    events, result, run = run_scripted(
+        tokenizer, [alice, bob], sampling=sampling, budget=90, self_check_every=0, repeat_guard=guard,
+        repeat_retries=1,
+    )  # fmt: skip
+    left_out = [e for e in events if isinstance(e, StepDiscarded)]
+    nudges = [e.text for e in events if isinstance(e, NudgeInserted)]
+    nudge = prompts.repeat_nudge(run.names, 0, 0, 1)
+    # nudge: the repeat is left out and its step opens again with a nudge naming Alice [1]; the next try (the
+    # script's second copy) is taken as it is. resample: drawn again once, then nudged, then the new text is taken
+    assert [(e.worker, e.step, e.repeats) for e in left_out] == [(0, 2, 0)] * (1 if guard == "nudge" else 2)
+    assert nudges == [nudge]
+    alice_steps = [h.text for h in result.history if h.worker == 0]
+    assert alice_steps[0] == "**Alice [1]:** " + same
+    assert alice_steps[1].startswith(f"**Alice [2]:** {nudge}")
+    assert prompts.discarded("Alice", 1) in result.workers[0].text
+    # the shared cache holds the steps taken, and nothing of those left out
+    kept = tokenizer.decode(run.shared.history.tokens)
+    assert kept == prompts.HISTORY_TITLE + "".join(h.text for h in result.history)
+    assert kept.count(same) == (2 if guard == "nudge" else 1)
+    assert result.workers[0].discarded / len(left_out) in (15, 16)  # the tokens of `same`, as the script splits it
+
+
+def test_repeated_steps_and_redundancy_on_constructed_text():
+    earlier = ["Janet has 16 eggs and eats 3 of them.", "She sells the rest for $2 each."]
+    assert repeated("janet has 16 eggs, and eats 3 of them", earlier, 0.5) == 0
+    assert repeated("She sells the rest for $2 each, so she", earlier, 0.5) == 1
+    assert repeated("She sells the rest for $2 each, so 9 * 2 = 18 dollars.", earlier, 0.5) is None  # new work
+    assert repeated("Bob bakes 24 rolls and sells three quarters.", earlier, 0.5) is None
+    assert repeated("$2 each", earlier, 0.5) == 1 and repeated("3 each", earlier, 0.5) is None
+
+    def stamped(tokens, first_pass=1):
+        return [(first_pass + i, t) for i, t in enumerate(tokens)]
+
+    fresh = list(range(100))
+    assert redundancy([stamped(fresh), stamped([t + 1000 for t in fresh])]) == (0.0, [0.0, 0.0])
+    # a copy of what the other wrote earlier: every n-gram of the copy stood there already
+    total, each = redundancy([stamped(fresh), stamped(fresh, first_pass=200)])
+    assert each == [0.0, 1.0] and total == 0.5
+    # the same text written in the same passes: neither saw the other's (a row sees them one pass later)
+    assert redundancy([stamped(fresh), stamped(fresh)]) == (0.0, [0.0, 0.0])
+    # a worker looping on its own line: everything after the first copy is redundant
+    loop = list(range(20)) * 5
+    total, (share,) = redundancy([stamped(loop)])
+    assert (
+        share == total == pytest.approx(73 / 93)
+    )  # 93 n-grams; the 20 that end in the first copy or wrap into the second are new
+    assert redundancy([stamped([1, 2, 3])]) == (None, [None])
+
+
+def test_skeleton_of_thought_outlines_expands_apart_and_answers(tokenizer):
+    engine = tiny_engine(tokenizer)
+    views: list[list[str]] = []
+    inner = engine.run_model
+
+    def recording(rows, wanted):
+        views.extend([b.name for b in row.view] for row in rows if row.own.name == "worker1")
+        return inner(rows, wanted)
+
+    engine.run_model = recording
+    run = Collaboration(engine, "Add 2 and 3, then double it.", CollabConfig(workers=2, mode="sot", budget=120))
+    result = list(engine.stream(run))[-1].result
+    assert "skeleton" in tokenizer.decode(run.prompt_ids) and "exactly 2 numbered points" in tokenizer.decode(
+        run.prompt_ids
+    )
+    outline, *points = result.history
+    assert (outline.worker, outline.step) == (0, 1)
+    assert [(h.worker, h.text[: len(prompts.sot_expand(h.worker + 1))]) for h in points] == [
+        (0, prompts.sot_expand(1)), (1, prompts.sot_expand(2)),
+    ]  # fmt: skip
+    assert views and all("worker0" not in view for view in views)  # Bob never sees Alice's point
+    assert prompts.sot_answer() in result.workers[0].text
+    assert 120 < result.forward_passes <= 120 + run.config.finisher_tokens
+    assert result.redundancy is not None
+
+
+def test_the_readable_reply_is_the_answer_with_the_words_it_came_from(tokenizer):
+    alice = "Two plus three is five.\n\nSo the answer is \\boxed{5}.\n\n"
+    _, result, _ = run_scripted(tokenizer, [alice, "I agree with Alice.\n\n"], budget=200, self_check_every=0)
+    assert result.content == "5\n\n**Alice [2]:** So the answer is \\boxed{5}."
+    assert result.to_dict()["content"] == result.content
+    _, late, _ = run_scripted(tokenizer, ["Let me think it over" + " and more" * 40], budget=30)
+    assert late.finished_by == "budget" and "[final]:** We are out of time" in late.content
+    assert late.content.startswith(late.answer if late.answer is not None else "No answer in")
+
+
 def test_one_worker_is_plain_chain_of_thought(tokenizer):
     """One worker, no headers: the text equals ordinary greedy generation from the same prompt."""
     engine = hogwild.load(EngineConfig(dtype="float32", threads=1))
-    result = hogwild.solve("What is 6 times 7?", engine=engine, workers=1, budget=48)
-    run = Collaboration(engine, "What is 6 times 7?", CollabConfig(workers=1, budget=48))
+    result = hogwild.solve("What is 6 times 7?", engine=engine, workers=1, budget=48, temperature=0)
+    run = Collaboration(engine, "What is 6 times 7?", CollabConfig(workers=1, budget=48), SamplingParams())
     prompt_ids = run.prompt_ids + run.first_feed[0]
     plain = engine.tokenizer.decode(list(engine.generate(prompt_ids, hogwild.SamplingParams(max_tokens=48))))
     written = result.workers[0].text.split(prompts.finisher("Alice"))[0]

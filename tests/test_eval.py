@@ -15,7 +15,7 @@ from tiny import tiny_engine
 from hogwild.cli import main
 from hogwild.collab.protocol import Collaboration
 from hogwild.errors import HogwildError
-from hogwild.eval import grading, tasks
+from hogwild.eval import grading, report, tasks
 from hogwild.eval.cli import evaluate
 from hogwild.eval.runner import EvalConfig, Job, make_jobs, parse_budgets, parse_strategies, run_jobs, seed_for
 from hogwild.model.tokenizer import Tokenizer
@@ -100,6 +100,19 @@ def test_grade_all_needs_every_answer_in_order():
     assert not grading.grade_all("18; 3", ["18", "3", "70000"])
 
 
+def test_a_multi_question_answer_is_scored_per_question():
+    golds = ["18", "3", "70000", "540"]
+    assert grading.grade_parts("18; 3; 70,000; 540", golds) == 4
+    assert grading.grade_parts("18; 4; 70000; 541", golds) == 2  # two of four right: half the questions
+    assert grading.grade_parts("3; 18; 70000; 540", golds) == 2  # in order
+    assert grading.grade_parts("18; 3; 70000", golds) == 0  # not four answers: none can be placed
+    assert grading.grade_parts(None, golds) == 0 and grading.grade_parts("7", ["7"]) == 1
+    # the answer of a problem of k questions: the last box with k answers, else the last k boxes
+    text = "\\boxed{1} then \\boxed{18; 3; 70000; 540} and \\boxed{9}"
+    assert grading.extract_answer(text, 4) == "18; 3; 70000; 540" and grading.extract_answer(text) == "9"
+    assert grading.extract_answer("\\boxed{18} \\boxed{3} \\boxed{70000} \\boxed{540}", 4) == "18; 3; 70000; 540"
+
+
 def test_a_stuck_verifier_is_killed_at_its_timeout_and_restarted():
     sleeper = "import json, time; print(json.dumps('ready'), flush=True); time.sleep(60)"
     verifier = grading._Verifier(timeout_s=0.3, code=sleeper)
@@ -123,10 +136,13 @@ def test_gsm8k_sample_and_multi():
     problems = tasks.load(tasks.TaskConfig("gsm8k"))
     assert len(problems) == 20
     assert problems[0].golds == ("18",) and "Janet" in problems[0].question and "\\boxed{}" in problems[0].question
-    multi = tasks.load(tasks.TaskConfig("gsm8k-multi", k=3, limit=2))
-    assert len(multi) == 2
+    multi = tasks.load(tasks.TaskConfig("gsm8k-multi", k=3, limit=2, data=str(tasks.SAMPLE)))
+    assert len(multi) == 2 and multi[0].parts == 3 and problems[0].parts == 1
     assert multi[1].golds == tuple(p.golds[0] for p in problems[3:6])
     assert "Problem 3:" in multi[0].question and "semicolons" in multi[0].question
+    # gsm8k-multi reads the shared GSM8K split beside the checkout when there is one (its first 20 are the sample)
+    assert tasks.default_data("gsm8k-multi") == (tasks.SHARED if tasks.SHARED.is_file() else tasks.SAMPLE)
+    assert tasks.default_data("gsm8k") == tasks.SAMPLE
 
 
 def test_arithmetic_is_seeded_and_its_golds_are_right():
@@ -169,8 +185,8 @@ def test_bad_dataset_files_are_one_clear_error(tmp_path, content, message):
 
 
 def test_strategies_and_budgets_parse():
-    assert [s.name for s in parse_strategies("single,hogwild:2,groupthink:3,vote:4,best:4")] == [
-        "single", "hogwild:2", "groupthink:3", "vote:4", "best:4",
+    assert [s.name for s in parse_strategies("single,hogwild:2,groupthink:3,sot:2,vote:4,best:4")] == [
+        "single", "hogwild:2", "groupthink:3", "sot:2", "vote:4", "best:4",
     ]  # fmt: skip
     assert parse_budgets("16,32,64") == (16, 32, 64)
     for bad in ("hogwild", "single:2", "vote:0", "mcts:2", "single,single"):
@@ -221,7 +237,8 @@ def _recount(records: list[dict]) -> dict[tuple[str, int], tuple[int, int, float
 
 def _check_table(out, records: list[dict]) -> None:
     recount = _recount(records)
-    table = [line.split("|")[1:-1] for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    first = (out / "results.md").read_text().split("\n\n")[1]  # the title, the table, then passes to match single
+    table = [line.split("|")[1:-1] for line in first.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(recount)
     for cells in table[1:]:
         strategy, budget, n, accuracy, tokens = (c.strip() for c in cells[:5])
@@ -234,24 +251,27 @@ def test_end_to_end_eval_writes_every_file_and_the_table_is_a_recount(tokenizer,
     engine = tiny_engine(tokenizer)
     task = tasks.TaskConfig("gsm8k", limit=3)
     problems = tasks.load(task)
-    config = EvalConfig(strategies="single,hogwild:2,groupthink:2,vote:2,best:2", budgets="16,32")
+    config = EvalConfig(strategies="single,hogwild:2,groupthink:2,sot:2,vote:2,best:2", budgets="16,32")
     out = tmp_path / "eval"
     settings = {"model": "tiny", "task": {"name": "gsm8k"}}
     start = time.perf_counter()
     outcome = evaluate(engine, problems, task, config, out, settings)
     assert time.perf_counter() - start < 60
-    assert outcome.jobs_done == 3 * 4 and not outcome.interrupted  # vote:2 and best:2 share one run
+    assert outcome.jobs_done == 3 * 5 and not outcome.interrupted  # vote:2 and best:2 share one run
     for name in ("results.jsonl", "summary.json", "results.md", "accuracy.png", "config.json"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(records) == 3 * 5 * 2
+    assert len(records) == 3 * 6 * 2
     assert {(r["problem"], r["strategy"], r["budget"]) for r in records} == {
         (p.id, s, b) for p in problems for s in config.strategies.split(",") for b in (16, 32)
     }
     for r in records:
         assert r["passes"] <= r["budget"] and r["transcript"] and r["gold"] and r["tokens"] > 0
-        assert r["correct"] == grading.grade(r["answer"], r["gold"])
+        assert r["correct"] == grading.grade(r["answer"], r["gold"]) == bool(r["parts_correct"])
+        # every collaboration records its redundancy, independent samples none
+        assert (r["redundancy"] is None) == (r["strategy"] in ("vote:2", "best:2"))
+        assert r["redundancy"] is None or 0 <= r["redundancy"] <= 1
     # the markdown table and summary.json equal a recount from results.jsonl
     _check_table(out, records)
     recount = _recount(records)
@@ -282,6 +302,7 @@ def test_end_to_end_eval_writes_every_file_and_the_table_is_a_recount(tokenizer,
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     for i, r in enumerate(records):
         r["correct"] = i % 3 == 0
+        r["parts_correct"] = int(r["correct"])
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (out / "accuracy.png").unlink()
     assert main(["eval", "report", str(out)]) == 0
@@ -290,7 +311,30 @@ def test_end_to_end_eval_writes_every_file_and_the_table_is_a_recount(tokenizer,
     # --regrade grades the stored answers again: the random model's answers are all wrong
     assert main(["eval", "report", str(out), "--regrade"]) == 0
     assert f"regraded: {sum(r['correct'] for r in records)} grades changed" in capsys.readouterr().err
-    _check_table(out, [r | {"correct": False} for r in records])
+    _check_table(out, [r | {"correct": False, "parts_correct": 0} for r in records])
+
+
+def test_the_report_scores_per_question_and_finds_the_passes_to_match_single():
+    def record(strategy, budget, problem, right, passes, redundancy=None):
+        return {
+            "problem": problem, "strategy": strategy, "budget": budget, "correct": right == 4, "parts": 4,
+            "parts_correct": right, "tokens": passes, "passes": passes, "wall_s": 1.0, "redundancy": redundancy,
+        }  # fmt: skip
+
+    records = [
+        record("single", 100, "a", 1, 100), record("single", 100, "b", 1, 100),
+        record("single", 200, "a", 4, 200), record("single", 200, "b", 2, 190),
+        record("hogwild:2", 100, "a", 4, 90, 0.1), record("hogwild:2", 100, "b", 2, 100, 0.3),
+        record("vote:2", 100, "a", 0, 100), record("vote:2", 200, "b", 1, 200),
+    ]  # fmt: skip
+    rows = report.summarize(records)
+    table = report.markdown(rows)
+    # 6 of 8 questions right, 1 of 2 problems all right, redundancy the mean over the collaboration's problems
+    assert "| hogwild:2 | 100 | 2 | 75.0% (6) | 50.0% (1) | 95.0 | 95.0 | 20.0% | 1.0 |" in table
+    assert "| single | 100 | 2 | 25.0% (2) | 0.0% (0) | 100.0 | 100.0 |  | 1.0 |" in table
+    # single reaches 75.0% at its largest budget in 195 passes; hogwild:2 does at budget 100 in 95 (0.49x)
+    assert "single's accuracy at its largest budget (75.0%)" in table
+    assert "| hogwild:2 | 100 | 95.0 | 0.49 |" in table and "| vote:2 | not reached | | |" in table
 
 
 def test_a_resume_with_other_settings_is_refused(tmp_path, capsys):
@@ -396,5 +440,8 @@ def test_limit_seed_and_layout_reach_the_runs(tokenizer):
     _, c = jobs("--task", "arithmetic", "--limit", "3", "--seed", "6")
     assert b[0].run.config.layout == "combined"
     assert [j.problem for j in a] == [j.problem for j in b] != [j.problem for j in c]
-    assert a[1].run.params.seed == b[1].run.params.seed and a[1].run.params.temperature == 0.7
+    assert a[1].run.params.seed == b[1].run.params.seed and a[1].run.params.temperature == 0.6
+    assert a[0].run.sampling.temperature == 0.6 and a[0].run.config.opening == "plan"  # every strategy alike
+    _, d = jobs("--task", "arithmetic", "--limit", "1", "--temperature", "0", "--no-mask", "--repeat-guard", "off")
+    assert d[0].run.sampling.temperature == 0 and not d[0].run.config.mask and d[0].run.config.repeat_guard == "off"
     assert a[1].run.params.seed != seed_for(6, a[1].problem, "sampled:2")

@@ -2,8 +2,10 @@
 
 All text here is hogwild's own. The prompt tells N named workers that they share one scratchpad and see each
 other's work as it is written, that they should split the work, avoid repeating each other, check each other, and
-that one of them writes the final answer as \\boxed{...}. Formatting presets say how a model family wraps it (chat
-template or plain text, and whether the reply opens a `<think>` block).
+that one of them writes the final answer as \\boxed{...}. The engine also writes a few lines for the workers: the
+openings of their first steps, the parts it assigns them, the self-check question, the nudge after a repeated
+step, and Skeleton-of-Thought's outline, expansion and answer cues. Formatting presets say how a model family
+wraps it (chat template or plain text, and whether the reply opens a `<think>` block).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ MAX_WORKERS = len(NAMES)
 HISTORY_TITLE = "### Finished steps\n\n"
 OTHERS_TITLE = "### Work in progress (others)\n\n"
 OWN_TITLE = "### Work in progress (yours)\n\n"
-SELF_CHECK = "Quick check: is someone else already doing what I am doing? (yes/no): "
+SELF_CHECK = "Quick check: am I doing redundant work? (yes/no):"  # answered with one word (see masks.ANSWERS)
+OPENINGS = ("plan", "paper", "symmetric")
 
 
 def header(name: str, step: int) -> str:
@@ -29,18 +32,74 @@ def header(name: str, step: int) -> str:
     return f"**{name} [{step}]:** "
 
 
-def finisher(name: str) -> str:
-    """Asks for the answer now, once the budget is spent."""
-    return f"\n\n**{name} [final]:** We are out of time. Based on the work above, the final answer is \\boxed{{"
+def finisher(name: str, parts: int = 1) -> str:
+    """Asks for the answer now, once the budget is spent (all `parts` answers of a multi-part problem)."""
+    return f"\n\n**{name} [final]:** We are out of time. Based on the work above, {_final(parts)} \\boxed{{"
 
 
-def collaboration_prompt(problem: str, names: list[str]) -> str:
+def _final(parts: int) -> str:
+    if parts == 1:
+        return "the final answer is"
+    return f"the {parts} final answers, in order and separated by semicolons, are"
+
+
+def opening(kind: str, names: list[str], me: int) -> str:
+    """What the engine writes after worker `me`'s first header. `plan`: the first worker proposes how to split the
+    work; the others introduce themselves and wait until that step is finished, then follow it (`plan_follow`);
+    `paper`: the Hogwild! paper's openers (the first worker proposes, the others start at once); `symmetric`:
+    nothing."""
+    if kind == "plan":
+        if me == 0:
+            return f"Hi, I'm {names[0]}. Here is how we split the work:"
+        return f"Hi, I'm {names[me]}."  # then it waits for the plan (plan_follow)
+    if kind == "paper":
+        return f"Hi, I'm {names[0]}. Here's how we can" if me == 0 else f"Hi, I'm {names[me]}."
+    return ""
+
+
+def plan_follow(names: list[str], me: int) -> str:
+    """What the engine writes for a waiting worker once the first worker's plan is finished."""
+    return f" Following {names[0]}'s plan, I"
+
+
+def assignment(names: list[str], me: int, parts: int) -> str:
+    """Worker `me`'s first line when the engine splits a problem of `parts` parts: round robin over the workers."""
+
+    def taken(w: int) -> list[int]:
+        return [p for p in range(1, parts + 1) if (p - 1) % len(names) == w]
+
+    def listed(numbers: list[int]) -> str:
+        words = [str(n) for n in numbers]
+        return ("problem " if len(words) == 1 else "problems ") + (
+            words[0] if len(words) == 1 else ", ".join(words[:-1]) + f" and {words[-1]}"
+        )
+
+    mine = taken(me)
+    others = "; ".join(f"{names[w]} takes {listed(taken(w))}" for w in range(len(names)) if w != me and taken(w))
+    if not mine:
+        return f"Every problem is taken ({others}), so I check their answers as they come."
+    return f"I take {listed(mine)}" + (f" ({others})" if others else "") + f". Problem {mine[0]}:"
+
+
+def repeat_nudge(names: list[str], me: int, worker: int, step: int) -> str:
+    """Opens a step again after the worker's last try repeated step `step` of `worker`."""
+    who = "I" if worker == me else names[worker]
+    return f"Wait, {who} already wrote that in {names[worker]} [{step}]. Instead, I will"
+
+
+def discarded(name: str, step: int) -> str:
+    """Closes, in a worker's transcript, a step that was not taken (it never reached the shared cache)."""
+    return f"[not taken: it repeats {name} [{step}]]\n\n"
+
+
+def collaboration_prompt(problem: str, names: list[str], parts: int = 1) -> str:
     if len(names) == 1:
         return (
             f"Solve the problem below. Think step by step, check your work, and write the final answer as "
             f"\\boxed{{...}}.\n\nProblem: {problem}"
         )
     team = ", ".join(names[:-1]) + f" and {names[-1]}"
+    split = "the problems" if parts > 1 else "the work"
     return (
         f"You are one of {len(names)} assistants ({team}) solving one problem together. You all write at the same "
         "time into one shared scratchpad and can read each other's work as it is being written.\n\n"
@@ -50,13 +109,32 @@ def collaboration_prompt(problem: str, names: list[str]) -> str:
         f"- '{OWN_TITLE.strip()}' is your own current step. Each step starts with a header like "
         f"{header(names[0], 1).strip()}\n\n"
         "How to work together:\n"
-        "- Split the work: take a part nobody has taken yet, or try a different approach from the others.\n"
-        "- Do not repeat what someone else has already done or is doing; build on it instead.\n"
-        "- Check each other's results and say so when you find a mistake.\n"
-        "- Keep steps short: a few sentences, then a blank line.\n"
-        "- When the team agrees, one of you writes the final answer as \\boxed{...}.\n\n"
+        f"- Split {split}: each of you takes a different part. {names[0]} proposes the split first; follow it.\n"
+        "- Never write again what is already written, by you or anyone: use it and go on to what is still missing.\n"
+        "- Each step is a paragraph of real progress: several sentences of reasoning and calculation.\n"
+        "- Check each other's results when a part is done, and say so when you find a mistake.\n"
+        "- When every part is done, one of you writes the final answer as \\boxed{...}.\n\n"
         f"Problem: {problem}"
     )
+
+
+def sot_prompt(problem: str, points: int) -> str:
+    """Skeleton-of-Thought's first pass: an outline of `points` independent points, nothing solved yet."""
+    return (
+        f"Write only the skeleton of a solution to the problem below: exactly {points} numbered points, one short "
+        "line each, each an independent part of the work that can be done on its own. Do not solve anything yet."
+        f"\n\nProblem: {problem}"
+    )
+
+
+def sot_expand(point: int) -> str:
+    """What the engine writes before a Skeleton-of-Thought worker expands its point."""
+    return f"\n\nNow I work out point {point} of the skeleton, and only that point, in full:\n"
+
+
+def sot_answer(parts: int = 1) -> str:
+    """What the engine writes before the last pass of Skeleton-of-Thought answers."""
+    return f"\n\nPutting all the points together, {_final(parts)}"
 
 
 def groupthink_prompt(problem: str, names: list[str], me: int) -> tuple[str, str]:

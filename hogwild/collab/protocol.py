@@ -1,9 +1,18 @@
 """The collaboration loop: N workers decode together, one forward pass per token for all of them.
 
 Hogwild! mode: each worker writes steps that open with a header (`**Alice [3]:** `); a step ends at a paragraph
-break after a finished sentence, and the finished step moves into the shared history (in the layouts that have
-one). Every `self_check_every` tokens a worker's next step opens with a short self-check question. Group Think
-mode: no steps; each thinker has a private prompt and sees every other thinker's tokens at every forward pass.
+break after a finished sentence once it holds `min_step_tokens` (a paragraph of reasoning, not a line), and the
+finished step moves into the shared history (in the layouts that have one). Workers sample, each from its own
+seeded generator, with the model's generation settings (else temperature 0.6, top-p 0.95); while they write, a
+logits mask keeps them from forging the scratchpad's structure (`collab/masks.py`). The openings differ: with
+`plan` the first worker proposes a split and the others start once that step is finished (`assign`: the engine
+names each worker's parts of a multi-part problem instead). A step that repeats an earlier step of anyone's is not
+taken: its tokens leave the cache and it is drawn again, or opened again with a nudge that names the step it
+repeated. Every `self_check_every` tokens written by all workers together, the next step to open asks its worker
+whether it is doing redundant work, answered yes or no. Group Think mode: no steps; each thinker has a private
+prompt and sees every other thinker's tokens at every forward pass. Skeleton-of-Thought (`sot`), the baseline:
+one worker writes an outline of N points, N workers expand one point each without seeing each other, and one
+worker answers from all of them.
 
 The run stops when a finished step holds a parsable \\boxed{} answer, or at the budget of sequential forward passes,
 where a finisher asks one worker for the answer now and decodes it briefly. A `Collaboration` is a run of the
@@ -14,12 +23,19 @@ finisher off the live cache to ask for the answer at any point without disturbin
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import time
+import zlib
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
+import torch
+
 from hogwild.collab import prompts
 from hogwild.collab.layouts import LAYOUTS, SharedCache
+from hogwild.collab.masks import masks
+from hogwild.collab.redundancy import redundancy, repeated
 from hogwild.collab.text import boxed_answer, step_ends
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
@@ -27,7 +43,11 @@ from hogwild.model.tokenizer import TextStream
 from hogwild.runs import Done, Feed, Probe, Run, Sample, Token
 from hogwild.sampling import GREEDY, SamplingParams
 
-MODES = ("hogwild", "groupthink")
+MODES = ("hogwild", "groupthink", "sot")
+REPEAT_GUARDS = ("resample", "nudge", "off")
+TEMPERATURE, TOP_P = 0.6, 0.95  # the Hogwild! paper's sampling, for models that ship no generation settings
+PLAN_TOKENS = 64  # the plan step ends at a line break past this many tokens (at twice as many, anywhere)
+SOT_ANSWER_ROOM = 64  # Skeleton-of-Thought: passes kept for the answer after the expansions
 
 
 @dataclass(frozen=True)
@@ -37,8 +57,16 @@ class CollabConfig:
     layout: str = "combined"
     budget: int = 512  # sequential forward passes, the finisher excluded
     max_workers: int = prompts.MAX_WORKERS
-    self_check_every: int = 128  # tokens a worker writes between self-check questions; 0: never
+    opening: str = "plan"  # first steps: plan, paper or symmetric (see prompts.opening)
+    parts: int = 1  # independent questions in the problem: an answer gives all of them, in one \\boxed{}
+    assign: bool = False  # with parts > 1: the engine writes each worker's first line naming the parts it takes
+    mask: bool = True  # workers never draw tokens that forge the scratchpad's structure (collab/masks.py)
+    min_step_tokens: int = 48  # a step ends at a paragraph break only once it holds this many tokens
     max_step_tokens: int = 192  # past this a step may end at any line break outside code and math; at 2x, anywhere
+    repeat_guard: str = "resample"  # a step repeating an earlier one: resample (then nudge), nudge, or off
+    repeat_threshold: float = 0.5  # share of a step's word 4-grams standing in one earlier step that makes a repeat
+    repeat_retries: int = 2  # resample: draws of a repeated step before a nudge names what it repeats
+    self_check_every: int = 512  # tokens written by all workers between self-check questions; 0: never
     finisher_tokens: int = 24
     format: str | None = None  # prompt preset (chat, think, plain); None: the model family's default
 
@@ -55,8 +83,34 @@ class CollabConfig:
             raise HogwildError(f"budget must be at least 1 forward pass, got {self.budget}")
         if self.self_check_every < 0 or self.max_step_tokens < 1 or self.finisher_tokens < 1:
             raise HogwildError("self_check_every must be >= 0, max_step_tokens and finisher_tokens >= 1")
+        if not 0 <= self.min_step_tokens <= self.max_step_tokens:
+            raise HogwildError(f"min_step_tokens must be between 0 and max_step_tokens ({self.max_step_tokens})")
+        if self.opening not in prompts.OPENINGS:
+            raise HogwildError(f"unknown opening {self.opening!r}: choose one of {', '.join(prompts.OPENINGS)}")
+        if self.repeat_guard not in REPEAT_GUARDS:
+            raise HogwildError(f"unknown repeat guard {self.repeat_guard!r}: choose one of {', '.join(REPEAT_GUARDS)}")
+        if not 0 < self.repeat_threshold <= 1 or self.repeat_retries < 0:
+            raise HogwildError("repeat_threshold must be in (0, 1] and repeat_retries >= 0")
+        if self.parts < 1:
+            raise HogwildError(f"parts must be >= 1, got {self.parts}")
+        if self.assign and self.parts < 2:
+            raise HogwildError("assign splits a problem of several parts: give parts >= 2")
         if self.format is not None and self.format not in prompts.FORMATS:
             raise HogwildError(f"unknown format {self.format!r}: choose one of {', '.join(prompts.FORMATS)}")
+
+
+def default_sampling(engine: Engine, seed: int | None = 0, **given: float | int | None) -> SamplingParams:
+    """The workers' sampling: the model's generation settings (its generation_config.json), else temperature 0.6
+    and top-p 0.95; `given` SamplingParams fields (None: not given) take their place. Seeded (0 unless told),
+    so a run given no seed is reproducible."""
+    settings = {"temperature": TEMPERATURE, "top_p": TOP_P, **dict(engine.model_config.generation)}
+    settings |= {k: v for k, v in given.items() if v is not None}
+    return SamplingParams(seed=seed, **settings)
+
+
+def worker_seed(seed: int | None, worker: int) -> int | None:
+    """Worker `worker`'s own seed, drawn from the run's: distinct workers draw distinct streams."""
+    return None if seed is None else zlib.crc32(f"{seed}:{worker}".encode())
 
 
 # events, in the order a consumer sees them (Token and Done come from runs.py)
@@ -64,7 +118,7 @@ class CollabConfig:
 class StepStarted:
     worker: int
     step: int
-    text: str  # the header inserted
+    text: str  # the header inserted (with the worker's opening line on its first step)
 
 
 @dataclass
@@ -78,6 +132,17 @@ class StepFinished:
     worker: int
     step: int
     text: str  # the whole step, header included
+
+
+@dataclass
+class StepDiscarded:
+    """A step that repeated step `step` of worker `repeats` was not taken: it left the cache, and `text`, which
+    marks it in the worker's transcript, follows it there. The step opens again (`StepStarted`)."""
+
+    worker: int
+    step: int
+    repeats: int
+    text: str
 
 
 @dataclass
@@ -102,9 +167,11 @@ class HistoryEntry:
 @dataclass
 class WorkerTranscript:
     name: str
-    text: str
-    tokens: int
+    text: str  # everything it wrote, headers, nudges and the steps that were not taken included
+    tokens: int  # tokens it sampled, those of steps not taken included
     steps: int
+    discarded: int = 0  # tokens of its steps that were not taken
+    redundancy: float | None = None  # share of its 8-token n-grams that stood in the shared text already
 
 
 @dataclass
@@ -116,6 +183,8 @@ class SolveResult:
     forward_passes: int
     wall_s: float
     prompt_tokens: int
+    redundancy: float | None = None  # share of all workers' 8-token n-grams that stood in the shared text already
+    account: str = ""  # the step that holds the answer, or the finisher's words (with the last step before them)
 
     @property
     def tokens(self) -> int:
@@ -125,6 +194,13 @@ class SolveResult:
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def content(self) -> str:
+        """The reply a reader sees: the answer, then the words it came from."""
+        if self.answer is None:
+            return f"No answer in {self.forward_passes} forward passes.\n\n{self.account}".strip()
+        return f"{self.answer}\n\n{self.account}".strip()
+
     def to_dict(self) -> dict:
         return {
             "answer": self.answer,
@@ -133,62 +209,100 @@ class SolveResult:
             "elapsed_s": round(self.wall_s, 3),
             "tokens_per_s": round(self.tokens_per_s, 2),
             "prompt_tokens": self.prompt_tokens,
+            "redundancy": _rounded(self.redundancy),
             "tokens_per_worker": {w.name: w.tokens for w in self.workers},
-            "workers": [{"name": w.name, "text": w.text, "tokens": w.tokens, "steps": w.steps} for w in self.workers],
+            "workers": [
+                {
+                    "name": w.name,
+                    "text": w.text,
+                    "tokens": w.tokens,
+                    "steps": w.steps,
+                    "discarded_tokens": w.discarded,
+                    "redundancy": _rounded(w.redundancy),
+                }
+                for w in self.workers
+            ],  # fmt: skip
             "history": [{"worker": self.workers[h.worker].name, "step": h.step, "text": h.text} for h in self.history],
+            "content": self.content,
         }
 
 
-Event = Token | StepStarted | NudgeInserted | StepFinished | Pass | AnswerFound | Done
+def _rounded(share: float | None) -> float | None:
+    return None if share is None else round(share, 4)
+
+
+Event = Token | StepStarted | NudgeInserted | StepFinished | StepDiscarded | Pass | AnswerFound | Done
+ACCOUNT_CHARS = 600  # the most of a step a readable account quotes (its end, where the answer is)
 
 
 @dataclass
 class _Worker:
-    """One worker's state: its name, what it writes, what it feeds next."""
+    """One worker's state: its name, its generator, what it writes, what it feeds next."""
 
     index: int
     name: str
     stream: TextStream
+    generator: torch.Generator | None = None
     feed: list[int] = field(default_factory=list)  # tokens for the next forward pass
     step: int = 0
     step_text: str = ""  # the current step, header included
-    step_tokens: int = 0
+    inserted: int = 0  # characters of step_text the run wrote (header, opening, nudge): the rest is sampled
+    step_tokens: int = 0  # tokens sampled in the current step
     text: str = ""  # everything it wrote, headers included
     tokens: int = 0  # sampled tokens
-    since_check: int = 0
+    discarded: int = 0  # sampled tokens of steps that were not taken
+    written: list[tuple[int, int]] = field(default_factory=list)  # (forward pass, token) of the tokens kept
+    step_start: int = 0  # len(written) when the current step opened
+    tries: int = 0  # times the current step was not taken
     closing: bool = False  # the fed token ends the step: move it once the pass is done
+    waiting: bool = False  # its first line is written; it samples once the first worker's plan is finished
+    answering: bool = False  # its next token answers the self-check question
+    done: bool = False  # Skeleton-of-Thought: its part is written
+
+    @property
+    def sampled_text(self) -> str:
+        """What the worker itself wrote in the current step."""
+        return self.step_text[self.inserted :]
 
 
 class Collaboration(Run):
-    """One collaborative run of `config.workers` workers on `problem`."""
+    """One collaborative run of `config.workers` workers on `problem`. `sampling`: the workers' sampling (the
+    model's settings by default, see `default_sampling`); each worker draws from a generator of its own."""
 
     def __init__(
         self, engine: Engine, problem: str, config: CollabConfig | None = None, sampling: SamplingParams | None = None
     ) -> None:
         super().__init__()
         config = config or CollabConfig()
-        sampling = sampling or SamplingParams()
         if not problem.strip():
             raise HogwildError("the problem is empty")
         self.engine = engine
         self.config = config
-        self.sampling = sampling
+        self.sampling = sampling or default_sampling(engine)
         self.problem = problem
         self.names = list(prompts.NAMES[: config.workers])
         self.format = prompts.format_for(engine.model_config.family, config.format)
         self.solo = config.workers == 1 and config.mode == "hogwild"  # plain chain of thought: no headers
         self.groupthink = config.mode == "groupthink"
-        self.layout = "contiguous" if self.groupthink else config.layout
+        self.sot = config.mode == "sot"
+        self.layout = "contiguous" if self.groupthink else "interleaved" if self.sot else config.layout
         self.tokenizer = engine.tokenizer
         self.history: list[HistoryEntry] = []
+        self.bodies: list[str] = []  # what each history step's worker sampled, for the repeat test
         self.shared: SharedCache | None = None
-        self.workers = [_Worker(i, name, TextStream(self.tokenizer)) for i, name in enumerate(self.names)]
+        self.workers = [
+            _Worker(i, name, TextStream(self.tokenizer), self._generator(i)) for i, name in enumerate(self.names)
+        ]
         self.answer: str | None = None
         self.answer_worker = 0
+        self.account = ""
         self.passes = 0
+        self.since_check = 0  # tokens written by all workers since the last self-check question
         self.started = time.perf_counter()
+        self.params = self._worker_params()
         self.prompt_ids, self.setup = self._setup_texts()
-        self.finisher_ids = self._encode(prompts.finisher(self.names[0]))
+        self.finisher_text = prompts.finisher(self.names[0], config.parts)
+        self.finisher_ids = self._encode(self.finisher_text)
         self.reserve = len(self.finisher_ids) + config.finisher_tokens  # room the finisher needs at the end
         setup_tokens = sum(len(tokens) for _, tokens in self.setup) + sum(map(len, self.first_feed))
         longest_view = len(self.prompt_ids) + setup_tokens
@@ -215,13 +329,38 @@ class Collaboration(Run):
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def _generator(self, worker: int) -> torch.Generator | None:
+        if self.sampling.temperature == 0:
+            return None
+        return dataclasses.replace(self.sampling, seed=worker_seed(self.sampling.seed, worker)).generator()
+
+    def _worker_params(self) -> dict[str, SamplingParams]:
+        """Sampling while a worker writes a step ("write"), right after a `*` ("star"), and when it answers the
+        self-check question ("answer"). Without the mask, and in runs without steps to forge, only the last is
+        constrained."""
+        config, sampling = self.config, self.sampling
+        found = masks(self.tokenizer, self.names, self.engine.eos_ids, self.engine.model_config.vocab_size)
+        answer = dataclasses.replace(sampling, only=found.answers)
+        if not config.mask or self.solo or self.sot:
+            return {"write": sampling, "star": sampling, "answer": answer}
+        write = dataclasses.replace(sampling, banned=found.forging)
+        star = dataclasses.replace(sampling, banned=tuple(sorted({*found.forging, *found.after_star})))
+        return {"write": write, "star": star, "answer": answer}
+
+    def _params(self, w: _Worker) -> SamplingParams:
+        if w.answering:
+            return self.params["answer"]
+        return self.params["star"] if w.step_text.endswith("*") else self.params["write"]
+
     def _setup_texts(self) -> tuple[list[int], list[tuple[str, list[int]]]]:
         """Prompt token ids and the texts written after it: (which block, tokens) for the section titles or the
         thinkers' private prompts."""
         if self.groupthink:
             text, _ = prompts.groupthink_prompt(self.problem, self.names, 0)
+        elif self.sot:
+            text = prompts.sot_prompt(self.problem, self.config.workers)
         else:
-            text = prompts.collaboration_prompt(self.problem, self.names)
+            text = prompts.collaboration_prompt(self.problem, self.names, self.config.parts)
         if self.format.chat:
             prompt_ids = self.tokenizer.encode_chat([{"role": "user", "content": text}])
             prompt_ids += self._encode(self.format.reply_prefix) if self.format.reply_prefix else []
@@ -235,7 +374,7 @@ class Collaboration(Run):
                 private = self._encode(prompts.groupthink_prompt(self.problem, self.names, w)[1])
                 setup.append((f"private{w}", private[:-1]))
                 self.first_feed[w] = private[-1:]
-        elif self.solo:
+        elif self.solo or self.sot:
             prompt_ids, self.first_feed[0] = prompt_ids[:-1], prompt_ids[-1:]
         else:
             if self.layout != "contiguous":
@@ -257,52 +396,126 @@ class Collaboration(Run):
             views.update({f"private{w}": [shared.prompt, block] for w, block in enumerate(shared.private)})
         return [Feed(views[where], tokens) for where, tokens in self.setup if tokens]
 
-    def _start_step(self, w: _Worker) -> None:
-        w.step += 1
-        w.step_text, w.step_tokens, w.closing = "", 0, False
+    # steps
+
+    def _first_line(self, w: _Worker) -> str:
+        config = self.config
+        if config.workers == 1:
+            return ""
+        if config.assign:
+            return prompts.assignment(self.names, w.index, config.parts)
+        return prompts.opening(config.opening, self.names, w.index)
+
+    def _start_step(self, w: _Worker, nudge: str = "") -> None:
+        """Open the worker's next step; with `nudge`, open its current step again (it was not taken), the nudge
+        after its header."""
+        if not nudge and not w.tries:
+            w.step += 1
+        w.step_text, w.step_tokens, w.closing, w.step_start = "", 0, False, len(w.written)
         if self.solo or self.groupthink:
             w.feed = self.first_feed[w.index] if w.step == 1 else []
+            w.inserted = 0
             return
         text = prompts.header(w.name, w.step)
+        if w.step == 1:
+            text += self._first_line(w)
         self.emit(StepStarted(w.index, w.step, text))
-        if self.config.self_check_every and w.since_check >= self.config.self_check_every:
-            text += prompts.SELF_CHECK
-            w.since_check = 0
-            self.emit(NudgeInserted(w.index, prompts.SELF_CHECK))
+        if not nudge and self.config.self_check_every and self.since_check >= self.config.self_check_every:
+            nudge = prompts.SELF_CHECK
+            self.since_check = 0
+            w.answering = True
+        if nudge:
+            text += nudge
+            self.emit(NudgeInserted(w.index, nudge))
         w.feed = self._encode(text)
         w.step_text = text
+        w.inserted = len(text)
         w.text += text
 
-    def _finish_step(self, w: _Worker) -> None:
-        """Move the worker's finished step into the shared history and open its next step."""
+    def _step_over(self, w: _Worker) -> bool:
+        """Whether the token just written ends the worker's step."""
+        plan = w.index == 0 and w.step == 1 and self._plans
+        soft = PLAN_TOKENS if plan else self.config.max_step_tokens
+        if w.step_tokens >= 2 * soft:
+            return True  # at twice the soft limit a step ends wherever it is
+        answered = "\\boxed{" in w.step_text
+        if w.step_tokens < self.config.min_step_tokens and not (plan or answered):
+            return False  # a step is a paragraph of work, not a line
+        return step_ends(w.step_text, force=w.step_tokens >= soft)
+
+    @property
+    def _plans(self) -> bool:
+        """Whether the others wait for the first worker's plan."""
+        config = self.config
+        return config.mode == "hogwild" and config.opening == "plan" and not config.assign and config.workers > 1
+
+    def _close_step(self, w: _Worker) -> None:
+        """The worker's step is over: take it into the shared history and open its next step, or, when it
+        repeats an earlier step, leave it out and open it again."""
         assert self.shared is not None
+        if self._repeats(w):
+            return
+        w.tries = 0
         self.shared.finish_step(w.index)
         self.history.append(HistoryEntry(w.index, w.step, w.step_text))
+        self.bodies.append(w.sampled_text)
         self.emit(StepFinished(w.index, w.step, w.step_text))
         self._look_for_answer(w, w.step_text)
-        if self.answer is None:
-            self._start_step(w)
+        if self.answer is not None:
+            return
+        self._start_step(w)
+        if w.index == 0 and w.step == 2 and self._plans:  # the plan is in the history: the others start
+            for other in self.workers:
+                if other.waiting:
+                    other.waiting = False
+                    self._insert(other, prompts.plan_follow(self.names, other.index))
+
+    def _repeats(self, w: _Worker) -> bool:
+        """When the step repeats an earlier one and the guard leaves it out: drop it from the cache and the
+        worker's record, mark it in the transcript, and open it again (drawn anew, or with a nudge); True then."""
+        config = self.config
+        if config.repeat_guard == "off" or self.solo or self.layout == "contiguous" or "\\boxed{" in w.step_text:
+            return False  # contiguous: the worker's block holds all its steps, none can leave alone
+        hit = repeated(w.sampled_text, self.bodies, config.repeat_threshold)
+        if hit is None:
+            return False
+        redraws = config.repeat_retries if config.repeat_guard == "resample" and self.sampling.temperature > 0 else 0
+        if w.tries > redraws:
+            return False  # drawn again and nudged: taken as it is
+        assert self.shared is not None
+        earlier = self.history[hit]
+        self.shared.current[w.index].clear()
+        del w.written[w.step_start :]
+        w.discarded += w.step_tokens
+        marker = prompts.discarded(self.names[earlier.worker], earlier.step)
+        w.text += marker
+        self.emit(StepDiscarded(w.index, w.step, earlier.worker, marker))
+        w.tries += 1
+        nudge = "" if w.tries <= redraws else prompts.repeat_nudge(self.names, w.index, earlier.worker, earlier.step)
+        self._start_step(w, nudge)
+        return True
 
     def _look_for_answer(self, w: _Worker, text: str) -> None:
-        found = boxed_answer(text)
+        found = boxed_answer(text, self.config.parts)
         if found is not None and self.answer is None:
             self.answer, self.answer_worker = found, w.index
+            self.account = text
 
     def _write(self, w: _Worker, token: int) -> None:
         """The worker sampled `token`: record it, feed it next, and see whether its step ends with it."""
         delta = w.stream.push(token)
         w.feed = [token]
         w.tokens += 1
-        w.since_check += 1
+        w.written.append((self.passes, token))
+        self.since_check += 1
+        w.answering = False
         w.step_tokens += 1
         w.step_text += delta
         w.text += delta
         if self.groupthink:
             self._look_for_answer(w, w.text)
-        elif w.step_tokens >= 2 * self.config.max_step_tokens or step_ends(
-            w.step_text, force=w.step_tokens >= self.config.max_step_tokens
-        ):
-            w.closing = True  # at twice the soft limit a step ends wherever it is
+        elif not self.sot and self._step_over(w):
+            w.closing = True
         self.emit(Token(w.index, token, delta))
 
     def _fits(self, feeds: list[Feed]) -> str | None:
@@ -318,67 +531,176 @@ class Collaboration(Run):
         needs.append((finisher, finisher.length + len(self.workers[0].feed) + self.reserve))
         return None if self.ledger.fits(needs) else "memory"
 
+    def _feeds(self, workers: list[_Worker]) -> list[Feed]:
+        """The workers' rows; a waiting worker's writes its first line without asking for logits."""
+        assert self.shared is not None
+        return [
+            Feed(self.shared.view(w.index), w.feed)
+            if w.waiting
+            else Feed(self.shared.view(w.index), w.feed, self._params(w), w.generator)
+            for w in workers
+        ]
+
+    # the run
+
     def script(self) -> Generator[list[Feed], list[Sample], None]:
         assert self.ledger is not None
         config = self.config
         self.shared = shared = SharedCache(self.ledger, config.workers, self.layout, private=self.groupthink)
         self.ledger.keep = self.reserve + 64  # the finisher's room (and a last header) is never growth slack
-        generator = self.sampling.generator()
-        workers = self.workers
         yield [Feed([shared.prompt], self.prompt_ids)]
         setup = self._setup_feeds()
         if setup:
             yield setup
+        if self.sot:
+            finished_by = yield from self._skeleton()
+        else:
+            finished_by = yield from self._steps()
+        if self.answer is not None:
+            finished_by = "answer"
+        else:
+            self.answer_worker = 0
+            self.answer = yield from self._finisher(self.workers[0])
+        if self.answer is not None:
+            self.emit(AnswerFound(self.answer_worker, self.answer))
+        self.emit(Done(self.result(finished_by)))
+
+    def _steps(self) -> Generator[list[Feed], list[Sample], str]:
+        """Hogwild! and Group Think: every worker writes until an answer or the budget; returns why it stopped."""
+        config, workers = self.config, self.workers
         for w in workers:
+            w.waiting = self._plans and w.index > 0
             self._start_step(w)
-        finished_by = "budget"
         while self.passes < config.budget and self.answer is None:
             feeding = [w for w in workers if w.feed]
-            feeds = [Feed(shared.view(w.index), w.feed, self.sampling, generator) for w in feeding]
+            feeds = self._feeds(feeding)
             stop = self._fits(feeds)
             if stop:
-                finished_by = stop
-                break
+                return stop
             samples = yield feeds
             self.passes += 1
             ended = False
-            for w, sample in zip(feeding, samples, strict=True):
+            for w in feeding:
+                if w.waiting:
+                    w.feed = []
+            for w, sample in zip([w for w in feeding if w.feed], samples, strict=True):
                 w.feed = []
                 if w.closing:  # the step's last token is in the cache now: move the step, open the next
-                    self._finish_step(w)
+                    self._close_step(w)
                     if w.feed or self.answer is not None:
                         continue  # a header goes in first; the logits of this pass are not used
                 if sample.token not in self.engine.eos_ids:
                     self._write(w, sample.token)
                 elif self.solo:  # a lone worker ending its turn has finished its chain of thought
                     ended = True
-                else:  # the model ended its turn: write a paragraph break instead, which closes a step
+                else:  # the model ended its turn (the mask is off): a paragraph break instead, which closes a step
                     w.feed, w.closing = self._encode("\n\n"), not self.groupthink
                     w.step_text += "\n\n"
                     w.text += "\n\n"
                     self.emit(Token(w.index, -1, "\n\n"))  # so a stream of the events spells out w.text
             self.emit(Pass(self.passes, config.budget))
             if ended:
-                finished_by = "eos"
-                break
-        if self.answer is not None:
-            finished_by = "answer"
-        else:
-            self.answer_worker = 0
-            self.answer = yield from self._finisher(workers[0])
-        if self.answer is not None:
-            self.emit(AnswerFound(self.answer_worker, self.answer))
-        self.emit(Done(self.result(finished_by)))
+                return "eos"
+        return "budget"
+
+    def _skeleton(self) -> Generator[list[Feed], list[Sample], str]:
+        """Skeleton-of-Thought: the first worker outlines N points; each worker expands one, seeing the outline but
+        not the others; the first worker answers from all of them. Returns why it stopped."""
+        config, workers = self.config, self.workers
+        alice = workers[0]
+        alice.feed = self.first_feed[0]
+        outline = min(32 * config.workers, config.budget // 4)  # passes the outline may take at most
+        stop = yield from self._decode([alice], outline, lambda w: _outlined(w.step_text, config.workers))
+        stop = stop or (yield from self._flush([alice]))
+        if stop or self.passes >= config.budget:
+            return stop or "budget"
+        self._keep(alice, 1)
+        for w in workers:
+            w.done, w.step = False, 2 if w.index == 0 else 1
+            self._insert(w, prompts.sot_expand(w.index + 1), fresh=True)
+        stop = yield from self._decode(workers, max(config.budget - SOT_ANSWER_ROOM, self.passes + 1), None)
+        stop = stop or (yield from self._flush(workers))
+        if stop or self.passes >= config.budget:
+            return stop or "budget"
+        for w in workers:  # the expansions, in point order, into the history the answer reads
+            self._keep(w, w.step)
+        alice.done, alice.step = False, alice.step + 1
+        self._insert(alice, prompts.sot_answer(config.parts), fresh=True)
+        stop = yield from self._decode([alice], config.budget, lambda w: boxed_answer(w.step_text, config.parts))
+        self._look_for_answer(alice, alice.step_text)
+        return stop or ("eos" if alice.done and self.answer is None else "budget")
+
+    def _flush(self, workers: list[_Worker]) -> Generator[list[Feed], list[Sample], str | None]:
+        """One pass that writes the workers' last sampled tokens into the cache (no logits asked), so a block
+        moved into the history holds all its text; returns "context" or "memory" when it cannot run."""
+        pending = [w for w in workers if w.feed]
+        if not pending:
+            return None
+        assert self.shared is not None
+        feeds = [Feed(self.shared.view(w.index), w.feed) for w in pending]
+        stop = self._fits(feeds)
+        if stop:
+            return stop
+        yield feeds
+        self.passes += 1
+        for w in pending:
+            w.feed = []
+        self.emit(Pass(self.passes, self.config.budget))
+        return None
+
+    def _insert(self, w: _Worker, text: str, fresh: bool = False) -> None:
+        """Write `text` for the worker (fed with its next pass), after its current step or, `fresh`, as the
+        start of a new piece of its work."""
+        w.feed = w.feed + self._encode(text)
+        if fresh:
+            w.step_text, w.step_tokens, w.inserted = "", 0, 0
+        w.step_text += text
+        w.inserted += len(text)
+        w.text += text
+        self.emit(Token(w.index, -1, text))
+
+    def _keep(self, w: _Worker, step: int) -> None:
+        """Move the worker's block into the shared history as step `step`."""
+        assert self.shared is not None
+        self.shared.finish_step(w.index)
+        self.history.append(HistoryEntry(w.index, step, w.step_text))
+        self.bodies.append(w.sampled_text)
+        self.emit(StepFinished(w.index, step, w.step_text))
+
+    def _decode(self, workers: list[_Worker], until: int, finished) -> Generator[list[Feed], list[Sample], str | None]:
+        """Decode `workers` until each has ended its reply or `finished(w)` holds, or `until` passes; returns
+        "context" or "memory" when the next pass cannot run, else None."""
+        config = self.config
+        while self.passes < until:
+            feeding = [w for w in workers if not w.done]
+            if not feeding:
+                return None
+            feeds = self._feeds(feeding)
+            stop = self._fits(feeds)
+            if stop:
+                return stop
+            samples = yield feeds
+            self.passes += 1
+            for w, sample in zip(feeding, samples, strict=True):
+                if sample.token in self.engine.eos_ids:
+                    w.done, w.feed = True, []
+                    continue
+                self._write(w, sample.token)
+                if finished is not None and finished(w):
+                    w.done = True  # its last token waits in w.feed; the next phase feeds it first
+            self.emit(Pass(self.passes, config.budget))
+        return None
 
     def _finisher(self, w: _Worker) -> Generator[list[Feed], list[Sample], str | None]:
         """Ask worker `w` for the answer now and decode it briefly (greedy); returns the answer or None."""
         assert self.shared is not None
         view = self.shared.view(w.index)
         feed = w.feed + self.finisher_ids
-        text = prompts.finisher(w.name)
+        text = self.finisher_text
         w.text += text
         self.emit(Token(w.index, -1, text))
         stream = TextStream(self.tokenizer)
+        last = self.history[-1].text.strip() if self.history else ""
         for _ in range(self.config.finisher_tokens):
             if Feed(view, feed).context > self.engine.context_window:
                 break
@@ -391,31 +713,58 @@ class Collaboration(Run):
             w.text += delta
             self.emit(Token(w.index, sample.token, delta))
             feed = [sample.token]
-            found = boxed_answer(text)
+            found = boxed_answer(text, self.config.parts)
             if found is not None:
+                self.account = _quoted(last) + text.strip()
                 return found
-        return boxed_answer(text + "}")
+        self.account = _quoted(last) + (text + "}").strip()
+        return boxed_answer(text + "}", self.config.parts)
 
     def probe(self, worker: int = 0, max_tokens: int | None = None) -> Probe:
         """A throwaway finisher forked off the live cache: asks `worker` for the answer now, greedily, in blocks of
         its own; add it to the engine. The run itself goes on exactly as it would have without it."""
         assert self.shared is not None, "the run has not started"
         w = self.workers[worker]
-        question = prompts.finisher(w.name)
+        question = prompts.finisher(w.name, self.config.parts)
+        parts = self.config.parts
 
         def answer(text: str, final: bool) -> str | None:
-            return boxed_answer(question + text + ("}" if final else ""))
+            return boxed_answer(question + text + ("}" if final else ""), parts)
 
         prefix = w.feed + self._encode(question)
         return Probe(self.engine, self.shared.view(worker), prefix, max_tokens or self.config.finisher_tokens, answer)
 
+    def redundancy(self) -> tuple[float | None, list[float | None]]:
+        """The share of the workers' 8-token n-grams that stood in the shared text already, so far: the run's and
+        each worker's (see collab/redundancy.py)."""
+        return redundancy([w.written for w in self.workers])
+
     def result(self, finished_by: str) -> SolveResult:
+        total, each = self.redundancy()
         return SolveResult(
             answer=self.answer,
             finished_by=finished_by,
-            workers=[WorkerTranscript(w.name, w.text, w.tokens, w.step) for w in self.workers],
+            workers=[
+                WorkerTranscript(w.name, w.text, w.tokens, w.step, w.discarded, share)
+                for w, share in zip(self.workers, each, strict=True)
+            ],
             history=list(self.history),
             forward_passes=self.passes,
             wall_s=time.perf_counter() - self.started,
             prompt_tokens=len(self.prompt_ids) + len(self.first_feed[0]),
+            redundancy=total,
+            account=self.account.strip(),
         )
+
+
+def _outlined(text: str, points: int) -> bool:
+    """Whether an outline lists `points` numbered points and has ended the last one's line."""
+    numbered = re.findall(r"^\s*(?:\*\*)?\d+[.)]", text, flags=re.M)
+    return len(numbered) >= points and text.endswith("\n")
+
+
+def _quoted(step: str) -> str:
+    """The end of a step, for a readable account."""
+    if not step:
+        return ""
+    return ("…" + step[-ACCOUNT_CHARS:] if len(step) > ACCOUNT_CHARS else step) + "\n\n"

@@ -34,10 +34,10 @@ def step_ends(text: str, force: bool = False) -> bool:
     return bool(_PARAGRAPH_END.search(text)) and not _UNFINISHED.search(stripped)
 
 
-def boxed_answer(text: str) -> str | None:
-    """Content of the last complete \\boxed{...} in `text` (nested braces allowed), or None; an empty box or the
+def boxed_answers(text: str) -> list[str]:
+    """Contents of every complete \\boxed{...} in `text`, in order (nested braces allowed); an empty box or the
     prompt's own placeholder `\\boxed{...}` copied by a worker is no answer."""
-    start = text.rfind("\\boxed{")
+    found, start = [], text.find("\\boxed{")
     while start >= 0:
         depth, i = 1, start + len("\\boxed{")
         while i < len(text) and depth:
@@ -45,6 +45,24 @@ def boxed_answer(text: str) -> str | None:
             i += 1
         content = text[start + len("\\boxed{") : i - 1].strip()
         if depth == 0 and content.strip(".… ") != "":  # `\\boxed{...}` is the prompt's placeholder, no answer
+            found.append(content)
+        start = text.find("\\boxed{", start + 1)
+    return found
+
+
+def boxed_answer(text: str, parts: int = 1) -> str | None:
+    """Content of the last complete \\boxed{...} in `text` that holds `parts` answers (see `split_answer`), or
+    None."""
+    for content in reversed(boxed_answers(text)):
+        if parts == 1 or split_answer(content, parts) is not None:
             return content
-        start = text.rfind("\\boxed{", 0, start)
     return None
+
+
+def split_answer(answer: str, k: int) -> list[str] | None:
+    """k answers written in one box, separated by semicolons (or by commas or line breaks when that gives exactly k
+    parts); None when the box does not hold k."""
+    parts = [p.strip() for p in answer.split(";")]
+    if len(parts) != k:
+        parts = [p.strip() for p in re.split(r",\s+|\s*\n\s*", answer)]
+    return parts if len(parts) == k and all(parts) else None

@@ -11,13 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+from hogwild.cli import add_protocol_arguments, protocol_fields
 from hogwild.cluster import add_arguments as add_ray_arguments
+from hogwild.collab.protocol import TEMPERATURE, TOP_P, CollabConfig
 from hogwild.errors import HogwildError
 from hogwild.eval import report, tasks
 from hogwild.eval.runner import EvalConfig, Progress, done_pairs, make_jobs, plan_jobs, read_results, run_jobs
 
 # what a results folder's numbers depend on: a re-run must match them to resume (strategies may be added)
-SETTINGS = ("model", "task", "budgets", "layout", "temperature", "top_p", "seed", "probe_tokens")
+SETTINGS = ("model", "task", "budgets", "layout", "temperature", "top_p", "protocol", "seed", "probe_tokens")
 
 
 def _default(cls: type, name: str):
@@ -38,7 +40,10 @@ def add_parser(sub, add_engine_arguments) -> None:
     t = p.add_argument_group("task")
     t.add_argument("--task", default=_default(tasks.TaskConfig, "name"), help=f"one of {', '.join(tasks.TASKS)}")
     t.add_argument(
-        "--data", default=None, help="JSONL dataset (gsm8k, gsm8k-multi: default the shipped 20-problem sample)"
+        "--data",
+        default=None,
+        help=f"JSONL dataset (gsm8k: default the shipped 20-problem sample; gsm8k-multi: {tasks.SHARED} when it "
+        "exists, else the sample)",
     )
     t.add_argument("--limit", type=int, default=_default(tasks.TaskConfig, "limit"), help="first N problems (0: all)")
     t.add_argument("--k", type=int, default=_default(tasks.TaskConfig, "k"), help="gsm8k-multi: problems per prompt")
@@ -51,17 +56,25 @@ def add_parser(sub, add_engine_arguments) -> None:
     e.add_argument(
         "--strategies",
         default=_default(EvalConfig, "strategies"),
-        help="comma-separated: single, hogwild:N, groupthink:N, vote:N (majority of N samples), best:N (highest "
-        "mean log-probability of N samples)",
+        help="comma-separated: single, hogwild:N, groupthink:N, sot:N (Skeleton-of-Thought), vote:N (majority of N "
+        "samples), best:N (highest mean log-probability of N samples)",
     )
     e.add_argument(
         "--budgets", default=_default(EvalConfig, "budgets"), help="increasing sequential forward pass budgets"
     )
     e.add_argument("--layout", default=_default(EvalConfig, "layout"), help="hogwild:N's cache layout")
     e.add_argument(
-        "--temperature", type=float, default=_default(EvalConfig, "temperature"), help="vote and best samples"
+        "--temperature",
+        type=float,
+        default=_default(EvalConfig, "temperature"),
+        help=f"every strategy (0: greedy); default: the model's generation settings, else {TEMPERATURE}",
     )
-    e.add_argument("--top-p", type=float, default=_default(EvalConfig, "top_p"), help="vote and best samples")
+    e.add_argument(
+        "--top-p",
+        type=float,
+        default=_default(EvalConfig, "top_p"),
+        help=f"every strategy; default: the model's generation settings, else {TOP_P}",
+    )
     e.add_argument(
         "--seed",
         type=int,
@@ -81,6 +94,7 @@ def add_parser(sub, add_engine_arguments) -> None:
         help="measure instead: run the problems at --concurrency, then again one at a time (with --ray: in this "
         "process, then over the actors), print both throughputs; writes nothing",
     )
+    add_protocol_arguments(p, parts=False)
     add_ray_arguments(p, "shard the problems over Ray actors, one engine each", "--actors", "")
     add_engine_arguments(p)
     p.set_defaults(func=cmd_eval)
@@ -111,6 +125,7 @@ def _configs(args: argparse.Namespace) -> tuple[tasks.TaskConfig, EvalConfig]:
     config = EvalConfig(
         strategies=args.strategies, budgets=args.budgets, layout=args.layout, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
+        protocol=CollabConfig(**protocol_fields(args, parts=False)),
     )  # fmt: skip
     return task, config
 

@@ -1,6 +1,7 @@
 """Grading: read the final answer out of a model's text and decide whether it equals the gold answer.
 
-`extract_answer` takes the last complete `\\boxed{...}`, else what follows "the answer is", else the last number.
+`extract_answer` takes the last complete `\\boxed{...}`, else what follows "the answer is", else the last number (for
+a problem of k questions: the last box that holds k answers, else the last k boxes).
 `grade` counts an answer right when math-verify shows it equal to the gold (LaTeX, fractions, percentages,
 equations, symbolic equality) or when both are plainly the same number (commas, dollar signs, units, `\\text{}` and
 trailing words stripped, which math-verify reads as symbols), so "$1,000.00", "1000 dollars" and "\\frac{2000}{2}"
@@ -25,7 +26,7 @@ import sys
 import threading
 from fractions import Fraction
 
-from hogwild.collab.text import boxed_answer
+from hogwild.collab.text import boxed_answer, boxed_answers, split_answer
 
 VERIFY_TIMEOUT_S = 5.0
 STARTUP_TIMEOUT_S = 120.0  # the helper imports hogwild (torch) and math-verify before its first comparison
@@ -41,9 +42,15 @@ _UNEVALUATED = re.compile(r"\d\s*(?:[-+*×÷]|\\times|\\cdot|\\div)\s*\(?\s*-?\d
 _DECIMAL = re.compile(r"^-?(?:\d+(?:,\d{3})*|\d+)?(?:\.\d+)?$")
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, parts: int = 1) -> str | None:
     """The final answer in `text`: the last complete \\boxed{}, else what follows "the answer is", else the last
-    number; None when there is none."""
+    number; None when there is none. With `parts` > 1: the last box holding that many answers, else the last
+    `parts` boxes joined by semicolons, else as for one."""
+    if parts > 1:
+        whole = boxed_answer(text, parts)
+        boxes = boxed_answers(text)
+        if whole is not None or len(boxes) >= parts:
+            return whole if whole is not None else "; ".join(boxes[-parts:])
     boxed = boxed_answer(text)
     if boxed is not None:
         return boxed
@@ -191,17 +198,16 @@ def grade(answer: str | None, gold: str) -> bool:
     return bool(_verifier.equal(answer, gold))
 
 
-def split_answers(answer: str, k: int) -> list[str] | None:
-    """k answers written in one box, separated by semicolons (or by commas when that gives exactly k parts)."""
-    parts = [p.strip() for p in answer.split(";")]
-    if len(parts) != k:
-        parts = [p.strip() for p in re.split(r",\s+|\s*\n\s*", answer)]
-    return parts if len(parts) == k and all(parts) else None
+def grade_parts(answer: str | None, golds: list[str]) -> int:
+    """How many of `golds` `answer` gets right, in order (a problem of several questions; one gold: 0 or 1)."""
+    if answer is None:
+        return 0
+    if len(golds) == 1:
+        return int(grade(answer, golds[0]))
+    parts = split_answer(answer, len(golds))
+    return 0 if parts is None else sum(grade(p, g) for p, g in zip(parts, golds, strict=True))
 
 
 def grade_all(answer: str | None, golds: list[str]) -> bool:
     """Whether `answer` holds all of `golds`, in order (the multi-problem task)."""
-    if answer is None:
-        return False
-    parts = split_answers(answer, len(golds))
-    return parts is not None and all(grade(p, g) for p, g in zip(parts, golds, strict=True))
+    return grade_parts(answer, golds) == len(golds)

@@ -2,10 +2,17 @@
 every budget of sequential forward passes from a single run to the largest budget.
 
 Strategies. `single` is a collaboration of one worker (plain chain of thought), `hogwild:N` N workers in the
-Hogwild! protocol (`--layout`), `groupthink:N` N Group Think thinkers; all three decode greedily. `vote:N` and
-`best:N` are N independent samples of the same prompt sharing its block (`Sampled(n=N)`) at `temperature`;
-`vote:N` takes the majority answer (ties go to the lowest-numbered sample), `best:N` the answer of the sample with
-the highest mean token log-probability. A vote:N and a best:N of the same N read one and the same run.
+Hogwild! protocol (`--layout`, and the protocol's fields in `EvalConfig.protocol`), `groupthink:N` N Group Think
+thinkers, `sot:N` Skeleton-of-Thought (an outline of N points, N workers expanding one each unseen by the others,
+one answer). `vote:N` and `best:N` are N independent samples of the same prompt sharing its block
+(`Sampled(n=N)`); `vote:N` takes the majority answer (ties go to the lowest-numbered sample), `best:N` the answer
+of the sample with the highest mean token log-probability. A vote:N and a best:N of the same N read one and the
+same run. Every strategy samples alike: `temperature` and `top_p`, by default the model's generation settings
+(else 0.6 and 0.95), each run seeded from `seed`, the problem and the strategy.
+
+Scores. A problem of k questions (gsm8k-multi) is scored per question: a record holds how many of its k answers
+are right (`parts_correct`) beside whether all are (`correct`). Collaborations also record their redundancy: the
+share of the workers' 8-token n-grams that stood in the shared text already (collab/redundancy.py).
 
 Budget points. A collaboration runs once to the largest budget B (where its own finisher asks for the answer).
 When `run.passes` reaches a smaller budget b, a probe forks the live cache and asks worker 0 for the answer now
@@ -25,6 +32,7 @@ A probe refused for lack of room is retried after the next step, and its point r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import zlib
@@ -36,7 +44,7 @@ from pathlib import Path
 
 from hogwild.collab import prompts
 from hogwild.collab.layouts import LAYOUTS
-from hogwild.collab.protocol import CollabConfig, Collaboration, Pass
+from hogwild.collab.protocol import CollabConfig, Collaboration, Pass, default_sampling
 from hogwild.collab.text import boxed_answer
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
@@ -45,7 +53,7 @@ from hogwild.eval.tasks import Problem
 from hogwild.runs import Probe, Sampled
 from hogwild.sampling import SamplingParams
 
-KINDS = ("single", "hogwild", "groupthink", "vote", "best")
+KINDS = ("single", "hogwild", "groupthink", "sot", "vote", "best")
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,9 @@ def parse_strategies(text: str) -> tuple[Strategy, ...]:
     for item in (part.strip() for part in text.split(",")):
         kind, _, count = item.partition(":")
         if kind not in KINDS:
-            raise HogwildError(f"unknown strategy {item!r}: use single, hogwild:N, groupthink:N, vote:N or best:N")
+            raise HogwildError(
+                f"unknown strategy {item!r}: use single, hogwild:N, groupthink:N, sot:N, vote:N or best:N"
+            )
         if kind == "single":
             if count:
                 raise HogwildError(f"strategy {item!r}: single takes no count (it is one worker)")
@@ -98,8 +108,9 @@ class EvalConfig:
     strategies: str = "single,hogwild:2,vote:2"
     budgets: str = "128,256,512"  # sequential forward passes
     layout: str = "combined"  # hogwild:N's cache layout
-    temperature: float = 0.7  # vote and best samples (the collaborations decode greedily)
-    top_p: float = 0.95  # vote and best samples
+    temperature: float | None = None  # every strategy; None: the model's generation settings, else 0.6
+    top_p: float | None = None  # every strategy; None: the model's generation settings, else 0.95
+    protocol: CollabConfig = CollabConfig()  # hogwild:N's protocol (workers, mode, layout, budget: per strategy)
     seed: int = 0  # every run's seed derives from it, the problem and the strategy (and the arithmetic problems)
     concurrency: int = 0  # runs in flight at once; 0: as many as the KV budget holds
     probe_tokens: int = 24  # tokens a finisher probe decodes at most
@@ -111,7 +122,8 @@ class EvalConfig:
             raise HogwildError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
         if self.concurrency < 0:
             raise HogwildError(f"--concurrency must be >= 0 (0: as many as fit), got {self.concurrency}")
-        SamplingParams(temperature=self.temperature, top_p=self.top_p)
+        given = {"temperature": self.temperature, "top_p": self.top_p}
+        SamplingParams(**{k: v for k, v in given.items() if v is not None})
         if self.probe_tokens < 1 or not 0 <= self.probe_room < 1:
             raise HogwildError("probe_tokens must be >= 1 and probe_room in [0, 1)")
 
@@ -129,6 +141,7 @@ class Point:
     tokens: int  # tokens written by all workers or samples up to then (probe and finisher tokens not counted)
     wall_s: float  # from the job's start to this answer
     transcript: str
+    redundancy: float | None = None  # a collaboration's, up to then
 
 
 def seed_for(seed: int, problem: Problem, group: str) -> int:
@@ -174,17 +187,19 @@ class Job:
         return min(max(len(s.result.tokens) for s in self.run.streams), self.budgets[-1])
 
     def _make_run(self) -> Collaboration | Sampled:
-        strategy, engine = self.strategies[0], self.engine
+        strategy, engine, config = self.strategies[0], self.engine, self.config
         seed = seed_for(
-            self.config.seed, self.problem, strategy.name if not strategy.sampled else f"sampled:{strategy.workers}"
+            config.seed, self.problem, strategy.name if not strategy.sampled else f"sampled:{strategy.workers}"
         )
+        sampling = default_sampling(engine, seed=seed, temperature=config.temperature, top_p=config.top_p)
         if not strategy.sampled:
-            mode = "groupthink" if strategy.kind == "groupthink" else "hogwild"
-            collab = CollabConfig(
-                workers=strategy.workers, mode=mode, layout=self.config.layout, budget=self.budgets[-1],
-                finisher_tokens=self.config.probe_tokens,
+            mode = "hogwild" if strategy.kind == "single" else strategy.kind
+            collab = dataclasses.replace(
+                config.protocol, workers=strategy.workers, mode=mode, layout=config.layout, budget=self.budgets[-1],
+                finisher_tokens=config.probe_tokens, parts=self.problem.parts,
+                assign=config.protocol.assign and self.problem.parts > 1,
             )  # fmt: skip
-            return Collaboration(engine, self.problem.question, collab, SamplingParams(seed=seed))
+            return Collaboration(engine, self.problem.question, collab, sampling)
         # the same prompt a single worker reads, so the strategies differ only in how they spend the passes
         fmt = prompts.format_for(engine.model_config.family)
         text = prompts.collaboration_prompt(self.problem.question, [prompts.NAMES[0]])
@@ -193,10 +208,7 @@ class Job:
             ids += engine.tokenizer.encode(fmt.reply_prefix, add_special_tokens=False) if fmt.reply_prefix else []
         else:
             ids = engine.tokenizer.encode(text + "\n\n")
-        params = SamplingParams(
-            temperature=self.config.temperature, top_p=self.config.top_p, seed=seed, max_tokens=self.budgets[-1] + 1
-        )
-        return Sampled(engine, ids, params, n=strategy.workers)
+        return Sampled(engine, ids, dataclasses.replace(sampling, max_tokens=self.budgets[-1] + 1), n=strategy.workers)
 
     # driving
 
@@ -241,10 +253,14 @@ class Job:
             if isinstance(event, Pass):
                 self.main_passes = event.forward_passes  # the finisher's passes come without a Pass event
         waiting = [b for b in self.budgets if (strategy.name, b) not in self.points and b not in self.probing]
+        parts = self.problem.parts
         if run.done:
             result = run.final
-            answer = result.answer if result.answer is not None else grading.extract_answer(result.workers[0].text)
-            point = Point(answer, self.main_passes, result.tokens, self._elapsed(), _transcript(result.workers))
+            answer = result.answer
+            if answer is None:
+                answer = grading.extract_answer(result.workers[0].text, parts)
+            transcript = _transcript(result.workers)
+            point = Point(answer, self.main_passes, result.tokens, self._elapsed(), transcript, result.redundancy)
             for budget in waiting:
                 self._point(strategy, budget, point)
             return
@@ -253,14 +269,14 @@ class Job:
             return
         budget = due[0]
         passes, tokens = run.passes, sum(w.tokens for w in run.workers)
-        texts = _transcript(run.workers)
+        texts, shared = _transcript(run.workers), run.redundancy()[0]
 
         def record(probe: Probe, budget: int = budget) -> None:
             self.probing.discard(budget)
             final = probe.final
-            answer = final.answer if final.answer is not None else grading.extract_answer(final.text)
-            transcript = f"{texts}\n\n[probe] {prompts.finisher(run.names[0]).strip()}{final.text}"
-            self._point(strategy, budget, Point(answer, passes, tokens, self._elapsed(), transcript))
+            answer = final.answer if final.answer is not None else grading.extract_answer(final.text, parts)
+            transcript = f"{texts}\n\n[probe] {run.finisher_text.strip()}{final.text}"
+            self._point(strategy, budget, Point(answer, passes, tokens, self._elapsed(), transcript, shared))
 
         if self._add_probe(run.probe(worker=0, max_tokens=self.config.probe_tokens), record):
             self.probing.add(budget)
@@ -268,7 +284,8 @@ class Job:
     # independent samples
 
     def _poll_samples(self, run: Sampled) -> None:
-        question = prompts.finisher(prompts.NAMES[0])
+        parts = self.problem.parts
+        question = prompts.finisher(prompts.NAMES[0], parts)
         run.outbox.clear()  # the samples are read from their streams
         for i, stream in enumerate(run.streams):
             result = stream.result
@@ -279,16 +296,18 @@ class Job:
                     continue
                 n, text = len(result.tokens), result.text
                 if ended and n <= budget:  # the sample ended on its own before the budget: its own answer
-                    known[i] = (grading.extract_answer(text), result.mean_logprob, n, text)
-                elif n >= budget and boxed_answer(text) is not None:  # it has answered already
-                    known[i] = (boxed_answer(text), result.logprob / n, n, text)
+                    known[i] = (grading.extract_answer(text, parts), result.mean_logprob, n, text)
+                elif n >= budget and boxed_answer(text, parts) is not None:  # it has answered already
+                    known[i] = (boxed_answer(text, parts), result.logprob / n, n, text)
                 elif n >= budget and not run.done:
                     mean = result.logprob / n
 
                     def record(probe: Probe, i=i, budget=budget, mean=mean, n=n, text=text) -> None:
                         self.sample_probing.discard((i, budget))
                         final = probe.final
-                        answer = final.answer if final.answer is not None else grading.extract_answer(final.text)
+                        answer = final.answer
+                        if answer is None:
+                            answer = grading.extract_answer(final.text, parts)
                         shown = f"{text}\n\n[probe] {question.strip()}{final.text}"
                         self.answers[budget][i] = (answer, mean, n, shown)
 
@@ -298,12 +317,12 @@ class Job:
                         self._sample_view(run, i),
                         prefix,
                         self.config.probe_tokens,
-                        _finisher_answer(question),
+                        _finisher_answer(question, parts),
                     )
                     if self._add_probe(probe, record):
                         self.sample_probing.add((i, budget))
                 elif run.done:  # stopped with no probe possible any more: what it wrote is all there is
-                    known[i] = (grading.extract_answer(text), result.mean_logprob, n, text)
+                    known[i] = (grading.extract_answer(text, parts), result.mean_logprob, n, text)
         for budget in self.budgets:
             known = self.answers[budget]
             if len(known) == run.n and all((s.name, budget) not in self.points for s in self.strategies):
@@ -350,21 +369,21 @@ class Job:
             for budget in self.budgets:
                 point = self.points[(strategy.name, budget)]
                 golds = list(self.problem.golds)
-                correct = (
-                    grading.grade(point.answer, golds[0]) if len(golds) == 1 else grading.grade_all(point.answer, golds)
-                )
+                right = grading.grade_parts(point.answer, golds)
+                shared = None if point.redundancy is None else round(point.redundancy, 4)
                 out.append({
                     "problem": self.problem.id, "strategy": strategy.name, "budget": budget,
-                    "answer": point.answer, "gold": golds[0] if len(golds) == 1 else golds, "correct": correct,
+                    "answer": point.answer, "gold": golds[0] if len(golds) == 1 else golds,
+                    "correct": right == len(golds), "parts": len(golds), "parts_correct": right,
                     "passes": point.passes, "tokens": point.tokens, "wall_s": round(point.wall_s, 3),
-                    **extra, "question": self.problem.question, "transcript": point.transcript,
+                    "redundancy": shared, **extra, "question": self.problem.question, "transcript": point.transcript,
                 })  # fmt: skip
         return out
 
 
-def _finisher_answer(question: str) -> Callable[[str, bool], str | None]:
+def _finisher_answer(question: str, parts: int) -> Callable[[str, bool], str | None]:
     def answer(text: str, final: bool) -> str | None:
-        return boxed_answer(question + text + ("}" if final else ""))
+        return boxed_answer(question + text + ("}" if final else ""), parts)
 
     return answer
 

@@ -2,7 +2,9 @@
 
 `gsm8k` reads GSM8K's JSONL (`question`, `answer` with the gold number after `#### `; a 20-problem sample ships in
 `hogwild/eval/data/`), `gsm8k-multi` puts k consecutive GSM8K problems in one prompt and wants all k answers (the
-Hogwild! paper's synthetic task, whose work splits naturally between workers), `arithmetic` makes seeded
+Hogwild! paper's synthetic task, whose work splits naturally between workers; scored per question, with the
+all-k-right figure beside it; its problems come from the shared GSM8K split `../shared/data/gsm8k/test_dev.jsonl`
+beside the checkout when there is one, else from the sample), `arithmetic` makes seeded
 procedural expressions whose size grows with the difficulty, and `jsonl` reads any math set from a local file with
 the two field names given. Every problem asks for its final answer in \\boxed{}; the collaboration prompt says so too.
 """
@@ -18,12 +20,13 @@ from hogwild.errors import HogwildError
 
 TASKS = ("gsm8k", "gsm8k-multi", "arithmetic", "jsonl")
 SAMPLE = Path(__file__).parent / "data" / "gsm8k_sample.jsonl"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test_dev.jsonl"
 
 
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "gsm8k"
-    data: str | None = None  # JSONL file; gsm8k and gsm8k-multi default to the shipped sample
+    data: str | None = None  # JSONL file; None: default_data(name)
     limit: int = 0  # problems at most, the first ones of the file (or of the seeded sequence); 0: all
     k: int = 5  # gsm8k-multi: problems per prompt
     difficulty: int = 1  # arithmetic: 1 (three small operands) and up
@@ -51,6 +54,11 @@ class Problem:
     question: str  # what the model is asked, the answer format included
     golds: tuple[str, ...]  # one gold answer, or k for gsm8k-multi
 
+    @property
+    def parts(self) -> int:
+        """Questions in the problem, each scored on its own."""
+        return len(self.golds)
+
 
 BOXED = "Give the final answer in \\boxed{}."
 
@@ -60,7 +68,7 @@ def load(config: TaskConfig) -> list[Problem]:
     limit = config.limit or None
     if config.name == "arithmetic":
         return arithmetic(config.difficulty, config.seed, limit or config.arithmetic_problems)
-    path = Path(config.data) if config.data else SAMPLE
+    path = Path(config.data) if config.data else default_data(config.name)
     if config.name == "jsonl":
         rows = read_jsonl(path, config.question_field, config.answer_field)
         return [
@@ -74,6 +82,11 @@ def load(config: TaskConfig) -> list[Problem]:
     if not groups:
         raise HogwildError(f"{path} has {len(rows)} problems, fewer than --k {config.k}")
     return [multi(f"gsm8k-multi{config.k}-{g}", group) for g, group in enumerate(groups)]
+
+
+def default_data(task: str) -> Path:
+    """The dataset a task reads when no --data is given."""
+    return SHARED if task == "gsm8k-multi" and SHARED.is_file() else SAMPLE
 
 
 def read_jsonl(path: Path, question_field: str, answer_field: str) -> list[tuple[str, str]]:

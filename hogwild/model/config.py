@@ -35,6 +35,7 @@ class ModelConfig:
     qk_norm: bool = False
     tie_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = ()
+    generation: tuple[tuple[str, float], ...] = ()  # the model's own sampling settings (generation_config.json)
 
     def __post_init__(self) -> None:
         if self.family not in SUPPORTED_FAMILIES:
@@ -107,6 +108,7 @@ class ModelConfig:
                 qk_norm=family == "qwen3",
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 eos_token_ids=eos_ids,
+                generation=tuple(sorted((hf.get("generation_sampling") or {}).items())),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise HogwildError(f"config.json is missing or has a malformed field: {e}") from None
