@@ -2,12 +2,12 @@
 
 A request without `workers` is a plain generation: `Sampled(engine, prompt, SamplingParams, n=n)`, each sample one
 choice. A request with `workers` is a `Collaboration` of that many workers on the problem (the last user message,
-or the completion prompt), shaped by the extension fields `layout`, `mode` and `budget`; its content is the answer
-(the text of the final `\\boxed{}`, empty when there is none), and everything the workers write rides in the
-extension field `hogwild` of the stream chunks (`choices[0].delta.hogwild` for chat, `choices[0].hogwild` for
-completions), one event per chunk, so a plain OpenAI client still reads an ordinary reply. `Reply` turns one
-run's events into chunks as they come and into the whole response at the end, so a streamed reply and the same
-run unstreamed carry the same content.
+or the completion prompt), shaped by the extension fields `layout`, `mode` and `budget`; its content, sent when
+the run ends, is the answer followed by the words it came from (the step that holds it, or the finisher's), and
+everything the workers write rides in the extension field `hogwild` of the stream chunks
+(`choices[0].delta.hogwild` for chat, `choices[0].hogwild` for completions), one event per chunk, so a plain
+OpenAI client still reads an ordinary reply. `Reply` turns one run's events into chunks as they come and into the
+whole response at the end, so a streamed reply and the same run unstreamed carry the same content.
 
 Bodies are validated strictly (no coercion: `"2"` is not 2), every text must be valid Unicode, and OpenAI fields
 hogwild does not implement are refused by name when they ask for something (`UNSUPPORTED`); each mistake is an
@@ -35,6 +35,7 @@ from hogwild.collab.protocol import (
     NudgeInserted,
     Pass,
     SolveResult,
+    StepDiscarded,
     StepFinished,
     StepStarted,
 )
@@ -495,7 +496,7 @@ class Reply:
                 return [self._chunk(0, hogwild={"type": "text", "worker": event.worker, "text": event.text})]
             self.texts[event.worker] += event.text
             return [self._chunk(event.worker, text=event.text, logprobs=logprobs)]
-        if isinstance(event, StepStarted | NudgeInserted):  # the header and the nudge a worker's step opens with
+        if isinstance(event, StepStarted | NudgeInserted | StepDiscarded):  # text the run writes in a transcript
             return [self._chunk(0, hogwild={"type": "text", "worker": event.worker, "text": event.text})]
         if isinstance(event, StepFinished):
             step = {"type": "step", "worker": event.worker, "step": event.step, "text": event.text}
@@ -504,9 +505,8 @@ class Reply:
             passes = {"type": "pass", "forward_passes": event.forward_passes, "budget": event.budget}
             return [self._chunk(0, hogwild=passes)]
         if isinstance(event, AnswerFound):
-            self.texts[0] = event.answer
             answer = {"type": "answer", "worker": event.worker, "answer": event.answer}
-            return [self._chunk(0, text=event.answer, hogwild=answer)]
+            return [self._chunk(0, hogwild=answer)]
         if isinstance(event, Done):
             return self._done(event.result)
         raise AssertionError(f"an event the server does not know: {event!r}")
@@ -517,14 +517,16 @@ class Reply:
         if isinstance(result, SolveResult):
             self.prompt_tokens = result.prompt_tokens
             self.finish[0] = _collab_finish(result)
+            self.texts[0] = result.content  # what a plain client shows: the answer and the words it came from
             summary = {
                 "type": "done",
                 "answer": result.answer,
                 "finished_by": result.finished_by,
                 "forward_passes": result.forward_passes,
                 "elapsed_s": round(result.wall_s, 3),
+                "redundancy": result.to_dict()["redundancy"],
             }
-            chunks.append(self._chunk(0, hogwild=summary))
+            chunks.append(self._chunk(0, text=result.content, hogwild=summary))
         else:
             assert isinstance(result, GenerationResult)
             self.finish = [sample.finish_reason for sample in result.samples]

@@ -89,11 +89,14 @@ function onEvent(event, names) {
       $("answer").classList.remove("muted");
       status(`${names[event.worker]} gave the answer`);
       break;
-    case "done":
+    case "done": {
       if (event.answer === null) $("answer").textContent = "(no answer)";
       $("answer").dataset.done = "1";
-      status(`finished by ${event.finished_by} after ${event.forward_passes} forward passes, ${event.elapsed_s} s`);
+      const passes = `${event.forward_passes} forward passes, ${event.elapsed_s} s`;
+      const repeats = event.redundancy == null ? "" : `, redundancy ${Math.round(100 * event.redundancy)}%`;
+      status(`finished by ${event.finished_by} after ${passes}${repeats}`);
       break;
+    }
   }
 }
 
