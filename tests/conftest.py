@@ -13,9 +13,10 @@ torch.set_num_threads(1)  # stable timings and no oversubscription on small mach
 
 @pytest.fixture(scope="session", autouse=True)
 def fused_kernels_built() -> None:
-    """Build (or find) the fused CPU kernels once, in the real cache, before any test points HOGWILD_CACHE at a
-    temporary folder (the first build takes about 30 s)."""
+    """Build (or find) the fused CPU kernels and the GGUF block kernels once, in the real cache, before any test
+    points HOGWILD_CACHE at a temporary folder (the first build takes about 30 s each)."""
     native.load()
+    native.load_gguf()
 
 
 @pytest.fixture(scope="session")

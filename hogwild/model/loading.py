@@ -62,10 +62,11 @@ def resolve_model_dir(model: str | None) -> Path:
 
 
 def check_model_dir(folder: Path) -> None:
-    """Raise a `HogwildError` unless `folder` has a config.json and safetensors weights."""
+    """Raise a `HogwildError` unless `folder` has a config.json and safetensors weights (or is a GGUF's prepared
+    folder)."""
     if not (folder / "config.json").is_file():
         raise HogwildError(f"model folder {folder} has no config.json ({SUPPORTED})")
-    if not any(folder.glob("*.safetensors")):
+    if not any(folder.glob("*.safetensors")) and not is_gguf_folder(folder):
         raise HogwildError(f"model folder {folder} has no *.safetensors weights ({SUPPORTED})")
 
 
