@@ -3,10 +3,12 @@
 By default it starts two servers of the default model in turn, one batching every request into each forward pass
 (the normal scheduler) and one with `--max-runs 1` (one request at a time); with `--replicas N` instead one engine,
 then `--ray --replicas 1` and `--ray --replicas N` (engines in Ray actors behind one endpoint). It sends each the
-same requests all at once, checks every response is whole (status 200, no error event, a finish reason, usage,
-`data: [DONE]`, and for a collaboration every worker's text and the closing `done` event), and prints one table
-side by side: requests/s, p50/p95 latency, time to the first text, sampled tokens/s, and the mean rows per forward
-pass read from /metrics.
+same requests all at once: most are good, one in ten disconnects mid-stream (after its first text) and one in ten
+is a bad body. It checks every good response is whole (status 200, no error event, a finish reason, usage,
+`data: [DONE]`, and for a collaboration every worker's text and the closing `done` event), every bad body got a
+4xx OpenAI error, no response at all was a 5xx, and the KV cache went back to idle; and prints one table side by
+side: requests/s, p50/p95 latency, time to the first text, sampled tokens/s (of the good requests), and the mean
+rows per forward pass read from /metrics.
 With `--url` it measures a server already running on loopback instead. Bounded: at most 256 requests, each with a
 timeout, the whole run with a deadline; it only ever connects to 127.0.0.0/8 or ::1.
 
@@ -44,11 +46,26 @@ PROBLEMS = [
 ]
 WORKER_MIX = (None, 1, 2, 4)  # None: a plain single-stream completion
 MAX_REQUESTS = 256
+CUT, BAD = 7, 3  # request i disconnects mid-stream when i % 10 == CUT, sends a bad body when i % 10 == BAD
+
+
+def bad_body(i: int, model: str) -> bytes:
+    """What a buggy or hostile client sends, each to get a 4xx OpenAI error body."""
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    bodies = [
+        {**chat, "seed": 2**64},
+        {**chat, "messages": [{"role": "user", "content": "\ud800"}]},
+        {**chat, "max_tokens": "2"},
+        {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]},
+    ]
+    deep = b'{"model": "' + model.encode() + b'", "user": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    return deep if i // 10 % 5 == 4 else json.dumps(bodies[i // 10 % 5]).encode()
 
 
 @dataclass
 class Outcome:
     workers: int | None
+    kind: str = "good"  # "good", "cut" (disconnects mid-stream) or "bad" (a bad body)
     latency: float = 0.0
     first_text: float | None = None
     tokens: int = 0
@@ -63,6 +80,8 @@ class Load:
     wall: float = 0.0
     passes: float = 0.0
     rows: float = 0.0
+    server_errors: float = 0.0  # 5xx responses
+    idle: bool = False  # KV back to 0 bytes in use and no run left, once every request was over
 
 
 def body(i: int, model: str, workers: int | None, tokens: int) -> dict:
@@ -79,8 +98,10 @@ def body(i: int, model: str, workers: int | None, tokens: int) -> dict:
     return {**request, "workers": workers, "budget": tokens}
 
 
-async def one(client: httpx.AsyncClient, url: str, request: dict, timeout: float) -> Outcome:
-    outcome = Outcome(request.get("workers"))
+async def one(client: httpx.AsyncClient, url: str, request: dict | bytes, kind: str, timeout: float) -> Outcome:
+    if kind == "bad":
+        return await refused(client, url, request, timeout)
+    outcome = Outcome(request.get("workers"), kind)
     start = time.perf_counter()
     finish, usage, done, ended = None, None, None, False
     names: list[str] = []
@@ -113,6 +134,8 @@ async def one(client: httpx.AsyncClient, url: str, request: dict, timeout: float
                     elif event.get("type") == "done":
                         done = event
                     finish = choice["finish_reason"] or finish
+                if kind == "cut" and outcome.first_text is not None:
+                    return outcome  # leaving the stream closes the connection mid-run
     except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
         outcome.error = f"{type(e).__name__}: {e}"
         return outcome
@@ -127,30 +150,58 @@ async def one(client: httpx.AsyncClient, url: str, request: dict, timeout: float
     return outcome
 
 
+async def refused(client: httpx.AsyncClient, url: str, request: bytes, timeout: float) -> Outcome:
+    outcome = Outcome(None, "bad")
+    headers = {"content-type": "application/json"}
+    try:
+        response = await client.post(url + "/v1/chat/completions", content=request, headers=headers, timeout=timeout)
+        error = response.json()["error"]
+        if not 400 <= response.status_code < 500 or not error["message"]:
+            outcome.error = f"a bad body got {response.status_code}: {response.text[:200]}"
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError) as e:
+        outcome.error = f"a bad body got no JSON error: {type(e).__name__}: {e}"
+    return outcome
+
+
 def metrics(url: str) -> dict[str, float]:
-    values = {}
+    """The counters and gauges load_test reads, 5xx responses summed."""
+    values = {"server_errors": 0.0}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(("hogwild_forward_passes_total ", "hogwild_rows_total ")):
-            name, value = line.split()
+        name, _, value = line.rpartition(" ")
+        if name in ("hogwild_forward_passes_total", "hogwild_rows_total", "hogwild_kv_bytes_in_use",
+                    "hogwild_running_runs"):  # fmt: skip
             values[name] = float(value)
+        elif name.startswith("hogwild_requests_total{") and 'status="5' in name:
+            values["server_errors"] += float(value)
     return values
 
 
 async def run_load(url: str, scheduler: str, requests: int, tokens: int, timeout: float) -> Load:
     model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
     before = metrics(url)
-    bodies = [body(i, model, WORKER_MIX[i % len(WORKER_MIX)], tokens) for i in range(requests)]
+    kinds = ["bad" if i % 10 == BAD else "cut" if i % 10 == CUT else "good" for i in range(requests)]
+    bodies = [
+        bad_body(i, model) if kind == "bad" else body(i, model, WORKER_MIX[i % len(WORKER_MIX)], tokens)
+        for i, kind in enumerate(kinds)
+    ]
     limits = httpx.Limits(max_connections=requests, max_keepalive_connections=requests)
     async with httpx.AsyncClient(limits=limits) as client:
         start = time.perf_counter()
         outcomes = await asyncio.wait_for(
-            asyncio.gather(*(one(client, url, b, timeout) for b in bodies)), timeout=timeout + 30
+            asyncio.gather(*(one(client, url, b, k, timeout) for b, k in zip(bodies, kinds, strict=True))),
+            timeout=timeout + 30,
         )
         wall = time.perf_counter() - start
     after = metrics(url)
+    deadline = time.time() + 30  # a disconnected run is freed a step after its client left
+    while (after["hogwild_kv_bytes_in_use"] or after["hogwild_running_runs"]) and time.time() < deadline:
+        await asyncio.sleep(0.1)
+        after = metrics(url)
     load = Load(scheduler, model, list(outcomes), wall)
     load.passes = after["hogwild_forward_passes_total"] - before["hogwild_forward_passes_total"]
     load.rows = after["hogwild_rows_total"] - before["hogwild_rows_total"]
+    load.server_errors = after["server_errors"] - before["server_errors"]
+    load.idle = not after["hogwild_kv_bytes_in_use"] and not after["hogwild_running_runs"]
     return load
 
 
@@ -196,22 +247,26 @@ def table(loads: list[Load], args: argparse.Namespace) -> str:
     mix = ", ".join("plain" if w is None else f"{w} worker{'s' * (w > 1)}" for w in WORKER_MIX)
     each = " each (engine or replica)" if args.replicas else ""
     lines = [
-        f"{args.requests} concurrent streaming chat requests ({mix} in turn; max_tokens / budget {args.tokens}),",
+        f"{args.requests} concurrent streaming chat requests ({mix} in turn; max_tokens / budget {args.tokens};",
+        "one in ten disconnects after its first text, one in ten is a bad body),",
         f"{loads[0].model}, {args.threads} torch thread{'s' * (args.threads > 1)}{each} on {cpu_name()}, "
         f"{os.cpu_count()} cores",
         "",
-        f"{'scheduler':<28} {'ok':>5} {'req/s':>6} {'p50 s':>6} {'p95 s':>6} {'first text p50 s':>16} "
-        f"{'tokens/s':>8} {'passes':>6} {'rows/pass':>9}",
+        f"{'scheduler':<28} {'whole':>5} {'cut':>5} {'4xx':>5} {'5xx':>3} {'idle':>4} {'req/s':>6} {'p50 s':>6} "
+        f"{'p95 s':>6} {'first text p50 s':>16} {'tokens/s':>8} {'passes':>6} {'rows/pass':>9}",
     ]
     for load in loads:
-        ok = [o for o in load.outcomes if o.error is None]
+        counts = {kind: [o for o in load.outcomes if o.kind == kind] for kind in ("good", "cut", "bad")}
+        done = {kind: f"{sum(o.error is None for o in group)}/{len(group)}" for kind, group in counts.items()}
+        ok = [o for o in counts["good"] if o.error is None]
         latencies = [o.latency for o in ok] or [float("nan")]
         firsts = [o.first_text for o in ok if o.first_text is not None] or [float("nan")]
         tokens = sum(o.tokens for o in ok)
         lines.append(
-            f"{load.scheduler:<28} {f'{len(ok)}/{len(load.outcomes)}':>5} {len(ok) / load.wall:>6.2f} "
-            f"{percentile(latencies, 50):>6.1f} {percentile(latencies, 95):>6.1f} {percentile(firsts, 50):>16.1f} "
-            f"{tokens / load.wall:>8.1f} {load.passes:>6.0f} {load.rows / max(load.passes, 1):>9.2f}"
+            f"{load.scheduler:<28} {done['good']:>5} {done['cut']:>5} {done['bad']:>5} {load.server_errors:>3.0f} "
+            f"{'yes' if load.idle else 'NO':>4} {len(ok) / load.wall:>6.2f} {percentile(latencies, 50):>6.1f} "
+            f"{percentile(latencies, 95):>6.1f} {percentile(firsts, 50):>16.1f} {tokens / load.wall:>8.1f} "
+            f"{load.passes:>6.0f} {load.rows / max(load.passes, 1):>9.2f}"
         )
     return "\n".join(lines)
 
@@ -257,9 +312,16 @@ def main() -> int:
                 server.terminate()
                 server.wait(timeout=30)
     print(table(loads, args))
-    failed = [(load.scheduler, o.workers, o.error) for load in loads for o in load.outcomes if o.error]
-    for scheduler, workers, error in failed:
-        print(f"load_test: {scheduler}: a request with workers={workers} failed: {error}", file=sys.stderr)
+    failed = [
+        f"{load.scheduler}: a {o.kind} request (workers={o.workers}) failed: {o.error}"
+        for load in loads
+        for o in load.outcomes
+        if o.error
+    ]
+    failed += [f"{load.scheduler}: the KV cache did not go back to idle" for load in loads if not load.idle]
+    failed += [f"{load.scheduler}: {load.server_errors:.0f} responses were 5xx" for load in loads if load.server_errors]
+    for line in failed:
+        print(f"load_test: {line}", file=sys.stderr)
     if args.json:
         print(
             json.dumps(

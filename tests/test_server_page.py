@@ -1,12 +1,13 @@
 """The web page at `/` in real headless Chromium (Debian's `chromium` and `chromedriver`, driven by Selenium), over
 the default model: a problem with 2 workers fills two columns while the run goes, then shows the answer; Stop
-cancels the run and the server frees its KV blocks.
+cancels the run and the server frees its KV blocks; a page of another origin cannot make the browser call it.
 
 `make test` installs chromium; without it this test fails (it is never skipped) and says how to install it.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -143,3 +144,22 @@ def test_stop_cancels_the_run(browser, live):
     wait(lambda: browser.find_element(By.ID, "status").text == "stopped", timeout=10, what="the page to stop")
     live.wait_idle()  # the server saw the request go and cancelled the run
     assert live.server.backend.engine.stats.steps < 4000
+
+
+def test_a_page_of_another_origin_cannot_call_the_server(browser, live):
+    """The browser on another origin (http://localhost:PORT is not http://127.0.0.1:PORT) sends what any web page
+    can send without a CORS preflight, a text/plain POST: the server refuses it and runs nothing."""
+    port = live.url.rsplit(":", 1)[1]
+    browser.get(f"http://localhost:{port}/")
+    refused = live.metric("hogwild_requests_total", endpoint="/v1/chat/completions", status="403")
+    passes = live.metric("hogwild_forward_passes_total")
+    send = """
+        const done = arguments[arguments.length - 1];
+        const simple = {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}, body: arguments[1]};
+        fetch(arguments[0], simple).then(() => done("sent"), (error) => done("not sent: " + error));
+    """
+    body = json.dumps({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
+    assert browser.execute_async_script(send, live.url + "/v1/chat/completions", body) == "sent"
+    wait(lambda: live.metric("hogwild_requests_total", endpoint="/v1/chat/completions", status="403") > refused,
+         timeout=10, what="the refusal")  # fmt: skip
+    assert live.metric("hogwild_forward_passes_total") == passes

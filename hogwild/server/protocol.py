@@ -275,7 +275,7 @@ def build_job(
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     if isinstance(request, ChatRequest):
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        if request.top_logprobs is not None and not request.logprobs:
+        if request.top_logprobs and not request.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     else:
         logprobs = request.logprobs
