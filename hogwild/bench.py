@@ -745,7 +745,8 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
 def add_parser(
     sub: argparse._SubParsersAction, add_engine_arguments: Callable[[argparse.ArgumentParser], None]
 ) -> None:
-    """Register `hogwild bench decode`, `hogwild bench workers` and `hogwild bench batch`."""
+    """Register `hogwild bench decode`, `hogwild bench workers`, `hogwild bench batch`, `hogwild bench quality` and
+    `hogwild bench shape`."""
     bench = sub.add_parser(
         "bench",
         help="decode-speed benchmarks against transformers",
@@ -825,3 +826,6 @@ def add_parser(
     from hogwild import quality  # imports bench's neighbours; registered here so `bench --help` lists it
 
     quality.add_parser(benches, add_engine_arguments)
+    from hogwild.model import synthetic
+
+    synthetic.add_parser(benches)

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 FIELDS = {"engine", "workers", "context", "tokens_per_s", "step_ms", "kv_bytes", "dtype", "linear", "threads"}
 # the benches run --weights auto on the default model, whose weights are 4-bit (tested in test_quant.py)
-AUTO = choose(four_bit=True)
+AUTO = choose(blocks="the default model's Q4_1 blocks")  # a GGUF model on the block kernels
 REFERENCE = reference_dtype(AUTO, "cpu")  # transformers' dtype
 
 
@@ -50,9 +50,14 @@ def check_rows(rows: list[dict]) -> None:
 
 
 def test_decode_rows(capsys: pytest.CaptureFixture, token_bytes: dict[str, int]) -> None:
-    rows = run_json(capsys, "decode", "--tokens", "4", "--context", "16", "--repeats", "1")
+    rows = run_json(capsys, "decode", "--tokens", "4", "--context", "16", "--repeats", "1", "--prefill", "24")
     check_rows(rows)
     assert [row["engine"] for row in rows] == ["hogwild", "transformers"]
+    hogwild, transformers = rows
+    assert hogwild["prompt_tokens"] == 24 and hogwild["prompt_seconds"] > 0
+    # a step reads the GGUF's blocks (0.6 bytes a weight for Q4_1), transformers its float32 weights
+    assert 0.1 < hogwild["weight_bytes"] / transformers["weight_bytes"] < 0.35
+    assert hogwild["bandwidth"] == transformers["bandwidth"] > 1e8
     for row in rows:
         assert (row["workers"], row["context"], row["steps"]) == (1, 16, 4)
         # one sequence holding the prompt and the 4 decoded tokens, nothing more

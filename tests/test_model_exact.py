@@ -3,6 +3,7 @@ batch of rows of different lengths), the real default model's greedy tokens, and
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from tiny import FAMILIES, TinyModel
 
 from hogwild.attention import Row
 from hogwild.engine import Engine, EngineConfig
+from hogwild.model.gguf import INDEX
 from hogwild.sampling import SamplingParams
 
 torch.set_num_threads(1)
@@ -85,7 +87,9 @@ def engine32(default_model_dir: Path) -> Engine:
 def hf_model(default_model_dir: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    (gguf,) = json.loads((default_model_dir / INDEX).read_text())["source"]["files"]  # the default model's one file
+    gguf = Path(gguf)
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
 
 
 def hogwild_greedy(engine: Engine, text: str, max_tokens: int) -> list[int]:
