@@ -163,12 +163,12 @@ def random_tensor(rng: np.random.Generator, t: Planned) -> np.ndarray:
         return (centre + 0.02 * rng.standard_normal(t.shape[0])).astype(np.float32)
     # PCG64's raw words: about ten times faster than rng.bytes, and writable in place
     data = rng.bit_generator.random_raw(-(-t.nbytes // 8)).view(np.uint8)[: t.nbytes]
-    scales = data.reshape(-1, BLOCK_BYTES[t.type_name])  # [blocks, block bytes]
+    blocks = data.reshape(-1, BLOCK_BYTES[t.type_name])  # [blocks, block bytes]
     d = 1 / (math.sqrt(t.shape[-1]) * UNIT_STD[t.type_name])
     if t.type_name == "Q4_K":
-        scales[:, 0:4].view(np.float16)[:] = (d, DMIN_RATIO * d)
+        blocks[:, 0:4].view(np.float16)[:] = (d, DMIN_RATIO * d)
     else:
-        scales[:, 208:210].view(np.float16)[:] = d
+        blocks[:, 208:210].view(np.float16)[:] = d
     return data.reshape(t.rows, -1)
 
 
@@ -228,7 +228,6 @@ def write_synthetic_gguf(path: Path, shape: Shape, tokenizer_source: Path, seed:
         writer.add_key_value(key, value, GGUFValueType(kind), None if item is None else GGUFValueType(item))
     writer.add_uint32("general.quantization_version", 2)
     writer.add_string(MARK, shape.name)
-    del tokenizer
 
     plan = tensor_plan(shape)
     for t in plan:
