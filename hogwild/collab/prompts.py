@@ -43,14 +43,15 @@ def _final(parts: int) -> str:
     return f"the {parts} final answers, in order and separated by semicolons, are"
 
 
-def opening(kind: str, names: list[str], me: int) -> str:
-    """What the engine writes after worker `me`'s first header. `plan`: the first worker proposes how to split the
-    work; the others introduce themselves and wait until that step is finished, then follow it (`plan_follow`);
-    `paper`: the Hogwild! paper's openers (the first worker proposes, the others start at once); `symmetric`:
-    nothing."""
+def opening(kind: str, names: list[str], me: int, parts: int = 1) -> str:
+    """What the engine writes after worker `me`'s first header (`parts`: the problem's independent questions).
+    `plan`: the first worker proposes how to split the work; the others introduce themselves and wait until that
+    step is finished, then follow it (`plan_follow`); `paper`: the Hogwild! paper's openers (the first worker
+    proposes, the others start at once); `symmetric`: nothing."""
     if kind == "plan":
         if me == 0:
-            return f"Hi, I'm {names[0]}. Here is how we split the work:"
+            work = "the work" if parts == 1 else f"the {parts} problems"
+            return f"Hi, I'm {names[0]}. Here is how we split {work}:"
         return f"Hi, I'm {names[me]}."  # then it waits for the plan (plan_follow)
     if kind == "paper":
         return f"Hi, I'm {names[0]}. Here's how we can" if me == 0 else f"Hi, I'm {names[me]}."

@@ -335,22 +335,31 @@ class Collaboration(Run):
         return dataclasses.replace(self.sampling, seed=worker_seed(self.sampling.seed, worker)).generator()
 
     def _worker_params(self) -> dict[str, SamplingParams]:
-        """Sampling while a worker writes a step ("write"), right after a `*` ("star"), and when it answers the
-        self-check question ("answer"). Without the mask, and in runs without steps to forge, only the last is
-        constrained."""
+        """Sampling while a worker writes a step ("write"), at the start of a line ("line"), right after a `*`
+        ("star"), and when it answers the self-check question ("answer"). Without the mask, and in runs without
+        steps to forge, only the last is constrained."""
         config, sampling = self.config, self.sampling
         found = masks(self.tokenizer, self.names, self.engine.eos_ids, self.engine.model_config.vocab_size)
         answer = dataclasses.replace(sampling, only=found.answers)
         if not config.mask or self.solo or self.sot:
-            return {"write": sampling, "star": sampling, "answer": answer}
-        write = dataclasses.replace(sampling, banned=found.forging)
-        star = dataclasses.replace(sampling, banned=tuple(sorted({*found.forging, *found.after_star})))
-        return {"write": write, "star": star, "answer": answer}
+            return {"write": sampling, "line": sampling, "star": sampling, "answer": answer}
+
+        def banning(*sets: tuple[int, ...]) -> SamplingParams:
+            return dataclasses.replace(sampling, banned=tuple(sorted({i for ids in sets for i in ids})))
+
+        return {
+            "write": banning(found.forging),
+            "line": banning(found.forging, found.line_start),
+            "star": banning(found.forging, found.after_star),
+            "answer": answer,
+        }
 
     def _params(self, w: _Worker) -> SamplingParams:
         if w.answering:
             return self.params["answer"]
-        return self.params["star"] if w.step_text.endswith("*") else self.params["write"]
+        if w.step_text.endswith("*"):
+            return self.params["star"]
+        return self.params["line"] if w.step_text.endswith("\n") else self.params["write"]
 
     def _setup_texts(self) -> tuple[list[int], list[tuple[str, list[int]]]]:
         """Prompt token ids and the texts written after it: (which block, tokens) for the section titles or the
@@ -404,7 +413,7 @@ class Collaboration(Run):
             return ""
         if config.assign:
             return prompts.assignment(self.names, w.index, config.parts)
-        return prompts.opening(config.opening, self.names, w.index)
+        return prompts.opening(config.opening, self.names, w.index, config.parts)
 
     def _start_step(self, w: _Worker, nudge: str = "") -> None:
         """Open the worker's next step; with `nudge`, open its current step again (it was not taken), the nudge

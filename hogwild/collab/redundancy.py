@@ -7,8 +7,8 @@ pass on). Only what the workers sampled counts: the prompt, headers and nudges t
 A run's redundancy is the share of all its workers' n-grams that were redundant: 0 for text nobody wrote before,
 1 for a copy.
 
-A step repeats an earlier step when most of its word 4-grams (or, for a step of fewer than four words, all its
-words in order) stand in that one earlier step.
+A step repeats earlier steps when at least a threshold share of its word 4-grams stands in them (or, for a step of
+fewer than four words, all its words in order stand in one of them); it names the one that holds most.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def _grams(seq: list[str]) -> set[tuple[str, ...]]:
 
 
 def repeated(step: str, earlier: Sequence[str], threshold: float) -> int | None:
-    """The index in `earlier` of the step that `step` repeats (the closest one), or None when it repeats none."""
+    """The index in `earlier` of the step that `step` repeats, or None when it repeats none: `step` repeats when at
+    least `threshold` of its word 4-grams stand in the earlier steps (together); the one it repeats is the
+    earlier step holding most of them (the latest on a tie)."""
     mine = words(step)
     if not mine:
         return None
@@ -59,9 +61,8 @@ def repeated(step: str, earlier: Sequence[str], threshold: float) -> int | None:
         same = [i for i, text in enumerate(earlier) if phrase in f" {' '.join(words(text))} "]
         return same[-1] if same else None
     grams = _grams(mine)
-    best, best_share = None, 0.0
-    for i, text in enumerate(earlier):
-        share = len(grams & _grams(words(text))) / len(grams)
-        if share >= threshold and share >= best_share:
-            best, best_share = i, share
-    return best
+    shared = [grams & _grams(words(text)) for text in earlier]
+    if not shared or len(set().union(*shared)) < threshold * len(grams):
+        return None
+    most = max(len(found) for found in shared)
+    return max(i for i, found in enumerate(shared) if len(found) == most)
