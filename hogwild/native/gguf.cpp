@@ -3,9 +3,12 @@
 // and never converted to float.
 //
 // A call quantizes each activation row once, the way the weights' block type needs it (the "activation layouts"
-// below), then splits the weight rows over torch's threads by bytes. Each weight row's blocks are decoded once in
-// registers and dotted, in integers, against up to kTile activation rows at a time; a chunk of weight rows stays in
-// cache while every tile of rows passes through it, so a decode step reads each weight byte from memory once.
+// below), then splits the weight rows over torch's threads by bytes (a call under 64 KB stays on its thread). Each
+// weight row's blocks are decoded once in registers and dotted, in integers, against up to kTile activation rows
+// (8 with AVX-512, 4 with AVX2). A decode step is one such pass: every weight byte is read from memory once, for
+// all its rows. With more rows than a tile (a prompt), or rows so long that a tile's activations would not stay
+// in L1, a chunk of weight rows is kept in L2 while every tile of rows passes through it a block of K at a time,
+// each (weight row, activation row) keeping its 16 partial sums between blocks.
 //
 // The integer products are all u8 x s8 (`vpdpbusd` with AVX-512 VNNI; `vpmaddubsw` + `vpmaddwd` with AVX2):
 // - 32-element blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): activations are int8 per block of 32 with a float scale d and
@@ -14,14 +17,17 @@
 //   float work (convert, scale, accumulate) is one instruction per four blocks. Offsets come out of the sums:
 //   Q4_0's q - 8 is sum(q a) - 8 s (the accumulator starts at -8 s), Q5_0's -16 likewise, Q8_0 is read as u8
 //   (q + 128) less 128 s; Q4_1/Q5_1's min m adds m * d_a * s.
-// - K-quants (Q4_K, Q5_K, Q6_K): int8 per super-block of 256 with one float scale and the sums of each sub-block.
-//   `vpmaddubsw` pairs, then `vpdpwssd` by the sub-block's integer scale, sum a super-block in int32; the float
-//   work is once per super-block. Q4_K/Q5_K's mins come from the 32-element sums, Q6_K's -32 from the 16-element
-//   ones. The activation's elements are stored in the order the weights' nibbles come out of a 64-byte load.
+// - K-quants (Q4_K, Q5_K, Q6_K): int8 per super-block of 256 with one float scale and the sums of each sub-block,
+//   the elements stored in the order the weights' nibbles come out of their loads, so four `vpdpbusd` dot a
+//   super-block with each 128-bit lane on one sub-block; the sums (int16-sized) are packed in pairs and multiplied
+//   by the sub-blocks' integer scales in one `vpmaddwd`, and the float work is once per super-block. Q4_K/Q5_K's
+//   mins come from the 32-element sums, Q6_K's -32 from the 16-element ones.
 // - F16, BF16, F32: float activations, converted weights, FMA.
 //
-// A row's result is the same alone or in a batch of any size: its sums run in one fixed order whatever the tile it
-// lands in (the file is compiled with -ffp-contract=off, and every fused multiply-add is written out).
+// A row's result is the same alone or among any number of rows: its sums run in one fixed order whatever the tile
+// or block of K it lands in (the file is compiled with -ffp-contract=off, and every fused multiply-add is written
+// out). On Zen 4 the vector pipes are the scarce resource and the scalar ones idle, so fields that need gathering
+// from several blocks (scales, Q5's fifth bits) are assembled with scalar loads and shifts.
 //
 // Base flags are AVX2/FMA/F16C; the AVX-512 functions carry target attributes and run only where the CPU reports
 // AVX-512 F/BW/VL/VNNI (`HOGWILD_KERNEL_ISA=avx2`, or `set_isa("avx2")`, forces the AVX2 ones).
@@ -1024,11 +1030,91 @@ at::Tensor mm_many(const at::Tensor& x_in, const std::vector<std::tuple<at::Tens
   return out;
 }
 
-// Dequantization, in gguf's reference order of float32 operations (so the results are bit-identical to it)
+// Dequantization, in gguf's reference order of float32 operations (so the results are bit-identical to it). Each
+// loop is a run of elements that share their scales and shifts, which the compiler turns into vector code.
+
+void dequantize_b32(const uint8_t* p, int64_t type, float* y) {  // one block of 32
+  const float d = half(p);
+  switch (type) {
+    case Q4_0:
+      for (int i = 0; i < 16; ++i) y[i] = d * static_cast<float>((p[2 + i] & 15) - 8);
+      for (int i = 0; i < 16; ++i) y[16 + i] = d * static_cast<float>((p[2 + i] >> 4) - 8);
+      return;
+    case Q4_1: {
+      const float m = half(p + 2);
+      for (int i = 0; i < 16; ++i) y[i] = d * static_cast<float>(p[4 + i] & 15) + m;
+      for (int i = 0; i < 16; ++i) y[16 + i] = d * static_cast<float>(p[4 + i] >> 4) + m;
+      return;
+    }
+    case Q5_0:
+    case Q5_1: {
+      const bool min = type == Q5_1;
+      const float m = min ? half(p + 2) : 0.0f;
+      const uint32_t qh = u32(p + (min ? 4 : 2));
+      const uint8_t* qs = p + (min ? 8 : 6);
+      int32_t q[32];
+      for (int i = 0; i < 16; ++i) q[i] = (qs[i] & 15) | static_cast<int32_t>(((qh >> i) & 1) << 4);
+      for (int i = 0; i < 16; ++i) q[16 + i] = (qs[i] >> 4) | static_cast<int32_t>(((qh >> (16 + i)) & 1) << 4);
+      if (min)
+        for (int i = 0; i < 32; ++i) y[i] = d * static_cast<float>(q[i]) + m;
+      else
+        for (int i = 0; i < 32; ++i) y[i] = d * static_cast<float>(q[i] - 16);
+      return;
+    }
+    case Q8_0:
+      for (int i = 0; i < 32; ++i) y[i] = static_cast<float>(static_cast<int8_t>(p[2 + i])) * d;
+      return;
+  }
+}
+
+void dequantize_kq4(const uint8_t* p, bool five, float* y) {  // one Q4_K or Q5_K super-block
+  alignas(16) uint32_t sm[4];
+  k_scales(p + 4, sm);
+  const uint8_t* scale = reinterpret_cast<const uint8_t*>(sm);
+  const float d = half(p), dmin = half(p + 2);
+  const uint8_t* qs = p + (five ? 48 : 16);
+  const uint8_t* qh = p + 16;
+  for (int j = 0; j < 8; ++j) {
+    const float ds = d * static_cast<float>(scale[j]), dm = dmin * static_cast<float>(scale[8 + j]);
+    const uint8_t* q = qs + 32 * (j / 2);
+    const int shift = 4 * (j & 1);
+    float* out = y + 32 * j;
+    if (five)
+      for (int l = 0; l < 32; ++l)
+        out[l] = ds * static_cast<float>(((q[l] >> shift) & 15) | (((qh[l] >> j) & 1) << 4)) - dm;
+    else
+      for (int l = 0; l < 32; ++l) out[l] = ds * static_cast<float>((q[l] >> shift) & 15) - dm;
+  }
+}
+
+void dequantize_q6k(const uint8_t* p, float* y) {  // one Q6_K super-block
+  const float d = half(p + 208);
+  const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+  for (int h = 0; h < 2; ++h)
+    for (int j = 0; j < 4; ++j) {  // 32 elements: low bits from a nibble of ql, high bits from a bit pair of qh
+      const uint8_t* ql = p + 64 * h + 32 * (j & 1);
+      const uint8_t* qh = p + 128 + 32 * h;
+      const int shift = 4 * (j >> 1), pair = 2 * j;
+      for (int half16 = 0; half16 < 2; ++half16) {
+        const float ds = d * static_cast<float>(sc[8 * h + 2 * j + half16]);
+        float* out = y + 128 * h + 32 * j + 16 * half16;
+        for (int l = 16 * half16; l < 16 * half16 + 16; ++l)
+          out[l - 16 * half16] =
+              ds * static_cast<float>((((ql[l] >> shift) & 15) | (((qh[l] >> pair) & 3) << 4)) - 32);
+      }
+    }
+}
+
 void dequantize_row(const uint8_t* p, const Format& f, int64_t k, float* y) {
   switch (f.type) {
     case F32: std::memcpy(y, p, k * 4); return;
-    case F16: for (int64_t i = 0; i < k; ++i) y[i] = half(p + 2 * i); return;
+    case F16: {
+      int64_t i = 0;
+      for (; i + 8 <= k; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * i))));
+      for (; i < k; ++i) y[i] = half(p + 2 * i);
+      return;
+    }
     case BF16:
       for (int64_t i = 0; i < k; ++i) {
         const uint32_t bits = static_cast<uint32_t>(u16(p + 2 * i)) << 16;
@@ -1037,65 +1123,12 @@ void dequantize_row(const uint8_t* p, const Format& f, int64_t k, float* y) {
       return;
   }
   for (int64_t b = 0; b < k / f.block; ++b, p += f.bytes, y += f.block) {
-    switch (f.type) {
-      case Q4_0: {
-        const float d = half(p);
-        for (int i = 0; i < 16; ++i)
-          y[i] = d * static_cast<float>((p[2 + i] & 15) - 8), y[i + 16] = d * static_cast<float>((p[2 + i] >> 4) - 8);
-        break;
-      }
-      case Q4_1: {
-        const float d = half(p), m = half(p + 2);
-        for (int i = 0; i < 16; ++i)
-          y[i] = d * static_cast<float>(p[4 + i] & 15) + m, y[i + 16] = d * static_cast<float>(p[4 + i] >> 4) + m;
-        break;
-      }
-      case Q5_0:
-      case Q5_1: {
-        const bool min = f.type == Q5_1;
-        const float d = half(p), m = min ? half(p + 2) : 0.0f;
-        const uint32_t qh = u32(p + (min ? 4 : 2));
-        const uint8_t* qs = p + (min ? 8 : 6);
-        for (int i = 0; i < 32; ++i) {
-          const int q = (i < 16 ? qs[i] & 15 : qs[i - 16] >> 4) | static_cast<int>(((qh >> i) & 1) << 4);
-          y[i] = min ? d * static_cast<float>(q) + m : d * static_cast<float>(q - 16);
-        }
-        break;
-      }
-      case Q8_0: {
-        const float d = half(p);
-        for (int i = 0; i < 32; ++i) y[i] = static_cast<float>(static_cast<int8_t>(p[2 + i])) * d;
-        break;
-      }
-      case Q4_K:
-      case Q5_K: {
-        alignas(16) uint32_t sm[4];
-        k_scales(p + 4, sm);
-        const uint8_t* scale = reinterpret_cast<const uint8_t*>(sm);
-        const float d = half(p), dmin = half(p + 2);
-        const uint8_t* qs = p + (f.type == Q4_K ? 16 : 48);
-        for (int j = 0; j < 8; ++j) {
-          const float ds = d * static_cast<float>(scale[j]), dm = dmin * static_cast<float>(scale[8 + j]);
-          for (int l = 0; l < 32; ++l) {
-            const uint8_t byte = qs[32 * (j / 2) + l];
-            int q = j & 1 ? byte >> 4 : byte & 15;
-            if (f.type == Q5_K) q |= ((p[16 + l] >> j) & 1) << 4;
-            y[32 * j + l] = ds * static_cast<float>(q) - dm;
-          }
-        }
-        break;
-      }
-      case Q6_K: {
-        const float d = half(p + 208);
-        for (int i = 0; i < 256; ++i) {
-          const int h = i / 128, e = i % 128, j = e / 32, l = e % 32;
-          const uint8_t byte = p[64 * h + e % 64];
-          const int q = ((e < 64 ? byte & 15 : byte >> 4) | (((p[128 + 32 * h + l] >> (2 * j)) & 3) << 4)) - 32;
-          y[i] = (d * static_cast<float>(static_cast<int8_t>(p[192 + i / 16]))) * static_cast<float>(q);
-        }
-        break;
-      }
-    }
+    if (f.layout == Layout::B32)
+      dequantize_b32(p, f.type, y);
+    else if (f.type == Q6_K)
+      dequantize_q6k(p, y);
+    else
+      dequantize_kq4(p, f.type == Q5_K, y);
   }
 }
 
