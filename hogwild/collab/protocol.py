@@ -540,6 +540,17 @@ class Collaboration(Run):
         needs.append((finisher, finisher.length + len(self.workers[0].feed) + self.reserve))
         return None if self.ledger.fits(needs) else "memory"
 
+    def _pass(self, workers: list[_Worker]) -> Generator[list[Feed], list[Sample], list[Sample] | str]:
+        """One forward pass of the workers' rows: the samples of those that ask for logits, or why it cannot run
+        ("context" or "memory")."""
+        feeds = self._feeds(workers)
+        stop = self._fits(feeds)
+        if stop:
+            return stop
+        samples = yield feeds
+        self.passes += 1
+        return samples
+
     def _feeds(self, workers: list[_Worker]) -> list[Feed]:
         """The workers' rows; a waiting worker's writes its first line without asking for logits."""
         assert self.shared is not None
@@ -582,12 +593,9 @@ class Collaboration(Run):
             self._start_step(w)
         while self.passes < config.budget and self.answer is None:
             feeding = [w for w in workers if w.feed]
-            feeds = self._feeds(feeding)
-            stop = self._fits(feeds)
-            if stop:
-                return stop
-            samples = yield feeds
-            self.passes += 1
+            samples = yield from self._pass(feeding)
+            if isinstance(samples, str):
+                return samples
             ended = False
             for w in feeding:
                 if w.waiting:
@@ -684,12 +692,9 @@ class Collaboration(Run):
             feeding = [w for w in workers if not w.done]
             if not feeding:
                 return None
-            feeds = self._feeds(feeding)
-            stop = self._fits(feeds)
-            if stop:
-                return stop
-            samples = yield feeds
-            self.passes += 1
+            samples = yield from self._pass(feeding)
+            if isinstance(samples, str):
+                return samples
             for w, sample in zip(feeding, samples, strict=True):
                 if sample.token in self.engine.eos_ids:
                     w.done, w.feed = True, []
