@@ -4,8 +4,9 @@ For each model, every 2-D weight the decoder multiplies by (the embedding only w
 projection), grouped by block type, is swept once per call of `mm` at 1, 4 and 16 rows: a group's weight bytes over
 the sweep's time is the bandwidth a decode step would stream them at, printed beside the machine's memory bandwidth
 measured in the same run (a torch sum over 1 GiB). Then one layer's linears at 512 prompt rows, against float32
-and bf16 torch GEMMs on the same weights dequantized. Every time is the best of --repeats; on a shared machine take
-the best of a few runs.
+and bf16 torch GEMMs on the same weights dequantized beforehand. Every time is the best of --repeats. On a machine
+shared with other work, --cpu-time runs one thread timed by its own CPU time (memory stalls included, other
+processes' turns not): what one core streams, whatever the load.
 
     python scripts/bench_gguf_kernels.py                        # the installed Qwen2.5-Coder models
     python scripts/bench_gguf_kernels.py --gguf model.gguf --isa avx2
@@ -35,12 +36,16 @@ DECODE_ROWS = (1, 4, 16)
 PROMPT_ROWS = 512
 
 
+CLOCK = {"clock": time.perf_counter}
+
+
 def best_of(repeats: int, fn) -> float:
+    clock = CLOCK["clock"]
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times)
 
 
@@ -116,8 +121,9 @@ def bench_decode(kernels, weights: list[Weight], isa: str, repeats: int) -> list
     return rows
 
 
-def bench_prompt(kernels, weights: list[Weight], isa: str, repeats: int) -> tuple[float, float, float, int]:
-    """One layer's linears at PROMPT_ROWS rows: seconds for hogwild's kernels, float32 and bf16 torch GEMMs."""
+def bench_prompt(kernels, weights: list[Weight], isa: str, repeats: int) -> dict[str, float]:
+    """One layer's linears at PROMPT_ROWS rows: seconds for `mm` (its bf16 GEMM path where it has one, and the
+    integer kernels), float32 and bf16 torch GEMMs on weights dequantized beforehand; and the layer count."""
     kernels.set_isa(isa)
     layer = [w for w in weights if w.name.startswith("blk.0.")]
     layers = len({re.match(r"blk\.(\d+)\.", w.name).group(1) for w in weights if w.name.startswith("blk.")})
@@ -125,10 +131,22 @@ def bench_prompt(kernels, weights: list[Weight], isa: str, repeats: int) -> tupl
     floats = [w.floats() for w in layer]
     bf16 = [f.bfloat16() for f in floats]
     xs16 = {k: x.bfloat16() for k, x in xs.items()}
-    ours = best_of(repeats, lambda: [kernels.mm(xs[w.k], w.blocks, w.type_id, w.k) for w in layer])
-    f32 = best_of(repeats, lambda: [xs[w.k] @ f.T for w, f in zip(layer, floats, strict=True)])
-    b16 = best_of(repeats, lambda: [xs16[w.k] @ f.T for w, f in zip(layer, bf16, strict=True)])
-    return ours, f32, b16, layers
+
+    def ours():
+        for w in layer:
+            kernels.mm(xs[w.k], w.blocks, w.type_id, w.k)
+
+    times = {"mm": best_of(repeats, ours)}
+    if kernels.prompt_rows() >= 0:
+        previous = kernels.set_prompt_rows(PROMPT_ROWS)
+        try:
+            times["mm, integer kernels"] = best_of(repeats, ours)
+        finally:
+            kernels.set_prompt_rows(previous)
+    times["float32 torch GEMM"] = best_of(repeats, lambda: [xs[w.k] @ f.T for w, f in zip(layer, floats, strict=True)])
+    times["bf16 torch GEMM"] = best_of(repeats, lambda: [xs16[w.k] @ f.T for w, f in zip(layer, bf16, strict=True)])
+    times["layers"] = layers
+    return times
 
 
 def row_line(isa: str, type_name: str, count: int, nbytes: int, times: list[float]) -> str:
@@ -145,12 +163,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-prompt", action="store_true", help="skip the 512-row prompt comparison")
+    parser.add_argument("--cpu-time", action="store_true", help="one thread, timed by its CPU time")
     args = parser.parse_args()
 
     kernels = native.load_gguf()
     if kernels is None:
         print("the GGUF block kernels are not available here", file=sys.stderr)
         return 1
+    if args.cpu_time:
+        args.threads, CLOCK["clock"] = 1, time.thread_time
     torch.set_num_threads(args.threads)
     available = [kernels.isa()] if kernels.isa() == "avx2" else ["avx512-vnni", "avx2"]
     isas = available if args.isa == "both" else [args.isa]
@@ -166,7 +187,8 @@ def main() -> int:
             print("no model installed: pass --gguf FILE or install one (see `hogwild models`)", file=sys.stderr)
             return 1
         bandwidth = memory_bandwidth(args.repeats)
-        print(f"threads {args.threads}, memory bandwidth (torch sum over 1 GiB): {bandwidth:.1f} GB/s\n")
+        timing = "thread CPU time" if args.cpu_time else "wall time"
+        print(f"threads {args.threads} ({timing}), memory bandwidth (torch sum over 1 GiB): {bandwidth:.1f} GB/s\n")
         for path in files:
             weights = decoder_weights(path)
             total = sum(w.nbytes for w in weights)
@@ -182,12 +204,12 @@ def main() -> int:
                 print(f"{line}   (a step's matrices at 1 row: {step[0] * 1e3:.1f} ms)")
             if not args.no_prompt:
                 for isa in isas:
-                    ours, f32, b16, layers = bench_prompt(kernels, weights, isa, max(2, args.repeats // 2))
-                    print(
-                        f"  prompt, {PROMPT_ROWS} rows through layer 0's linears ({isa}): {ours * 1e3:.0f} ms; float32 "
-                        f"torch GEMM {f32 * 1e3:.0f} ms, bf16 {b16 * 1e3:.0f} ms; x {layers} layers: "
-                        f"{ours * layers:.2f} s (float32 {f32 * layers:.2f} s)"
-                    )
+                    times = bench_prompt(kernels, weights, isa, max(2, args.repeats // 2))
+                    layers = times.pop("layers")
+                    path = "bf16 GEMM" if 0 <= kernels.prompt_rows() < PROMPT_ROWS else "integer kernels"
+                    print(f"  prompt, {PROMPT_ROWS} rows through layer 0's linears ({isa}; mm takes its {path}):")
+                    for label, t in times.items():
+                        print(f"    {label:20} {t * 1e3:7.1f} ms   x {layers} layers: {t * layers:5.2f} s")
             print()
     return 0
 
