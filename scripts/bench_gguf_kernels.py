@@ -122,8 +122,8 @@ def bench_decode(kernels, weights: list[Weight], isa: str, repeats: int) -> list
 
 
 def bench_prompt(kernels, weights: list[Weight], isa: str, repeats: int) -> dict[str, float]:
-    """One layer's linears at PROMPT_ROWS rows: seconds for `mm` (its bf16 GEMM path where it has one, and the
-    integer kernels), float32 and bf16 torch GEMMs on weights dequantized beforehand; and the layer count."""
+    """One layer's linears at PROMPT_ROWS rows: seconds for `mm`, and for float32 and bf16 torch GEMMs on the weights
+    dequantized beforehand; and the model's layer count."""
     kernels.set_isa(isa)
     layer = [w for w in weights if w.name.startswith("blk.0.")]
     layers = len({re.match(r"blk\.(\d+)\.", w.name).group(1) for w in weights if w.name.startswith("blk.")})
@@ -137,12 +137,6 @@ def bench_prompt(kernels, weights: list[Weight], isa: str, repeats: int) -> dict
             kernels.mm(xs[w.k], w.blocks, w.type_id, w.k)
 
     times = {"mm": best_of(repeats, ours)}
-    if kernels.prompt_rows() >= 0:
-        previous = kernels.set_prompt_rows(PROMPT_ROWS)
-        try:
-            times["mm, integer kernels"] = best_of(repeats, ours)
-        finally:
-            kernels.set_prompt_rows(previous)
     times["float32 torch GEMM"] = best_of(repeats, lambda: [xs[w.k] @ f.T for w, f in zip(layer, floats, strict=True)])
     times["bf16 torch GEMM"] = best_of(repeats, lambda: [xs16[w.k] @ f.T for w, f in zip(layer, bf16, strict=True)])
     times["layers"] = layers
@@ -206,8 +200,7 @@ def main() -> int:
                 for isa in isas:
                     times = bench_prompt(kernels, weights, isa, max(2, args.repeats // 2))
                     layers = times.pop("layers")
-                    path = "bf16 GEMM" if 0 <= kernels.prompt_rows() < PROMPT_ROWS else "integer kernels"
-                    print(f"  prompt, {PROMPT_ROWS} rows through layer 0's linears ({isa}; mm takes its {path}):")
+                    print(f"  prompt, {PROMPT_ROWS} rows through layer 0's linears ({isa}):")
                     for label, t in times.items():
                         print(f"    {label:20} {t * 1e3:7.1f} ms   x {layers} layers: {t * layers:5.2f} s")
             print()

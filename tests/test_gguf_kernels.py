@@ -5,8 +5,7 @@ bytes with sane float16 scales (K-quants). The reference is gguf's dequantizatio
 activations quantized the way the kernels quantize them (int8 per block of 32, or of 256 for K-quants: d = max|x| /
 127, q = x * (1 / d) rounded half to even, in float32), summed in float64. Both instruction sets are checked in
 this process (`set_isa`), and the forced AVX2 path once more the way a user forces it (an environment variable, in a
-subprocess). Prompts of more than `prompt_rows()` rows take a bf16 GEMM where the CPU has one, checked against the
-float activations within bf16's rounding.
+subprocess).
 """
 
 from __future__ import annotations
@@ -112,31 +111,6 @@ def test_mm_matches_gguf_dequantized_weights(kernels, name, n, isa):
 
 
 @pytest.mark.parametrize("name", TYPES)
-def test_prompt_rows_take_the_bf16_gemm(kernels, name):
-    """More rows than prompt_rows(): the bf16 GEMM on gguf's dequantized weights, within bf16's rounding."""
-    kernels.set_isa(ISAS[0])
-    rows = kernels.prompt_rows()
-    if rows < 0:
-        pytest.skip("no bf16 GEMM on this CPU: every N runs the integer kernels, checked above")
-    m, k = shapes(name, 16)
-    w = make_weights(name, m, k, seed=11)
-    x = np.random.default_rng(12).standard_normal((rows + 1, k)).astype(np.float32)
-    y = run(kernels, ISAS[0], x, w, name)
-    expected = x.astype(np.float64) @ reference_weights(w, name, k).astype(np.float64).T
-    scale = np.abs(expected).max(axis=1, keepdims=True)
-    error = (np.abs(y - expected) / scale).max()
-    assert 1e-6 < error < 1e-2  # bf16's rounding, not the 8-bit activations' (their reference would differ)
-    previous = kernels.set_prompt_rows(rows + 1)  # one more row: the integer kernels
-    try:
-        exact = run(kernels, ISAS[0], x, w, name)
-    finally:
-        kernels.set_prompt_rows(previous)
-    xq = x.astype(np.float64) if name in FLOAT_TYPES else quantized_activations(x, block_size(name))
-    expected = xq @ reference_weights(w, name, k).astype(np.float64).T
-    assert (np.abs(exact - expected) / scale).max() < 1e-5
-
-
-@pytest.mark.parametrize("name", TYPES)
 def test_dequantize_and_get_rows_are_gguf_bit_for_bit(kernels, name):
     k = {1: 200, 32: 576, 256: 768}[block_size(name)]
     w = make_weights(name, 10, k, seed=7)
@@ -152,8 +126,7 @@ def test_dequantize_and_get_rows_are_gguf_bit_for_bit(kernels, name):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", TYPES)
 def test_a_row_is_the_same_alone_batched_or_in_a_prompt(kernels, name, isa):
-    """Row i's result is bitwise the same alone, in a decode batch of 16 and among 40 prompt rows (up to
-    prompt_rows(), where the integer kernels run)."""
+    """Row i's result is bitwise the same alone, in a decode batch of 16 and among 40 prompt rows."""
     m, k = shapes(name, 40)
     w = make_weights(name, m, k, seed=3)
     x = np.random.default_rng(4).standard_normal((40, k)).astype(np.float32)

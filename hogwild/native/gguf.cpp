@@ -941,60 +941,8 @@ void run_rows(Isa isa, const Part& part, int64_t begin, int64_t end, const Prepa
   }
 }
 
-void dequantize_row(const uint8_t* p, const Format& f, int64_t k, float* y);
-
-// Prompt rows: on a CPU with AVX512-BF16 (and the AVX-512 kernels chosen), more activation rows than this go through
-// oneDNN's bf16 GEMM on the weights dequantized a tile of rows at a time: about 25% faster than the integer kernels
-// at 512 rows, even at about 128. Their results carry bf16's rounding (of x, the weights and y: about 2e-3 relative)
-// instead of the 8-bit activations'; fewer rows, or any N elsewhere, run the integer kernels.
-std::atomic<int64_t> g_prompt_rows{128};
-constexpr int64_t kTileElements = 1 << 21;  // weights dequantized per GEMM: 4 MB of bf16
-
-bool cpu_has_bf16() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16");
-}
-
-void to_bf16(const float* x, int64_t n, c10::BFloat16* y) {  // round to nearest even, as torch does
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, x + i, 4);
-    const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-    std::memcpy(y + i, &rounded, 2);
-  }
-}
-
-void run_gemm(const float* x, int64_t x_stride, int64_t n, int64_t k, const std::vector<Part>& parts,
-              int64_t ldy) {
-  const at::Tensor xb = at::from_blob(const_cast<float*>(x), {n, k}, {x_stride, 1}, at::kFloat).to(at::kBFloat16);
-  const int64_t tile = std::max<int64_t>(16, kTileElements / k);
-  thread_local at::Tensor buffer;
-  if (!buffer.defined() || buffer.numel() < tile * k) buffer = at::empty({tile * k}, at::kBFloat16);
-  c10::BFloat16* wb = buffer.data_ptr<c10::BFloat16>();
-  for (const Part& p : parts) {
-    for (int64_t m0 = 0; m0 < p.rows; m0 += tile) {
-      const int64_t rows = std::min(tile, p.rows - m0);
-      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-        thread_local std::vector<float> row;
-        if (static_cast<int64_t>(row.size()) < k) row.resize(k);
-        for (int64_t m = begin; m < end; ++m) {
-          dequantize_row(p.w + (m0 + m) * p.w_stride, *p.format, k, row.data());
-          to_bf16(row.data(), k, wb + m * k);
-        }
-      });
-      const at::Tensor w = at::from_blob(wb, {rows, k}, at::kBFloat16);
-      at::from_blob(p.y + m0, {n, rows}, {ldy, 1}, at::kFloat).copy_(at::mm(xb, w.t()));
-    }
-  }
-}
-
 void run(const float* x, int64_t x_stride, int64_t n, int64_t k, const std::vector<Part>& parts, int64_t ldy) {
   const Isa isa = g_isa.load(std::memory_order_relaxed);
-  static const bool bf16 = cpu_has_bf16();
-  if (n > g_prompt_rows.load(std::memory_order_relaxed) && isa == Isa::Avx512 && bf16 && !at::in_parallel_region()) {
-    run_gemm(x, x_stride, n, k, parts, ldy);
-    return;
-  }
   const Prepared act = prepare(x, x_stride, n, k, parts);
   int64_t total = 0;
   for (const Part& p : parts) total += p.rows * p.row_bytes;
@@ -1211,15 +1159,6 @@ at::Tensor get_rows(const at::Tensor& w, int64_t type, int64_t k, const at::Tens
 
 std::string isa() { return isa_name(g_isa.load()); }
 
-int64_t prompt_rows() {  // more rows than this take the bf16 GEMM; -1 where it never runs
-  return g_isa.load() == Isa::Avx512 && cpu_has_bf16() ? g_prompt_rows.load() : -1;
-}
-
-int64_t set_prompt_rows(int64_t rows) {
-  TORCH_CHECK(rows >= 0, "prompt rows must be >= 0");
-  return g_prompt_rows.exchange(rows);
-}
-
 std::string set_isa(const std::string& name) {
   const std::string previous = isa();
   if (name == "avx2") {
@@ -1248,9 +1187,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_rows", &get_rows, "rows `ids` of W -> float32 [n, K]", py::arg("w"), py::arg("type"), py::arg("k"),
         py::arg("ids"));
   m.def("isa", &isa, "which kernels run: 'avx512-vnni' or 'avx2'");
-  m.def("prompt_rows", &prompt_rows,
-        "more activation rows than this take the bf16 GEMM (AVX512-BF16 CPUs, AVX-512 kernels); -1: never");
-  m.def("set_prompt_rows", &set_prompt_rows, "set prompt_rows() (128); returns the previous value", py::arg("rows"));
   m.def("set_isa", &set_isa, "run the 'avx2' or 'avx512-vnni' kernels from now on; returns the previous",
         py::arg("name"));
 }
