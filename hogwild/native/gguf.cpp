@@ -1176,16 +1176,18 @@ std::string set_isa(const std::string& name) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hogwild's GGUF block kernels: x @ W^T on a GGUF tensor's own blocks (see gguf.cpp)";
+  // the products run without the GIL: a server's other threads go on while a step multiplies
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("mm", &mm, "x float32 [N, K] @ W^T, W uint8 [M, row bytes] of GGML type `type` -> float32 [N, M]",
-        py::arg("x"), py::arg("w"), py::arg("type"), py::arg("k"));
+        py::arg("x"), py::arg("w"), py::arg("type"), py::arg("k"), nogil);
   m.def("mm_out", &mm_out, "mm into `out` (float32 [N, M], any row stride: a column slice of a wider matrix)",
-        py::arg("x"), py::arg("w"), py::arg("type"), py::arg("k"), py::arg("out"));
+        py::arg("x"), py::arg("w"), py::arg("type"), py::arg("k"), py::arg("out"), nogil);
   m.def("mm_many", &mm_many, "x @ [W_1; W_2; ...]^T for [(w, type), ...] sharing K, in one parallel region",
-        py::arg("x"), py::arg("weights"), py::arg("k"));
-  m.def("dequantize", &dequantize, "W's blocks -> float32 [M, K], bit-identical to gguf's dequantizer",
-        py::arg("w"), py::arg("type"), py::arg("k"));
+        py::arg("x"), py::arg("weights"), py::arg("k"), nogil);
+  m.def("dequantize", &dequantize, "W's blocks -> float32 [M, K], bit-identical to gguf's dequantizer", py::arg("w"),
+        py::arg("type"), py::arg("k"), nogil);
   m.def("get_rows", &get_rows, "rows `ids` of W -> float32 [n, K]", py::arg("w"), py::arg("type"), py::arg("k"),
-        py::arg("ids"));
+        py::arg("ids"), nogil);
   m.def("isa", &isa, "which kernels run: 'avx512-vnni' or 'avx2'");
   m.def("set_isa", &set_isa, "run the 'avx2' or 'avx512-vnni' kernels from now on; returns the previous",
         py::arg("name"));
