@@ -207,14 +207,15 @@ def test_a_run_given_no_sampling_samples_with_the_default_settings(tokenizer):
 
 
 def test_plan_opening_the_others_start_once_the_plan_is_written(tokenizer):
-    alice = "I add the numbers, Bob checks.\n\nTwo plus three is five.\n\n"
-    bob = " will check the sum.\n\nIt is right.\n\n"
+    alice = " add the numbers, Bob checks.\n\nTwo plus three is five.\n\n"
+    bob = " the check of the sum.\n\nIt is right.\n\n"
     events, result, run = run_scripted(tokenizer, [alice, bob], budget=60, self_check_every=0, opening="plan")
     plan = next(i for i, e in enumerate(events) if isinstance(e, StepFinished) and e.worker == 0)
     first_bob = next(i for i, e in enumerate(events) if isinstance(e, Token) and e.worker == 1 and e.token >= 0)
     assert plan < first_bob
-    assert result.workers[0].text.startswith("**Alice [1]:** Hi, I'm Alice. Here is how we split the work:I add")
-    assert result.workers[1].text.startswith("**Bob [1]:** Hi, I'm Bob. Following Alice's plan, I will check")
+    assert result.workers[0].text.startswith("**Alice [1]:** Hi, I'm Alice. Here is how we split the work: I add")
+    assert result.workers[1].text.startswith("**Bob [1]:** Hi, I'm Bob. Following Alice's plan, I take the check")
+    assert prompts.opening("plan", run.names, 0, parts=4).endswith("split the 4 problems: I take problem")
 
 
 def test_paper_opening_and_assigned_parts(tokenizer):
@@ -264,6 +265,28 @@ def test_a_repeated_step_is_not_taken(tokenizer, guard):
     assert kept == prompts.HISTORY_TITLE + "".join(h.text for h in result.history)
     assert kept.count(same) == (2 if guard == "nudge" else 1)
     assert result.workers[0].discarded / len(left_out) in (15, 16)  # the tokens of `same`, as the script splits it
+
+
+def test_a_repeat_is_cut_short_while_it_is_written(tokenizer):
+    long = "First I add two and three, which gives five, and then I double five to get ten in all. " * 3 + "\n\n"
+    alice = long * 2 + "Now the answer is ten.\n\n"
+    events, result, run = run_scripted(
+        tokenizer, [alice, "Bob waits.\n\n"], budget=200, self_check_every=0, repeat_guard="nudge"
+    )
+    (left_out,) = [e for e in events if isinstance(e, StepDiscarded)]
+    assert left_out.worker == 0 and left_out.repeats == 0
+    # the guard looks every 16 tokens: the copy leaves after 32 of its tokens, not at its end; the try after the
+    # nudge is taken whole
+    assert result.workers[0].discarded == 32 < len(tokenizer.encode(long, add_special_tokens=False))
+    assert [h.step for h in result.history if h.worker == 0][:2] == [1, 2]
+
+
+def test_a_copy_of_the_prompts_own_box_is_no_answer(tokenizer):
+    engine = ScriptedEngine(tokenizer, ["So it is \\boxed{a; b}.\n\nIt is \\boxed{5; 6}.\n\n"])
+    problem = "Add 2 and 3, then 3 and 3. Answer like \\boxed{a; b}."
+    config = CollabConfig(workers=1, parts=2, **MECHANICS)
+    result = list(engine.stream(Collaboration(engine, problem, config)))[-1].result
+    assert result.answer == "5; 6" and result.finished_by == "answer"
 
 
 def test_repeated_steps_and_redundancy_on_constructed_text():

@@ -50,8 +50,9 @@ def opening(kind: str, names: list[str], me: int, parts: int = 1) -> str:
     proposes, the others start at once); `symmetric`: nothing."""
     if kind == "plan":
         if me == 0:
-            work = "the work" if parts == 1 else f"the {parts} problems"
-            return f"Hi, I'm {names[0]}. Here is how we split {work}:"
+            if parts == 1:
+                return f"Hi, I'm {names[0]}. Here is how we split the work: I"
+            return f"Hi, I'm {names[0]}. Here is how we split the {parts} problems: I take problem"
         return f"Hi, I'm {names[me]}."  # then it waits for the plan (plan_follow)
     if kind == "paper":
         return f"Hi, I'm {names[0]}. Here's how we can" if me == 0 else f"Hi, I'm {names[me]}."
@@ -60,7 +61,7 @@ def opening(kind: str, names: list[str], me: int, parts: int = 1) -> str:
 
 def plan_follow(names: list[str], me: int) -> str:
     """What the engine writes for a waiting worker once the first worker's plan is finished."""
-    return f" Following {names[0]}'s plan, I"
+    return f" Following {names[0]}'s plan, I take"
 
 
 def assignment(names: list[str], me: int, parts: int) -> str:
@@ -85,7 +86,7 @@ def assignment(names: list[str], me: int, parts: int) -> str:
 def repeat_nudge(names: list[str], me: int, worker: int, step: int) -> str:
     """Opens a step again after the worker's last try repeated step `step` of `worker`."""
     who = "I" if worker == me else names[worker]
-    return f"Wait, {who} already wrote that in {names[worker]} [{step}]. Instead, I will"
+    return f"Wait, {who} already wrote that in {names[worker]} [{step}]. Moving on to a part nobody has done yet:"
 
 
 def discarded(name: str, step: int) -> str:
@@ -112,6 +113,7 @@ def collaboration_prompt(problem: str, names: list[str], parts: int = 1) -> str:
         "How to work together:\n"
         f"- Split {split}: each of you takes a different part. {names[0]} proposes the split first; follow it.\n"
         "- Never write again what is already written, by you or anyone: use it and go on to what is still missing.\n"
+        "- Do not copy the problem's text: start calculating right away.\n"
         "- Each step is a paragraph of real progress: several sentences of reasoning and calculation.\n"
         "- Check each other's results when a part is done, and say so when you find a mistake.\n"
         "- When every part is done, one of you writes the final answer as \\boxed{...}.\n\n"

@@ -6,13 +6,13 @@ finished step moves into the shared history (in the layouts that have one). Work
 seeded generator, with the model's generation settings (else temperature 0.6, top-p 0.95); while they write, a
 logits mask keeps them from forging the scratchpad's structure (`collab/masks.py`). The openings differ: with
 `plan` the first worker proposes a split and the others start once that step is finished (`assign`: the engine
-names each worker's parts of a multi-part problem instead). A step that repeats an earlier step of anyone's is not
-taken: its tokens leave the cache and it is drawn again, or opened again with a nudge that names the step it
-repeated. Every `self_check_every` tokens written by all workers together, the next step to open asks its worker
-whether it is doing redundant work, answered yes or no. Group Think mode: no steps; each thinker has a private
-prompt and sees every other thinker's tokens at every forward pass. Skeleton-of-Thought (`sot`), the baseline:
-one worker writes an outline of N points, N workers expand one point each without seeing each other, and one
-worker answers from all of them.
+names each worker's parts of a multi-part problem instead). A step that repeats earlier steps of anyone's is not
+taken: its tokens leave the cache and it opens again with a nudge that names the step it repeated (or is drawn
+again first); the guard looks every 16 tokens, so a repeat is cut short. Every `self_check_every` tokens written
+by all workers together, the next step to open asks its worker whether it is doing redundant work, answered yes
+or no. Group Think mode: no steps; each thinker has a private prompt and sees every other thinker's tokens at
+every forward pass. Skeleton-of-Thought (`sot`), the baseline: one worker writes an outline of N points, N
+workers expand one point each without seeing each other, and one worker answers from all of them.
 
 The run stops when a finished step holds a parsable \\boxed{} answer, or at the budget of sequential forward passes,
 where a finisher asks one worker for the answer now and decodes it briefly. A `Collaboration` is a run of the
@@ -36,7 +36,7 @@ from hogwild.collab import prompts
 from hogwild.collab.layouts import LAYOUTS, SharedCache
 from hogwild.collab.masks import masks
 from hogwild.collab.redundancy import redundancy, repeated
-from hogwild.collab.text import boxed_answer, step_ends
+from hogwild.collab.text import boxed_answer, boxed_answers, step_ends
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
 from hogwild.model.tokenizer import TextStream
@@ -47,6 +47,7 @@ MODES = ("hogwild", "groupthink", "sot")
 REPEAT_GUARDS = ("resample", "nudge", "off")
 TEMPERATURE, TOP_P = 0.6, 0.95  # the Hogwild! paper's sampling, for models that ship no generation settings
 PLAN_TOKENS = 64  # the plan step ends at a line break past this many tokens (at twice as many, anywhere)
+REPEAT_CHECK = 16  # tokens between the repeat guard's looks at a step being written
 SOT_ANSWER_ROOM = 64  # Skeleton-of-Thought: passes kept for the answer after the expansions
 
 
@@ -63,7 +64,7 @@ class CollabConfig:
     mask: bool = True  # workers never draw tokens that forge the scratchpad's structure (collab/masks.py)
     min_step_tokens: int = 48  # a step ends at a paragraph break only once it holds this many tokens
     max_step_tokens: int = 192  # past this a step may end at any line break outside code and math; at 2x, anywhere
-    repeat_guard: str = "resample"  # a step repeating an earlier one: resample (then nudge), nudge, or off
+    repeat_guard: str = "nudge"  # a step repeating earlier ones: nudge, resample (then nudge), or off
     repeat_threshold: float = 0.5  # share of a step's word 4-grams standing in one earlier step that makes a repeat
     repeat_retries: int = 2  # resample: draws of a repeated step before a nudge names what it repeats
     self_check_every: int = 512  # tokens written by all workers between self-check questions; 0: never
@@ -302,6 +303,7 @@ class Collaboration(Run):
         self.params = self._worker_params()
         self.prompt_ids, self.setup = self._setup_texts()
         self.finisher_text = prompts.finisher(self.names[0], config.parts)
+        self.placeholders = set(boxed_answers(problem))
         self.finisher_ids = self._encode(self.finisher_text)
         self.reserve = len(self.finisher_ids) + config.finisher_tokens  # room the finisher needs at the end
         setup_tokens = sum(len(tokens) for _, tokens in self.setup) + sum(map(len, self.first_feed))
@@ -479,18 +481,35 @@ class Collaboration(Run):
                     other.waiting = False
                     self._insert(other, prompts.plan_follow(self.names, other.index))
 
+    def _repeating(self, w: _Worker) -> bool:
+        """Whether the step being written already repeats earlier steps: checked every REPEAT_CHECK tokens, so a
+        repeat is cut short instead of written to its end (it closes now, and is left out)."""
+        if w.step_tokens < 2 * REPEAT_CHECK or w.step_tokens % REPEAT_CHECK or not self._guarded(w):
+            return False
+        return repeated(w.sampled_text, self.bodies, self.config.repeat_threshold) is not None
+
+    @property
+    def _redraws(self) -> int:
+        """Times a repeated step is drawn again before it is nudged (sampled runs with the resample guard)."""
+        config = self.config
+        return config.repeat_retries if config.repeat_guard == "resample" and self.sampling.temperature > 0 else 0
+
+    def _guarded(self, w: _Worker) -> bool:
+        """Whether the repeat guard looks at the worker's current step: not once it has been drawn again and
+        nudged (that try is taken as it is)."""
+        if self.config.repeat_guard == "off" or self.solo or self.sot or self.groupthink or w.tries > self._redraws:
+            return False
+        return self.layout != "contiguous" and "\\boxed{" not in w.step_text  # contiguous: steps cannot leave
+
     def _repeats(self, w: _Worker) -> bool:
         """When the step repeats an earlier one and the guard leaves it out: drop it from the cache and the
         worker's record, mark it in the transcript, and open it again (drawn anew, or with a nudge); True then."""
         config = self.config
-        if config.repeat_guard == "off" or self.solo or self.layout == "contiguous" or "\\boxed{" in w.step_text:
-            return False  # contiguous: the worker's block holds all its steps, none can leave alone
+        if not self._guarded(w):
+            return False
         hit = repeated(w.sampled_text, self.bodies, config.repeat_threshold)
         if hit is None:
             return False
-        redraws = config.repeat_retries if config.repeat_guard == "resample" and self.sampling.temperature > 0 else 0
-        if w.tries > redraws:
-            return False  # drawn again and nudged: taken as it is
         assert self.shared is not None
         earlier = self.history[hit]
         self.shared.current[w.index].clear()
@@ -500,12 +519,14 @@ class Collaboration(Run):
         w.text += marker
         self.emit(StepDiscarded(w.index, w.step, earlier.worker, marker))
         w.tries += 1
-        nudge = "" if w.tries <= redraws else prompts.repeat_nudge(self.names, w.index, earlier.worker, earlier.step)
-        self._start_step(w, nudge)
+        nudging = w.tries > self._redraws
+        self._start_step(w, prompts.repeat_nudge(self.names, w.index, earlier.worker, earlier.step) if nudging else "")
         return True
 
     def _look_for_answer(self, w: _Worker, text: str) -> None:
         found = boxed_answer(text, self.config.parts)
+        if found in self.placeholders:
+            return  # a copy of a box the prompt shows is no answer
         if found is not None and self.answer is None:
             self.answer, self.answer_worker = found, w.index
             self.account = text
@@ -523,7 +544,7 @@ class Collaboration(Run):
         w.text += delta
         if self.groupthink:
             self._look_for_answer(w, w.text)
-        elif not self.sot and self._step_over(w):
+        elif not self.sot and (self._step_over(w) or self._repeating(w)):
             w.closing = True
         self.emit(Token(w.index, token, delta))
 

@@ -128,11 +128,12 @@ def gsm8k_gold(answer: str, path: Path, index: int) -> str:
 
 
 def multi(id: str, group: list[tuple[str, str]]) -> Problem:
+    """One prompt of k problems. Its format line shows no example box: small models copy one as their answer."""
     k = len(group)
     parts = "\n\n".join(f"Problem {i + 1}: {q}" for i, (q, _) in enumerate(group))
     question = (
-        f"Solve all {k} problems below.\n\n{parts}\n\nGive all {k} final answers, in order and separated by "
-        f"semicolons, in one \\boxed{{}}: \\boxed{{answer 1; answer 2; ...}}."
+        f"Solve all {k} problems below.\n\n{parts}\n\nAt the end, give all {k} final answers in one \\boxed{{}}, "
+        "in order and separated by semicolons."
     )
     return Problem(id, question, tuple(gold for _, gold in group))
 
