@@ -419,7 +419,7 @@ HW_AVX512 void kq4_512(const Tile& t) {  // Q4_K and Q5_K
   }
 }
 
-template <int R>
+template <int64_t T, int R>  // T: Q6_K
 HW_AVX512 void q6k_512(const Tile& t) {
   const __m512i low = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
   // qh bit pairs 0-1, 2-3 go to quarters 0, 1 (the low nibbles of a half), 4-5, 6-7 to quarters 2, 3 (the high):
@@ -658,7 +658,7 @@ void kq4_256(const Tile& t) {  // Q4_K and Q5_K
   }
 }
 
-template <int R>
+template <int64_t T, int R>  // T: Q6_K
 void q6k_256(const Tile& t) {
   const __m256i low = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
   for (int64_t m = 0; m < t.rows; ++m) {
@@ -744,47 +744,26 @@ void float_256(const Tile& t) {
 
 enum class Isa { Avx2, Avx512 };
 
-constexpr int kTile512 = 8, kTile256 = 4;  // activation rows a kernel call keeps in registers
+// Activation rows a kernel call keeps in registers (16 with AVX-512 measured slower: spills, and shorter K blocks)
+constexpr int kTile512 = 8, kTile256 = 4;
 
-#define HW_TILES8(...) \
-  { __VA_ARGS__<1>, __VA_ARGS__<2>, __VA_ARGS__<3>, __VA_ARGS__<4>, __VA_ARGS__<5>, __VA_ARGS__<6>, __VA_ARGS__<7>, __VA_ARGS__<8> }
-#define HW_TILES4(...) \
-  { __VA_ARGS__<1>, __VA_ARGS__<2>, __VA_ARGS__<3>, __VA_ARGS__<4> }
+// kernels(isa, type)[r - 1] multiplies r activation rows
+#define HW_TILES4(K, T) K<T, 1>, K<T, 2>, K<T, 3>, K<T, 4>
+#define HW_TILES8(K, T) HW_TILES4(K, T), K<T, 5>, K<T, 6>, K<T, 7>, K<T, 8>
 
-// kernels[r - 1] multiplies r activation rows
 const Kernel* kernels(Isa isa, int64_t type) {
-  static const Kernel k512_q4_0[] = {b32_512<Q4_0, 1>, b32_512<Q4_0, 2>, b32_512<Q4_0, 3>, b32_512<Q4_0, 4>,
-                                     b32_512<Q4_0, 5>, b32_512<Q4_0, 6>, b32_512<Q4_0, 7>, b32_512<Q4_0, 8>};
-  static const Kernel k512_q4_1[] = {b32_512<Q4_1, 1>, b32_512<Q4_1, 2>, b32_512<Q4_1, 3>, b32_512<Q4_1, 4>,
-                                     b32_512<Q4_1, 5>, b32_512<Q4_1, 6>, b32_512<Q4_1, 7>, b32_512<Q4_1, 8>};
-  static const Kernel k512_q5_0[] = {b32_512<Q5_0, 1>, b32_512<Q5_0, 2>, b32_512<Q5_0, 3>, b32_512<Q5_0, 4>,
-                                     b32_512<Q5_0, 5>, b32_512<Q5_0, 6>, b32_512<Q5_0, 7>, b32_512<Q5_0, 8>};
-  static const Kernel k512_q5_1[] = {b32_512<Q5_1, 1>, b32_512<Q5_1, 2>, b32_512<Q5_1, 3>, b32_512<Q5_1, 4>,
-                                     b32_512<Q5_1, 5>, b32_512<Q5_1, 6>, b32_512<Q5_1, 7>, b32_512<Q5_1, 8>};
-  static const Kernel k512_q8_0[] = {b32_512<Q8_0, 1>, b32_512<Q8_0, 2>, b32_512<Q8_0, 3>, b32_512<Q8_0, 4>,
-                                     b32_512<Q8_0, 5>, b32_512<Q8_0, 6>, b32_512<Q8_0, 7>, b32_512<Q8_0, 8>};
-  static const Kernel k512_q4_k[] = {kq4_512<Q4_K, 1>, kq4_512<Q4_K, 2>, kq4_512<Q4_K, 3>, kq4_512<Q4_K, 4>,
-                                     kq4_512<Q4_K, 5>, kq4_512<Q4_K, 6>, kq4_512<Q4_K, 7>, kq4_512<Q4_K, 8>};
-  static const Kernel k512_q5_k[] = {kq4_512<Q5_K, 1>, kq4_512<Q5_K, 2>, kq4_512<Q5_K, 3>, kq4_512<Q5_K, 4>,
-                                     kq4_512<Q5_K, 5>, kq4_512<Q5_K, 6>, kq4_512<Q5_K, 7>, kq4_512<Q5_K, 8>};
-  static const Kernel k512_q6_k[] = HW_TILES8(q6k_512);
-  static const Kernel k512_f32[] = {float_512<F32, 1>, float_512<F32, 2>, float_512<F32, 3>, float_512<F32, 4>,
-                                    float_512<F32, 5>, float_512<F32, 6>, float_512<F32, 7>, float_512<F32, 8>};
-  static const Kernel k512_f16[] = {float_512<F16, 1>, float_512<F16, 2>, float_512<F16, 3>, float_512<F16, 4>,
-                                    float_512<F16, 5>, float_512<F16, 6>, float_512<F16, 7>, float_512<F16, 8>};
-  static const Kernel k512_bf16[] = {float_512<BF16, 1>, float_512<BF16, 2>, float_512<BF16, 3>, float_512<BF16, 4>,
-                                     float_512<BF16, 5>, float_512<BF16, 6>, float_512<BF16, 7>, float_512<BF16, 8>};
-  static const Kernel k256_q4_0[] = {b32_256<Q4_0, 1>, b32_256<Q4_0, 2>, b32_256<Q4_0, 3>, b32_256<Q4_0, 4>};
-  static const Kernel k256_q4_1[] = {b32_256<Q4_1, 1>, b32_256<Q4_1, 2>, b32_256<Q4_1, 3>, b32_256<Q4_1, 4>};
-  static const Kernel k256_q5_0[] = {b32_256<Q5_0, 1>, b32_256<Q5_0, 2>, b32_256<Q5_0, 3>, b32_256<Q5_0, 4>};
-  static const Kernel k256_q5_1[] = {b32_256<Q5_1, 1>, b32_256<Q5_1, 2>, b32_256<Q5_1, 3>, b32_256<Q5_1, 4>};
-  static const Kernel k256_q8_0[] = {b32_256<Q8_0, 1>, b32_256<Q8_0, 2>, b32_256<Q8_0, 3>, b32_256<Q8_0, 4>};
-  static const Kernel k256_q4_k[] = {kq4_256<Q4_K, 1>, kq4_256<Q4_K, 2>, kq4_256<Q4_K, 3>, kq4_256<Q4_K, 4>};
-  static const Kernel k256_q5_k[] = {kq4_256<Q5_K, 1>, kq4_256<Q5_K, 2>, kq4_256<Q5_K, 3>, kq4_256<Q5_K, 4>};
-  static const Kernel k256_q6_k[] = HW_TILES4(q6k_256);
-  static const Kernel k256_f32[] = {float_256<F32, 1>, float_256<F32, 2>, float_256<F32, 3>, float_256<F32, 4>};
-  static const Kernel k256_f16[] = {float_256<F16, 1>, float_256<F16, 2>, float_256<F16, 3>, float_256<F16, 4>};
-  static const Kernel k256_bf16[] = {float_256<BF16, 1>, float_256<BF16, 2>, float_256<BF16, 3>, float_256<BF16, 4>};
+  static_assert(kTile512 == 8 && kTile256 == 4, "the tables below have one kernel per tile size");
+  static const Kernel k512_q4_0[] = {HW_TILES8(b32_512, Q4_0)}, k256_q4_0[] = {HW_TILES4(b32_256, Q4_0)};
+  static const Kernel k512_q4_1[] = {HW_TILES8(b32_512, Q4_1)}, k256_q4_1[] = {HW_TILES4(b32_256, Q4_1)};
+  static const Kernel k512_q5_0[] = {HW_TILES8(b32_512, Q5_0)}, k256_q5_0[] = {HW_TILES4(b32_256, Q5_0)};
+  static const Kernel k512_q5_1[] = {HW_TILES8(b32_512, Q5_1)}, k256_q5_1[] = {HW_TILES4(b32_256, Q5_1)};
+  static const Kernel k512_q8_0[] = {HW_TILES8(b32_512, Q8_0)}, k256_q8_0[] = {HW_TILES4(b32_256, Q8_0)};
+  static const Kernel k512_q4_k[] = {HW_TILES8(kq4_512, Q4_K)}, k256_q4_k[] = {HW_TILES4(kq4_256, Q4_K)};
+  static const Kernel k512_q5_k[] = {HW_TILES8(kq4_512, Q5_K)}, k256_q5_k[] = {HW_TILES4(kq4_256, Q5_K)};
+  static const Kernel k512_q6_k[] = {HW_TILES8(q6k_512, Q6_K)}, k256_q6_k[] = {HW_TILES4(q6k_256, Q6_K)};
+  static const Kernel k512_f32[] = {HW_TILES8(float_512, F32)}, k256_f32[] = {HW_TILES4(float_256, F32)};
+  static const Kernel k512_f16[] = {HW_TILES8(float_512, F16)}, k256_f16[] = {HW_TILES4(float_256, F16)};
+  static const Kernel k512_bf16[] = {HW_TILES8(float_512, BF16)}, k256_bf16[] = {HW_TILES4(float_256, BF16)};
   const bool wide = isa == Isa::Avx512;
   switch (type) {
     case Q4_0: return wide ? k512_q4_0 : k256_q4_0;
