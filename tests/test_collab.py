@@ -25,7 +25,7 @@ from hogwild.collab.protocol import (
     StepFinished,
     StepStarted,
 )
-from hogwild.collab.redundancy import redundancy, repeated
+from hogwild.collab.redundancy import looping, redundancy, repeated
 from hogwild.collab.text import boxed_answer, step_ends
 from hogwild.engine import Engine, EngineConfig
 from hogwild.errors import HogwildError
@@ -208,13 +208,13 @@ def test_a_run_given_no_sampling_samples_with_the_default_settings(tokenizer):
 
 def test_plan_opening_the_others_start_once_the_plan_is_written(tokenizer):
     alice = " add the numbers, Bob checks.\n\nTwo plus three is five.\n\n"
-    bob = " the check of the sum.\n\nIt is right.\n\n"
+    bob = " the check of the sum.\n\nIt is right.\n\n"  # Bob's first line: "Alice's plan gives me"
     events, result, run = run_scripted(tokenizer, [alice, bob], budget=60, self_check_every=0, opening="plan")
     plan = next(i for i, e in enumerate(events) if isinstance(e, StepFinished) and e.worker == 0)
     first_bob = next(i for i, e in enumerate(events) if isinstance(e, Token) and e.worker == 1 and e.token >= 0)
     assert plan < first_bob
     assert result.workers[0].text.startswith("**Alice [1]:** Hi, I'm Alice. Here is how we split the work: I add")
-    assert result.workers[1].text.startswith("**Bob [1]:** Hi, I'm Bob. Following Alice's plan, I take the check")
+    assert result.workers[1].text.startswith("**Bob [1]:** Hi, I'm Bob. Alice's plan gives me the check")
     assert prompts.opening("plan", run.names, 0, parts=4).endswith("split the 4 problems: I take problem")
 
 
@@ -314,6 +314,9 @@ def test_repeated_steps_and_redundancy_on_constructed_text():
         share == total == pytest.approx(73 / 93)
     )  # 93 n-grams; the 20 that end in the first copy or wrap into the second are new
     assert redundancy([stamped([1, 2, 3])]) == (None, [None])
+    # a step that goes in circles: the 4-grams of its last 32 words stand earlier in it
+    assert looping("I add the two numbers. " * 20, 0.5) and looping("---\n\n" * 30, 0.5)
+    assert not looping(" ".join(f"step {i} adds {i} more" for i in range(20)), 0.5)
 
 
 def test_skeleton_of_thought_outlines_expands_apart_and_answers(tokenizer):

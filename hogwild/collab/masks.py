@@ -4,9 +4,9 @@ may answer a self-check question with.
 A worker that writes the scratchpad's own structure forges it: a `### Work in progress` title or a `**Bob [4]:**`
 header inside a step reads, to everyone after, as a section or a step that is not there, and small models copy
 what they see. So while workers write, tokens that open markup (`#` first, after any spaces), every special token
-(the end of a turn, `<think>` and `</think>` included), bold text opening a line (`**`, where headers start) and,
-right after a `*`, a worker's name (in any case) are never drawn. The sets are read once per tokenizer from its
-decoded vocabulary.
+(the end of a turn, `<think>` and `</think>` included), bold text or a rule opening a line (`**`, where headers
+start; `---`, which a model kept from `#` headings writes instead, over and over) and, right after a `*`, a
+worker's name (in any case) are never drawn. The sets are read once per tokenizer from its decoded vocabulary.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ ANSWERS = (" yes", " no", " Yes", " No")  # what a self-check question, ending i
 @dataclass(frozen=True)
 class Masks:
     forging: tuple[int, ...]  # never drawn while a worker writes a step
-    line_start: tuple[int, ...]  # also never drawn at the start of a line: bold, where a forged header would begin
+    line_start: tuple[int, ...]  # also never drawn at a line's start: bold (a forged header's start) and rules
     after_star: tuple[int, ...]  # also never drawn right after a `*`: the names that would start a forged header
     answers: tuple[int, ...]  # the only tokens a self-check question may be answered with
 
@@ -43,7 +43,7 @@ def masks(tokenizer: Tokenizer, names: list[str], eos_ids: set[int], vocab: int)
     added = tokenizer.backend.get_added_tokens_decoder().items()
     special = {i for i, token in added if token.special and i < vocab} | {i for i in eos_ids if i < vocab}
     forging = sorted(special | {i for i, text in enumerate(texts) if text.lstrip().startswith("#")})
-    line_start = sorted(i for i, text in enumerate(texts) if text.lstrip(" \t").startswith("**"))
+    line_start = sorted(i for i, text in enumerate(texts) if text.lstrip(" \t").startswith(("**", "---", "===")))
     lowered = [name.lower() for name in names]
     after_star = sorted(
         i for i, text in enumerate(texts) if text.strip() and any(text.lstrip().lower().startswith(n) for n in lowered)

@@ -61,7 +61,7 @@ def opening(kind: str, names: list[str], me: int, parts: int = 1) -> str:
 
 def plan_follow(names: list[str], me: int) -> str:
     """What the engine writes for a waiting worker once the first worker's plan is finished."""
-    return f" Following {names[0]}'s plan, I take"
+    return f" {names[0]}'s plan gives me"
 
 
 def assignment(names: list[str], me: int, parts: int) -> str:
@@ -83,15 +83,19 @@ def assignment(names: list[str], me: int, parts: int) -> str:
     return f"I take {listed(mine)}" + (f" ({others})" if others else "") + f". Problem {mine[0]}:"
 
 
-def repeat_nudge(names: list[str], me: int, worker: int, step: int) -> str:
-    """Opens a step again after the worker's last try repeated step `step` of `worker`."""
+def repeat_nudge(names: list[str], me: int, worker: int, step: int, circles: bool = False) -> str:
+    """Opens a step again after the worker's last try repeated step `step` of `worker` (or, `circles`, its own
+    text over and over)."""
+    onward = "Moving on to a part nobody has done yet:"
+    if circles:
+        return f"Wait, I am going in circles. {onward}"
     who = "I" if worker == me else names[worker]
-    return f"Wait, {who} already wrote that in {names[worker]} [{step}]. Moving on to a part nobody has done yet:"
+    return f"Wait, {who} already wrote that in {names[worker]} [{step}]. {onward}"
 
 
-def discarded(name: str, step: int) -> str:
+def discarded(name: str, step: int, circles: bool = False) -> str:
     """Closes, in a worker's transcript, a step that was not taken (it never reached the shared cache)."""
-    return f"[not taken: it repeats {name} [{step}]]\n\n"
+    return "[not taken: it goes in circles]\n\n" if circles else f"[not taken: it repeats {name} [{step}]]\n\n"
 
 
 def collaboration_prompt(problem: str, names: list[str], parts: int = 1) -> str:

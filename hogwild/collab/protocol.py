@@ -35,7 +35,7 @@ import torch
 from hogwild.collab import prompts
 from hogwild.collab.layouts import LAYOUTS, SharedCache
 from hogwild.collab.masks import masks
-from hogwild.collab.redundancy import redundancy, repeated
+from hogwild.collab.redundancy import looping, redundancy, repeated
 from hogwild.collab.text import boxed_answer, boxed_answers, step_ends
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
@@ -137,12 +137,13 @@ class StepFinished:
 
 @dataclass
 class StepDiscarded:
-    """A step that repeated step `step` of worker `repeats` was not taken: it left the cache, and `text`, which
-    marks it in the worker's transcript, follows it there. The step opens again (`StepStarted`)."""
+    """A step that repeated step `step` of worker `repeats` (None: its own text, going in circles) was not taken:
+    it left the cache, and `text`, which marks it in the worker's transcript, follows it there. The step opens
+    again (`StepStarted`)."""
 
     worker: int
     step: int
-    repeats: int
+    repeats: int | None
     text: str
 
 
@@ -486,7 +487,14 @@ class Collaboration(Run):
         repeat is cut short instead of written to its end (it closes now, and is left out)."""
         if w.step_tokens < 2 * REPEAT_CHECK or w.step_tokens % REPEAT_CHECK or not self._guarded(w):
             return False
-        return repeated(w.sampled_text, self.bodies, self.config.repeat_threshold) is not None
+        return self._repeated(w) is not None
+
+    def _repeated(self, w: _Worker) -> int | None:
+        """What the worker's step repeats: the index of an earlier step, -1 for its own text (it goes in circles),
+        or None."""
+        threshold = self.config.repeat_threshold
+        hit = repeated(w.sampled_text, self.bodies, threshold)
+        return hit if hit is not None else -1 if looping(w.sampled_text, threshold) else None
 
     @property
     def _redraws(self) -> int:
@@ -504,23 +512,22 @@ class Collaboration(Run):
     def _repeats(self, w: _Worker) -> bool:
         """When the step repeats an earlier one and the guard leaves it out: drop it from the cache and the
         worker's record, mark it in the transcript, and open it again (drawn anew, or with a nudge); True then."""
-        config = self.config
         if not self._guarded(w):
             return False
-        hit = repeated(w.sampled_text, self.bodies, config.repeat_threshold)
+        hit = self._repeated(w)
         if hit is None:
             return False
         assert self.shared is not None
-        earlier = self.history[hit]
         self.shared.current[w.index].clear()
         del w.written[w.step_start :]
         w.discarded += w.step_tokens
-        marker = prompts.discarded(self.names[earlier.worker], earlier.step)
+        earlier = self.history[hit] if hit >= 0 else HistoryEntry(w.index, w.step, w.step_text)
+        marker = prompts.discarded(self.names[earlier.worker], earlier.step, circles=hit < 0)
         w.text += marker
-        self.emit(StepDiscarded(w.index, w.step, earlier.worker, marker))
+        self.emit(StepDiscarded(w.index, w.step, earlier.worker if hit >= 0 else None, marker))
         w.tries += 1
-        nudging = w.tries > self._redraws
-        self._start_step(w, prompts.repeat_nudge(self.names, w.index, earlier.worker, earlier.step) if nudging else "")
+        nudge = prompts.repeat_nudge(self.names, w.index, earlier.worker, earlier.step, circles=hit < 0)
+        self._start_step(w, nudge if w.tries > self._redraws else "")
         return True
 
     def _look_for_answer(self, w: _Worker, text: str) -> None:

@@ -8,7 +8,8 @@ A run's redundancy is the share of all its workers' n-grams that were redundant:
 1 for a copy.
 
 A step repeats earlier steps when at least a threshold share of its word 4-grams stands in them (or, for a step of
-fewer than four words, all its words in order stand in one of them); it names the one that holds most.
+fewer than four words, all its words in order stand in one of them); it names the one that holds most. A step
+goes in circles when the 4-grams of its last words stand earlier in the step itself.
 """
 
 from __future__ import annotations
@@ -66,3 +67,17 @@ def repeated(step: str, earlier: Sequence[str], threshold: float) -> int | None:
         return None
     most = max(len(found) for found in shared)
     return max(i for i, found in enumerate(shared) if len(found) == most)
+
+
+def looping(step: str, threshold: float, window: int = 32) -> bool:
+    """Whether `step` goes in circles: at least `threshold` of the word 4-grams in its last `window` words stand
+    earlier in the step itself."""
+    mine = words(step)
+    if len(mine) < 2 * window:
+        return False
+    first: dict[tuple[str, ...], int] = {}
+    for i in range(len(mine) - WORDS + 1):
+        first.setdefault(tuple(mine[i : i + WORDS]), i)
+    tail = range(len(mine) - window, len(mine) - WORDS + 1)
+    again = sum(first[tuple(mine[i : i + WORDS])] < i for i in tail)
+    return again >= threshold * len(tail)
