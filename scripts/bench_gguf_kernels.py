@@ -113,7 +113,7 @@ def model_file(name: str, folder: Path) -> Path:
     return registry.gguf_file(model, folder)
 
 
-def bench_decode(kernels, weights: list[Weight], isa: str, repeats: int) -> list[tuple]:
+def bench_decode(kernels, weights: list[Weight], isa: str, repeats: int, decode_rows: tuple[int, ...]) -> list[tuple]:
     kernels.set_isa(isa)
     groups: dict[str, list[Weight]] = defaultdict(list)
     for w in weights:
@@ -122,7 +122,7 @@ def bench_decode(kernels, weights: list[Weight], isa: str, repeats: int) -> list
     for type_name, ws in sorted(groups.items(), key=lambda kv: -sum(w.nbytes for w in kv[1])):
         nbytes = sum(w.nbytes for w in ws)
         times = []
-        for n in DECODE_ROWS:
+        for n in decode_rows:
             xs = {w.k: torch.randn(n, w.k) for w in ws}
             times.append(
                 sum(best_calls(repeats, [lambda w=w, x=xs[w.k]: kernels.mm(x, w.blocks, w.type_id, w.k) for w in ws]))
@@ -155,7 +155,7 @@ def bench_prompt(kernels, weights: list[Weight], isa: str, repeats: int) -> dict
 
 def row_line(isa: str, type_name: str, count: int, nbytes: int, times: list[float]) -> str:
     rates = "   ".join(f"{nbytes / t / 1e9:9.1f}" for t in times)
-    ratios = f"{times[1] / times[0]:9.2f}  {times[2] / times[0]:10.2f}"
+    ratios = "  ".join(f"{t / times[0]:8.2f}" for t in times[1:])
     return f"  {isa:12} {type_name:5} {count:4d} {nbytes / 1e6:7.1f}   {rates}   {ratios}"
 
 
@@ -168,10 +168,16 @@ def main() -> int:
     parser.add_argument("--isa", choices=("both", "avx512-vnni", "avx2"), default="both")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--rows",
+        default=",".join(map(str, DECODE_ROWS)),
+        help="decode row counts, comma-separated (the first is t's base)",
+    )
     parser.add_argument("--no-prompt", action="store_true", help="skip the 512-row prompt comparison")
     parser.add_argument("--cpu-time", action="store_true", help="one thread, timed by its CPU time")
     args = parser.parse_args()
 
+    decode_rows = tuple(int(n) for n in args.rows.split(","))
     kernels = native.load_gguf()
     if kernels is None:
         print("the GGUF block kernels are not available here", file=sys.stderr)
@@ -200,13 +206,14 @@ def main() -> int:
             weights = decoder_weights(path)
             total = sum(w.nbytes for w in weights)
             print(f"{path.name}: {len(weights)} matrices, {total / 1e6:.0f} MB a decode step")
-            rates = "   ".join(f"GB/s N={n:<2}" for n in DECODE_ROWS)
-            print(f"  {'isa':12} {'type':5} {'mats':>4} {'MB':>7}   {rates}   t(4)/t(1)  t(16)/t(1)")
+            rates = "   ".join(f"GB/s N={n:<2}" for n in decode_rows)
+            ratios = "  ".join(f"{f't({n})/t({decode_rows[0]})':>8}" for n in decode_rows[1:])
+            print(f"  {'isa':12} {'type':5} {'mats':>4} {'MB':>7}   {rates}   {ratios}")
             for isa in isas:
-                rows = bench_decode(kernels, weights, isa, args.repeats)
+                rows = bench_decode(kernels, weights, isa, args.repeats, decode_rows)
                 for type_name, count, nbytes, times in rows:
                     print(row_line(isa, type_name, count, nbytes, times))
-                step = [sum(times[i] for *_, times in rows) for i in range(len(DECODE_ROWS))]
+                step = [sum(times[i] for *_, times in rows) for i in range(len(decode_rows))]
                 line = row_line(isa, "all", len(weights), total, step)
                 print(f"{line}   (a step's matrices at 1 row: {step[0] * 1e3:.1f} ms)")
             if not args.no_prompt:
