@@ -10,8 +10,7 @@
 // in L1, a chunk of weight rows is kept in L2 while every tile of rows passes through it a block of K at a time,
 // each (weight row, activation row) keeping its 16 partial sums between blocks; the next chunk is prefetched into L2
 // as one is read (a K block's short run of each row defeats the hardware prefetchers: without it 2 rows of a
-// K = 8960 Q4_K matrix took 3x one row's time, with it 1.3x). A decode step of rows that long takes this path too;
-// a shorter one prefetches 4 KB ahead of the row it reads.
+// K = 8960 Q4_K matrix took 3x one row's time, with it 1.3x). A decode step of rows that long takes this path too.
 //
 // The integer products are all u8 x s8 (`vpdpbusd` with AVX-512 VNNI; `vpmaddubsw` + `vpmaddwd` with AVX2):
 // - 32-element blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): activations are int8 per block of 32 with a float scale d and
@@ -223,9 +222,8 @@ struct Tile {
   int64_t g0, g1;      // this call's part of the row: groups [g0, g1)
   float* acc;          // when the row is split (g0 > 0 or g1 < groups): each (weight row m, activation row r)'s
                        // 16 partial sums at acc[(m * R + r) * 16], kept between the calls
-  const uint8_t* pf;   // the weight row read after row 0 by kPrefetchBytes or more (a decode step), or the next
-                       // chunk's row 0 (when rows are split): K-quant kernels prefetch the bytes of row m they read
-  int64_t pf_rows;     // from row m + (pf - w) / w_stride, for m < pf_rows (the rows after it may not exist)
+  const uint8_t* pf;   // when the row is split: the next chunk's weight row 0 (else nullptr), prefetched into L2 as this
+                       // chunk is read, the same bytes of the same row, so its first K block does not wait on memory
   const uint8_t* act;  // activation row 0's layout (float types: its floats)
   int64_t act_stride;  // bytes between activation rows' layouts
   float* y;            // y[r * ldy + m]: activation row r, weight row m
@@ -255,9 +253,9 @@ inline uint64_t halves4(const uint8_t* p, int stride) {
          static_cast<uint64_t>(u16(p + 2 * stride)) << 32 | static_cast<uint64_t>(u16(p + 3 * stride)) << 48;
 }
 
-// the `bytes` at `at` of the row read later in row m's place (see Tile::pf), into L2
+// the next chunk's copy of row m's `bytes` at `at` (see Tile::pf)
 inline void prefetch_next(const Tile& t, int64_t m, int64_t at, int64_t bytes) {
-  if (m >= t.pf_rows) return;
+  if (t.pf == nullptr) return;
   const char* p = reinterpret_cast<const char*>(t.pf + m * t.w_stride + at);
   for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
 }
@@ -825,9 +823,6 @@ constexpr int64_t kSerialBytes = 1 << 16;
 // enough that the tile's part of the activations stays in L1.
 constexpr int64_t kChunkBytes = 1 << 16;
 constexpr int64_t kL1Activations = 20 << 10;
-// A decode step's K-quant kernels prefetch the weight row this many bytes (or more: whole rows) ahead of the one they
-// read: 10-15% faster at 1 row of K = 1536 than the hardware prefetchers alone (2-4 KB rows; 2 KB ahead did less)
-constexpr int64_t kPrefetchBytes = 4 << 10;
 
 struct Part {  // one weight matrix of a call
   const uint8_t* w;
@@ -892,6 +887,7 @@ void run_rows(Isa isa, const Part& part, int64_t begin, int64_t end, const Prepa
   t.act_stride = act.stride[l];
   t.ldy = ldy;
   t.acc = nullptr;
+  t.pf = nullptr;
   int64_t group_bytes;  // one activation row's bytes per group
   if (f.layout == Layout::B32) {
     const int64_t blocks = k / 32;
@@ -915,9 +911,6 @@ void run_rows(Isa isa, const Part& part, int64_t begin, int64_t end, const Prepa
     t.y = part.y + begin;
     t.g0 = 0;
     t.g1 = t.groups;
-    const int64_t ahead = (kPrefetchBytes + part.row_bytes - 1) / part.row_bytes;
-    t.pf = t.w + ahead * part.w_stride;
-    t.pf_rows = std::max<int64_t>(0, t.rows - ahead);
     kern[n - 1](t);
     return;
   }
@@ -931,8 +924,7 @@ void run_rows(Isa isa, const Part& part, int64_t begin, int64_t end, const Prepa
   for (int64_t m = begin; m < end; m += chunk) {
     t.rows = std::min(chunk, end - m);
     t.w = part.w + m * part.w_stride;
-    t.pf = t.w + chunk * part.w_stride;
-    t.pf_rows = std::clamp<int64_t>(end - m - chunk, 0, t.rows);
+    t.pf = m + chunk < end ? t.w + chunk * part.w_stride : nullptr;
     for (int64_t r = 0; r < n; r += tile) {
       const int64_t rows = std::min<int64_t>(tile, n - r);
       t.act = act.data[l] + r * act.stride[l];
