@@ -66,5 +66,6 @@ def test_solve_interrupted_ends_with_what_was_written(default_model_dir):
     assert proc.returncode == 0, err  # the stream ends with Done; nothing is raised
     result = json.loads(out)
     assert result["finished_by"] == "interrupted"
-    assert result["forward_passes"] > 0 and all(w["tokens"] > 0 for w in result["workers"])
+    # the first worker writes from the start (the others may still wait for its plan), and what it wrote is kept
+    assert result["forward_passes"] > 0 and result["workers"][0]["tokens"] > 0 and result["workers"][0]["text"]
     assert "Traceback" not in err
