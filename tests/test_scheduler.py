@@ -58,7 +58,11 @@ def make_runs(engine: Engine) -> list[Run]:
         Collaboration(engine, "Name a prime.", CollabConfig(workers=3, layout="interleaved", budget=14)),
         Sampled(engine, engine.encode_prompt("Hi"), SamplingParams(max_tokens=9)),
         Collaboration(engine, "Count to ten.", CollabConfig(workers=3, mode="groupthink", budget=12)),
-        Collaboration(engine, "Sort 3, 1, 2.", CollabConfig(workers=2, layout="contiguous", budget=16)),
+        # symmetric: with the plan opening, the waiting worker's first line (a row without logits) can be cut into
+        # chunks batched, and the contiguous layout then shows its first worker part of it (known, open)
+        Collaboration(
+            engine, "Sort 3, 1, 2.", CollabConfig(workers=2, layout="contiguous", budget=16, opening="symmetric")
+        ),
     ]
 
 
