@@ -25,7 +25,7 @@ from hogwild.collab.protocol import (
     StepFinished,
     StepStarted,
 )
-from hogwild.collab.redundancy import looping, redundancy, repeated
+from hogwild.collab.redundancy import copied, redundancy, repeated
 from hogwild.collab.text import boxed_answer, step_ends
 from hogwild.engine import Engine, EngineConfig
 from hogwild.errors import HogwildError
@@ -249,8 +249,8 @@ def test_a_repeated_step_is_not_taken(tokenizer, guard):
         tokenizer, [alice, bob], sampling=sampling, budget=90, self_check_every=0, repeat_guard=guard,
         repeat_retries=1,
     )  # fmt: skip
-    left_out = [e for e in events if isinstance(e, StepDiscarded)]
-    nudges = [e.text for e in events if isinstance(e, NudgeInserted)]
+    left_out = [e for e in events if isinstance(e, StepDiscarded) and e.worker == 0]  # Bob's script runs out
+    nudges = [e.text for e in events if isinstance(e, NudgeInserted) and e.worker == 0]
     nudge = prompts.repeat_nudge(run.names, 0, 0, 1)
     # nudge: the repeat is left out and its step opens again with a nudge naming Alice [1]; the next try (the
     # script's second copy) is taken as it is. resample: drawn again once, then nudged, then the new text is taken
@@ -259,7 +259,7 @@ def test_a_repeated_step_is_not_taken(tokenizer, guard):
     alice_steps = [h.text for h in result.history if h.worker == 0]
     assert alice_steps[0] == "**Alice [1]:** " + same
     assert alice_steps[1].startswith(f"**Alice [2]:** {nudge}")
-    assert prompts.discarded("Alice", 1) in result.workers[0].text
+    assert prompts.discarded(run.names, 0, 0, 1) in result.workers[0].text
     # the shared cache holds the steps taken, and nothing of those left out
     kept = tokenizer.decode(run.shared.history.tokens)
     assert kept == prompts.HISTORY_TITLE + "".join(h.text for h in result.history)
@@ -268,7 +268,10 @@ def test_a_repeated_step_is_not_taken(tokenizer, guard):
 
 
 def test_a_repeat_is_cut_short_while_it_is_written(tokenizer):
-    long = "First I add two and three, which gives five, and then I double five to get ten in all. " * 3 + "\n\n"
+    long = (
+        "First I add two and three, which gives five. Then I double five to get ten in all, and check it by counting "
+        "up from three: four, five, six, seven, eight, nine and ten, so the doubling was right after all.\n\n"
+    )
     alice = long * 2 + "Now the answer is ten.\n\n"
     events, result, run = run_scripted(
         tokenizer, [alice, "Bob waits.\n\n"], budget=200, self_check_every=0, repeat_guard="nudge"
@@ -279,6 +282,21 @@ def test_a_repeat_is_cut_short_while_it_is_written(tokenizer):
     # nudge is taken whole
     assert result.workers[0].discarded == 32 < len(tokenizer.encode(long, add_special_tokens=False))
     assert [h.step for h in result.history if h.worker == 0][:2] == [1, 2]
+
+
+def test_a_copy_of_text_being_written_is_cut_short(tokenizer):
+    alice = (
+        "Janet has sixteen eggs, eats three for breakfast, bakes muffins with four, and sells every one left. That "
+        "leaves nine eggs, which at two dollars each make eighteen dollars a day at the market.\n\n"
+    )
+    bob = "Let me see. " + alice  # the same text, a few passes behind Alice's
+    events, result, run = run_scripted(tokenizer, [alice, bob], budget=60, self_check_every=0, repeat_guard="nudge")
+    (left_out,) = [e for e in events if isinstance(e, StepDiscarded)]
+    assert (left_out.worker, left_out.repeats, left_out.text) == (1, 0, "[not taken: it copies Alice]\n\n")
+    assert prompts.repeat_nudge(run.names, 1, 0, None) in result.workers[1].text
+    assert result.workers[1].discarded == 32 and result.workers[0].discarded == 0
+    # what was left out counts in no one's redundancy: Alice's text is fresh
+    assert result.workers[0].redundancy == 0.0
 
 
 def test_a_copy_of_the_prompts_own_box_is_no_answer(tokenizer):
@@ -314,9 +332,9 @@ def test_repeated_steps_and_redundancy_on_constructed_text():
         share == total == pytest.approx(73 / 93)
     )  # 93 n-grams; the 20 that end in the first copy or wrap into the second are new
     assert redundancy([stamped([1, 2, 3])]) == (None, [None])
-    # a step that goes in circles: the 4-grams of its last 32 words stand earlier in it
-    assert looping("I add the two numbers. " * 20, 0.5) and looping("---\n\n" * 30, 0.5)
-    assert not looping(" ".join(f"step {i} adds {i} more" for i in range(20)), 0.5)
+    # whose text a piece of writing copies: the source most of its n-grams stood in, once they are enough
+    assert copied([None] * 4 + [1] * 10 + [0] * 3, 0.5, least=16) == 1
+    assert copied([None] * 10 + [1] * 7, 0.5, least=16) is None and copied([1] * 8, 0.5, least=16) is None
 
 
 def test_skeleton_of_thought_outlines_expands_apart_and_answers(tokenizer):
@@ -400,6 +418,7 @@ def test_text_rules():
     assert not step_ends("We have:\n\n")
     assert not step_ends("```py\nx = 1\n\n")
     assert not step_ends("$$ a +\n\n")
+    assert step_ends("One glass costs $5, two cost $8.\n\n") and not step_ends("So $x +\n\n")  # money is no math
     assert step_ends("line one\n", force=True)
     assert boxed_answer("so \\boxed{\\frac{1}{2}} and") == "\\frac{1}{2}"
     assert boxed_answer("first \\boxed{1} then \\boxed{2}") == "2"

@@ -83,19 +83,23 @@ def assignment(names: list[str], me: int, parts: int) -> str:
     return f"I take {listed(mine)}" + (f" ({others})" if others else "") + f". Problem {mine[0]}:"
 
 
-def repeat_nudge(names: list[str], me: int, worker: int, step: int, circles: bool = False) -> str:
-    """Opens a step again after the worker's last try repeated step `step` of `worker` (or, `circles`, its own
-    text over and over)."""
+def repeat_nudge(names: list[str], me: int, worker: int, step: int | None) -> str:
+    """Opens a step again after worker `me`'s last try repeated step `step` of `worker`, or (no step) copied the
+    text `worker` was writing (its own: it went in circles)."""
     onward = "Moving on to a part nobody has done yet:"
-    if circles:
-        return f"Wait, I am going in circles. {onward}"
-    who = "I" if worker == me else names[worker]
-    return f"Wait, {who} already wrote that in {names[worker]} [{step}]. {onward}"
+    if step is not None:
+        who = "I" if worker == me else names[worker]
+        return f"Wait, {who} already wrote that in {names[worker]} [{step}]. {onward}"
+    if worker == me:
+        return f"Wait, I am repeating myself. {onward}"
+    return f"Wait, {names[worker]} is already doing this. {onward}"
 
 
-def discarded(name: str, step: int, circles: bool = False) -> str:
+def discarded(names: list[str], me: int, worker: int, step: int | None) -> str:
     """Closes, in a worker's transcript, a step that was not taken (it never reached the shared cache)."""
-    return "[not taken: it goes in circles]\n\n" if circles else f"[not taken: it repeats {name} [{step}]]\n\n"
+    if step is not None:
+        return f"[not taken: it repeats {names[worker]} [{step}]]\n\n"
+    return "[not taken: it repeats itself]\n\n" if worker == me else f"[not taken: it copies {names[worker]}]\n\n"
 
 
 def collaboration_prompt(problem: str, names: list[str], parts: int = 1) -> str:

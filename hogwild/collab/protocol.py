@@ -7,8 +7,9 @@ seeded generator, with the model's generation settings (else temperature 0.6, to
 logits mask keeps them from forging the scratchpad's structure (`collab/masks.py`). The openings differ: with
 `plan` the first worker proposes a split and the others start once that step is finished (`assign`: the engine
 names each worker's parts of a multi-part problem instead). A step that repeats earlier steps of anyone's is not
-taken: its tokens leave the cache and it opens again with a nudge that names the step it repeated (or is drawn
-again first); the guard looks every 16 tokens, so a repeat is cut short. Every `self_check_every` tokens written
+taken: its tokens leave the cache and it opens again with a nudge that names what it repeated (or is drawn again
+first). A repeat says what a finished step said, or copies text as it is written (the others' or its own): the
+guard looks every 16 tokens, so a copy is cut short. Every `self_check_every` tokens written
 by all workers together, the next step to open asks its worker whether it is doing redundant work, answered yes
 or no. Group Think mode: no steps; each thinker has a private prompt and sees every other thinker's tokens at
 every forward pass. Skeleton-of-Thought (`sot`), the baseline: one worker writes an outline of N points, N
@@ -35,7 +36,7 @@ import torch
 from hogwild.collab import prompts
 from hogwild.collab.layouts import LAYOUTS, SharedCache
 from hogwild.collab.masks import masks
-from hogwild.collab.redundancy import looping, redundancy, repeated
+from hogwild.collab.redundancy import N, SharedText, copied, repeated, shares
 from hogwild.collab.text import boxed_answer, boxed_answers, step_ends
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
@@ -137,13 +138,13 @@ class StepFinished:
 
 @dataclass
 class StepDiscarded:
-    """A step that repeated step `step` of worker `repeats` (None: its own text, going in circles) was not taken:
-    it left the cache, and `text`, which marks it in the worker's transcript, follows it there. The step opens
-    again (`StepStarted`)."""
+    """A step that repeated worker `repeats` (a finished step of theirs, or text being written; the worker's own
+    included) was not taken: it left the cache, and `text`, which marks it in the worker's transcript, follows it
+    there. The step opens again (`StepStarted`)."""
 
     worker: int
     step: int
-    repeats: int | None
+    repeats: int
     text: str
 
 
@@ -254,6 +255,7 @@ class _Worker:
     tokens: int = 0  # sampled tokens
     discarded: int = 0  # sampled tokens of steps that were not taken
     written: list[tuple[int, int]] = field(default_factory=list)  # (forward pass, token) of the tokens kept
+    sources: list[int | None] = field(default_factory=list)  # per token kept: whose text its n-gram stood in
     step_start: int = 0  # len(written) when the current step opened
     tries: int = 0  # times the current step was not taken
     closing: bool = False  # the fed token ends the step: move it once the pass is done
@@ -300,6 +302,7 @@ class Collaboration(Run):
         self.account = ""
         self.passes = 0
         self.since_check = 0  # tokens written by all workers since the last self-check question
+        self.ngrams = SharedText()  # every n-gram the workers wrote, for the repeat guard and the redundancy
         self.started = time.perf_counter()
         self.params = self._worker_params()
         self.prompt_ids, self.setup = self._setup_texts()
@@ -489,12 +492,15 @@ class Collaboration(Run):
             return False
         return self._repeated(w) is not None
 
-    def _repeated(self, w: _Worker) -> int | None:
-        """What the worker's step repeats: the index of an earlier step, -1 for its own text (it goes in circles),
-        or None."""
+    def _repeated(self, w: _Worker) -> tuple[int, int | None] | None:
+        """What the worker's step repeats: (worker, step) of an earlier step that says the same, (worker, None)
+        when its tokens copy that worker's text (its own included: going in circles), or None."""
         threshold = self.config.repeat_threshold
         hit = repeated(w.sampled_text, self.bodies, threshold)
-        return hit if hit is not None else -1 if looping(w.sampled_text, threshold) else None
+        if hit is not None:
+            return self.history[hit].worker, self.history[hit].step
+        source = copied(w.sources[w.step_start + N - 1 :], threshold, least=REPEAT_CHECK)
+        return None if source is None else (source, None)
 
     @property
     def _redraws(self) -> int:
@@ -518,15 +524,18 @@ class Collaboration(Run):
         if hit is None:
             return False
         assert self.shared is not None
+        worker, step = hit
         self.shared.current[w.index].clear()
         del w.written[w.step_start :]
         w.discarded += w.step_tokens
-        earlier = self.history[hit] if hit >= 0 else HistoryEntry(w.index, w.step, w.step_text)
-        marker = prompts.discarded(self.names[earlier.worker], earlier.step, circles=hit < 0)
+        self.ngrams, found = SharedText.of([v.written for v in self.workers])  # without the step left out
+        for v, got in zip(self.workers, found, strict=True):
+            v.sources = got
+        marker = prompts.discarded(self.names, w.index, worker, step)
         w.text += marker
-        self.emit(StepDiscarded(w.index, w.step, earlier.worker if hit >= 0 else None, marker))
+        self.emit(StepDiscarded(w.index, w.step, worker, marker))
         w.tries += 1
-        nudge = prompts.repeat_nudge(self.names, w.index, earlier.worker, earlier.step, circles=hit < 0)
+        nudge = prompts.repeat_nudge(self.names, w.index, worker, step)
         self._start_step(w, nudge if w.tries > self._redraws else "")
         return True
 
@@ -544,6 +553,7 @@ class Collaboration(Run):
         w.feed = [token]
         w.tokens += 1
         w.written.append((self.passes, token))
+        w.sources.append(self.ngrams.add(w.index, w.written))
         self.since_check += 1
         w.answering = False
         w.step_tokens += 1
@@ -779,7 +789,7 @@ class Collaboration(Run):
     def redundancy(self) -> tuple[float | None, list[float | None]]:
         """The share of the workers' 8-token n-grams that stood in the shared text already, so far: the run's and
         each worker's (see collab/redundancy.py)."""
-        return redundancy([w.written for w in self.workers])
+        return shares([w.sources for w in self.workers])
 
     def result(self, finished_by: str) -> SolveResult:
         total, each = self.redundancy()

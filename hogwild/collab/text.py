@@ -15,7 +15,8 @@ def open_block(text: str) -> bool:
         return True
     if text.count("$$") % 2 or text.count("\\[") > text.count("\\]") or text.count("\\(") > text.count("\\)"):
         return True
-    single_dollars = text.replace("\\$", "").replace("$$", "").count("$")
+    # a `$` before a digit is money ("costs $5"), not math, in the word problems small models solve
+    single_dollars = re.sub(r"\$(?=\d)", "", text.replace("\\$", "").replace("$$", "")).count("$")
     return single_dollars % 2 == 1
 
 
