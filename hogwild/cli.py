@@ -155,7 +155,8 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, parts: bool = True) 
     group.add_argument(
         "--assign",
         action="store_true",
-        help="with --parts N: the engine writes each worker's first line naming the parts it takes",
+        help="a problem of several parts (--parts, or gsm8k-multi's k): the engine writes each worker's first line "
+        "naming the parts it takes",
     )
     if not parts:
         return

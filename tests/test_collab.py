@@ -226,8 +226,9 @@ def test_paper_opening_and_assigned_parts(tokenizer):
     assert result.workers[0].text.startswith("**Alice [1]:** I take problems 1 and 3 (Bob takes problems 2 and 4).")
     assert result.workers[1].text.startswith("**Bob [1]:** I take problems 2 and 4 (Alice takes problems 1 and 3).")
     assert "Problem 4:" in prompts.assignment(["Alice", "Bob", "Carol", "Dave"], 3, 4)
-    with pytest.raises(HogwildError, match="assign splits a problem of several parts"):
-        CollabConfig(assign=True)
+    # a problem of one part has nothing to assign: the opening is the plan's
+    events, result, run = run_scripted(tokenizer, ["x\n\n", "y\n\n"], budget=20, assign=True, opening="plan")
+    assert result.workers[0].text.startswith("**Alice [1]:** Hi, I'm Alice. Here is how we split the work: I")
 
 
 def test_coarse_steps_hold_a_paragraph_of_work(tokenizer):

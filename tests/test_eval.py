@@ -444,4 +444,6 @@ def test_limit_seed_and_layout_reach_the_runs(tokenizer):
     assert a[0].run.sampling.temperature == 0.6 and a[0].run.config.opening == "plan"  # every strategy alike
     _, d = jobs("--task", "arithmetic", "--limit", "1", "--temperature", "0", "--no-mask", "--repeat-guard", "off")
     assert d[0].run.sampling.temperature == 0 and not d[0].run.config.mask and d[0].run.config.repeat_guard == "off"
+    _, e = jobs("--task", "gsm8k-multi", "--k", "2", "--limit", "1", "--data", str(tasks.SAMPLE), "--assign")
+    assert e[0].run.config.parts == 2 and e[0].run.config.assign
     assert a[1].run.params.seed != seed_for(6, a[1].problem, "sampled:2")

@@ -61,7 +61,7 @@ class CollabConfig:
     max_workers: int = prompts.MAX_WORKERS
     opening: str = "plan"  # first steps: plan, paper or symmetric (see prompts.opening)
     parts: int = 1  # independent questions in the problem: an answer gives all of them, in one \\boxed{}
-    assign: bool = False  # with parts > 1: the engine writes each worker's first line naming the parts it takes
+    assign: bool = False  # the engine writes each worker's first line naming the parts it takes (when parts > 1)
     mask: bool = True  # workers never draw tokens that forge the scratchpad's structure (collab/masks.py)
     min_step_tokens: int = 48  # a step ends at a paragraph break only once it holds this many tokens
     max_step_tokens: int = 192  # past this a step may end at any line break outside code and math; at 2x, anywhere
@@ -95,8 +95,6 @@ class CollabConfig:
             raise HogwildError("repeat_threshold must be in (0, 1] and repeat_retries >= 0")
         if self.parts < 1:
             raise HogwildError(f"parts must be >= 1, got {self.parts}")
-        if self.assign and self.parts < 2:
-            raise HogwildError("assign splits a problem of several parts: give parts >= 2")
         if self.format is not None and self.format not in prompts.FORMATS:
             raise HogwildError(f"unknown format {self.format!r}: choose one of {', '.join(prompts.FORMATS)}")
 
@@ -417,7 +415,7 @@ class Collaboration(Run):
         config = self.config
         if config.workers == 1:
             return ""
-        if config.assign:
+        if self._assigns:
             return prompts.assignment(self.names, w.index, config.parts)
         return prompts.opening(config.opening, self.names, w.index, config.parts)
 
@@ -462,7 +460,12 @@ class Collaboration(Run):
     def _plans(self) -> bool:
         """Whether the others wait for the first worker's plan."""
         config = self.config
-        return config.mode == "hogwild" and config.opening == "plan" and not config.assign and config.workers > 1
+        return config.mode == "hogwild" and config.opening == "plan" and not self._assigns and config.workers > 1
+
+    @property
+    def _assigns(self) -> bool:
+        """Whether the engine splits the problem's parts between the workers."""
+        return self.config.assign and self.config.parts > 1
 
     def _close_step(self, w: _Worker) -> None:
         """The worker's step is over: take it into the shared history and open its next step, or, when it

@@ -197,7 +197,6 @@ class Job:
             collab = dataclasses.replace(
                 config.protocol, workers=strategy.workers, mode=mode, layout=config.layout, budget=self.budgets[-1],
                 finisher_tokens=config.probe_tokens, parts=self.problem.parts,
-                assign=config.protocol.assign and self.problem.parts > 1,
             )  # fmt: skip
             return Collaboration(engine, self.problem.question, collab, sampling)
         # the same prompt a single worker reads, so the strategies differ only in how they spend the passes
