@@ -223,9 +223,12 @@ def test_paper_opening_and_assigned_parts(tokenizer):
     assert result.workers[0].text.startswith("**Alice [1]:** Hi, I'm Alice. Here's how we can")
     assert result.workers[1].text.startswith("**Bob [1]:** Hi, I'm Bob.")
     events, result, run = run_scripted(tokenizer, ["x\n\n", "y\n\n"], budget=20, parts=4, assign=True)
-    assert result.workers[0].text.startswith("**Alice [1]:** I take problems 1 and 3 (Bob takes problems 2 and 4).")
-    assert result.workers[1].text.startswith("**Bob [1]:** I take problems 2 and 4 (Alice takes problems 1 and 3).")
-    assert "Problem 4:" in prompts.assignment(["Alice", "Bob", "Carol", "Dave"], 3, 4)
+    assert result.workers[0].text.startswith("**Alice [1]:** I take problems 1 and 2 (Bob takes problems 3 and 4).")
+    assert result.workers[1].text.startswith("**Bob [1]:** I take problems 3 and 4 (Alice takes problems 1 and 2).")
+    assert prompts.assignment(["Alice", "Bob", "Carol"], 2, 5) == (
+        "I take problem 5 (Alice takes problems 1 and 2; Bob takes problems 3 and 4). Problem 5:"
+    )
+    assert "Back to my own problems 1 and 2:" in prompts.repeat_nudge(run.names, 0, 1, None, [1, 2])
     # a problem of one part has nothing to assign: the opening is the plan's
     events, result, run = run_scripted(tokenizer, ["x\n\n", "y\n\n"], budget=20, assign=True, opening="plan")
     assert result.workers[0].text.startswith("**Alice [1]:** Hi, I'm Alice. Here is how we split the work: I")

@@ -64,29 +64,34 @@ def plan_follow(names: list[str], me: int) -> str:
     return f" {names[0]}'s plan gives me"
 
 
+def assigned(workers: int, me: int, parts: int) -> list[int]:
+    """The parts (1-based) worker `me` takes when the engine splits `parts` parts: consecutive runs, as even as
+    they go (a model that finishes one part goes on to the next one in order: then that one is its own)."""
+    size, extra = divmod(parts, workers)
+    start = me * size + min(me, extra)
+    return list(range(start + 1, start + size + (me < extra) + 1))
+
+
+def _listed(numbers: list[int]) -> str:
+    words = [str(n) for n in numbers]
+    if len(words) == 1:
+        return f"problem {words[0]}"
+    return "problems " + ", ".join(words[:-1]) + f" and {words[-1]}"
+
+
 def assignment(names: list[str], me: int, parts: int) -> str:
-    """Worker `me`'s first line when the engine splits a problem of `parts` parts: round robin over the workers."""
-
-    def taken(w: int) -> list[int]:
-        return [p for p in range(1, parts + 1) if (p - 1) % len(names) == w]
-
-    def listed(numbers: list[int]) -> str:
-        words = [str(n) for n in numbers]
-        return ("problem " if len(words) == 1 else "problems ") + (
-            words[0] if len(words) == 1 else ", ".join(words[:-1]) + f" and {words[-1]}"
-        )
-
-    mine = taken(me)
-    others = "; ".join(f"{names[w]} takes {listed(taken(w))}" for w in range(len(names)) if w != me and taken(w))
-    if not mine:
+    """Worker `me`'s first line when the engine splits a problem of `parts` parts."""
+    taken = [assigned(len(names), w, parts) for w in range(len(names))]
+    others = "; ".join(f"{names[w]} takes {_listed(taken[w])}" for w in range(len(names)) if w != me and taken[w])
+    if not taken[me]:
         return f"Every problem is taken ({others}), so I check their answers as they come."
-    return f"I take {listed(mine)}" + (f" ({others})" if others else "") + f". Problem {mine[0]}:"
+    return f"I take {_listed(taken[me])}" + (f" ({others})" if others else "") + f". Problem {taken[me][0]}:"
 
 
-def repeat_nudge(names: list[str], me: int, worker: int, step: int | None) -> str:
+def repeat_nudge(names: list[str], me: int, worker: int, step: int | None, mine: list[int] = ()) -> str:
     """Opens a step again after worker `me`'s last try repeated step `step` of `worker`, or (no step) copied the
-    text `worker` was writing (its own: it went in circles)."""
-    onward = "Moving on to a part nobody has done yet:"
+    text `worker` was writing (its own: it went in circles); `mine`: the parts the engine gave it, if any."""
+    onward = f"Back to my own {_listed(list(mine))}:" if mine else "Moving on to a part nobody has done yet:"
     if step is not None:
         who = "I" if worker == me else names[worker]
         return f"Wait, {who} already wrote that in {names[worker]} [{step}]. {onward}"

@@ -538,7 +538,8 @@ class Collaboration(Run):
         w.text += marker
         self.emit(StepDiscarded(w.index, w.step, worker, marker))
         w.tries += 1
-        nudge = prompts.repeat_nudge(self.names, w.index, worker, step)
+        mine = prompts.assigned(len(self.names), w.index, self.config.parts) if self._assigns else []
+        nudge = prompts.repeat_nudge(self.names, w.index, worker, step, mine)
         self._start_step(w, nudge if w.tries > self._redraws else "")
         return True
 
