@@ -88,6 +88,12 @@ def assignment(names: list[str], me: int, parts: int) -> str:
     return f"I take {_listed(taken[me])}" + (f" ({others})" if others else "") + f". Problem {taken[me][0]}:"
 
 
+def next_part(part: int, headed: bool) -> str:
+    """What the engine writes when a worker with assigned parts has answered one and goes on to its next `part`:
+    after a step header, or (no header) after the answer it just wrote."""
+    return f"Problem {part}:" if headed else f"\n\nProblem {part}:"
+
+
 def repeat_nudge(names: list[str], me: int, worker: int, step: int | None, mine: list[int] = ()) -> str:
     """Opens a step again after worker `me`'s last try repeated step `step` of `worker`, or (no step) copied the
     text `worker` was writing (its own: it went in circles); `mine`: the parts the engine gave it, if any."""
@@ -107,7 +113,10 @@ def discarded(names: list[str], me: int, worker: int, step: int | None) -> str:
     return "[not taken: it repeats itself]\n\n" if worker == me else f"[not taken: it copies {names[worker]}]\n\n"
 
 
-def collaboration_prompt(problem: str, names: list[str], parts: int = 1) -> str:
+def collaboration_prompt(problem: str, names: list[str], parts: int = 1, assign: bool = False) -> str:
+    """The prompt every worker reads; `assign`: the engine splits the problem's `parts` between the workers."""
+    if assign and len(names) > 1:
+        return assigned_prompt(problem, names)
     if len(names) == 1:
         return (
             f"Solve the problem below. Think step by step, check your work, and write the final answer as "
@@ -131,6 +140,21 @@ def collaboration_prompt(problem: str, names: list[str], parts: int = 1) -> str:
         "- Check each other's results when a part is done, and say so when you find a mistake.\n"
         "- When every part is done, one of you writes the final answer as \\boxed{...}.\n\n"
         f"Problem: {problem}"
+    )
+
+
+def assigned_prompt(problem: str, names: list[str]) -> str:
+    """The prompt of a multi-part problem whose parts the engine splits: each worker solves its own parts one after
+    another, each answer in a \\boxed{} of its own (the engine reads them, one per part, and puts them together)."""
+    team = ", ".join(names[:-1]) + f" and {names[-1]}"
+    return (
+        f"You are one of {len(names)} assistants ({team}) solving the problems below together. You all write at the "
+        "same time and can read each other's work as it is being written.\n\n"
+        f"{problem}\n\n"
+        "The problems are split between you: the first line of your work names your problems. Solve only your own "
+        "problems, one after another. Do not copy a problem's text: start calculating right away. End each "
+        "problem's solution with its answer alone in a \\boxed{}, like 'The answer is \\boxed{...}.' with the number in place of the dots, then "
+        "go on to your next problem."
     )
 
 

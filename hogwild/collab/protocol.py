@@ -49,6 +49,7 @@ REPEAT_GUARDS = ("resample", "nudge", "off")
 TEMPERATURE, TOP_P = 0.6, 0.95  # the Hogwild! paper's sampling, for models that ship no generation settings
 PLAN_TOKENS = 64  # the plan step ends at a line break past this many tokens (at twice as many, anywhere)
 REPEAT_CHECK = 16  # tokens between the repeat guard's looks at a step being written
+KNOWN_CHARS = 24  # assigned parts: the finisher's box repeats each known part answer up to this many characters
 SOT_ANSWER_ROOM = 64  # Skeleton-of-Thought: passes kept for the answer after the expansions
 
 
@@ -259,7 +260,11 @@ class _Worker:
     closing: bool = False  # the fed token ends the step: move it once the pass is done
     waiting: bool = False  # its first line is written; it samples once the first worker's plan is finished
     answering: bool = False  # its next token answers the self-check question
-    done: bool = False  # Skeleton-of-Thought: its part is written
+    done: bool = False  # Skeleton-of-Thought: its part is written; assigned parts: all its parts are answered
+    parts: list[int] = field(default_factory=list)  # assigned parts: the parts (1-based) the engine gave it
+    part: int = 0  # assigned parts: index in `parts` of the one it works on
+    part_start: int = 0  # assigned parts: len(text) where that part began
+    part_answered: bool = False  # assigned parts: the step closing now holds its part's \boxed{} answer
 
     @property
     def sampled_text(self) -> str:
@@ -295,6 +300,10 @@ class Collaboration(Run):
         self.workers = [
             _Worker(i, name, TextStream(self.tokenizer), self._generator(i)) for i, name in enumerate(self.names)
         ]
+        if self._assigns:
+            for w in self.workers:
+                w.parts = prompts.assigned(config.workers, w.index, config.parts)
+        self.part_answers: dict[int, str] = {}  # assigned parts: part (1-based) -> the \boxed{} its worker wrote
         self.answer: str | None = None
         self.answer_worker = 0
         self.account = ""
@@ -307,7 +316,9 @@ class Collaboration(Run):
         self.finisher_text = prompts.finisher(self.names[0], config.parts)
         self.placeholders = set(boxed_answers(problem))
         self.finisher_ids = self._encode(self.finisher_text)
-        self.reserve = len(self.finisher_ids) + config.finisher_tokens  # room the finisher needs at the end
+        # room the finisher needs at the end (with assigned parts, the answers it is given: KNOWN_CHARS each)
+        known = (KNOWN_CHARS + 2) * config.parts if self._assigns else 0
+        self.reserve = len(self.finisher_ids) + known + config.finisher_tokens
         setup_tokens = sum(len(tokens) for _, tokens in self.setup) + sum(map(len, self.first_feed))
         longest_view = len(self.prompt_ids) + setup_tokens
         if engine.context_window - longest_view - self.reserve < 8:
@@ -373,7 +384,7 @@ class Collaboration(Run):
         elif self.sot:
             text = prompts.sot_prompt(self.problem, self.config.workers)
         else:
-            text = prompts.collaboration_prompt(self.problem, self.names, self.config.parts)
+            text = prompts.collaboration_prompt(self.problem, self.names, self.config.parts, self._assigns)
         if self.format.chat:
             prompt_ids = self.tokenizer.encode_chat([{"role": "user", "content": text}])
             prompt_ids += self._encode(self.format.reply_prefix) if self.format.reply_prefix else []
@@ -429,11 +440,20 @@ class Collaboration(Run):
             w.feed = self.first_feed[w.index] if w.step == 1 else []
             w.inserted = 0
             return
-        text = prompts.header(w.name, w.step)
+        if w.part_answered:  # its part is answered: on to its next part, or it is done
+            w.part_answered = False
+            w.part += 1
+            if w.part == len(w.parts):
+                w.done, w.feed = True, []
+                return
+        text = prompts.header(w.name, w.step) if w.step == 1 or not self._headerless else ""
         if w.step == 1:
             text += self._first_line(w)
+        elif w.parts and len(w.text) == w.part_start:
+            text += prompts.next_part(w.parts[w.part], headed=bool(text))
         self.emit(StepStarted(w.index, w.step, text))
-        if not nudge and self.config.self_check_every and self.since_check >= self.config.self_check_every:
+        checks = self.config.self_check_every and not self._assigns  # a given split needs no self-check
+        if not nudge and checks and self.since_check >= self.config.self_check_every:
             nudge = prompts.SELF_CHECK
             self.since_check = 0
             w.answering = True
@@ -465,7 +485,34 @@ class Collaboration(Run):
     @property
     def _assigns(self) -> bool:
         """Whether the engine splits the problem's parts between the workers."""
-        return self.config.assign and self.config.parts > 1
+        return self.config.assign and self.config.parts > 1 and self.config.mode == "hogwild" and not self.solo
+
+    @property
+    def _headerless(self) -> bool:
+        """Whether steps after the first open without a header: assigned parts in the contiguous layout, where
+        each worker's block holds its parts' solutions one after another, written as one text (a small model
+        reads a header in the middle of its own solution as a cue to start over)."""
+        return self._assigns and self.layout == "contiguous"
+
+    def _part_answered(self, w: _Worker) -> bool:
+        """Assigned parts: whether the worker has just closed a \boxed{} answer to the part it works on; the
+        answer is recorded as that part's, and the step ends there."""
+        if not w.parts or w.part >= len(w.parts) or not w.text.endswith("}"):
+            return False
+        found = boxed_answers(w.text[w.part_start :])
+        if not found or found[-1] in self.placeholders:
+            return False
+        self.part_answers[w.parts[w.part]] = found[-1]
+        w.part_answered = True
+        w.part_start = len(w.text)  # the next part's text starts after this answer
+        return True
+
+    def _all_parts(self) -> str | None:
+        """Assigned parts: the problem's answer once every part has its worker's answer (in part order), else
+        None."""
+        if not self._assigns or len(self.part_answers) < self.config.parts:
+            return None
+        return "; ".join(self.part_answers[p] for p in range(1, self.config.parts + 1))
 
     def _close_step(self, w: _Worker) -> None:
         """The worker's step is over: take it into the shared history and open its next step, or, when it
@@ -565,7 +612,7 @@ class Collaboration(Run):
         w.text += delta
         if self.groupthink:
             self._look_for_answer(w, w.text)
-        elif not self.sot and (self._step_over(w) or self._repeating(w)):
+        elif not self.sot and (self._part_answered(w) or self._step_over(w) or self._repeating(w)):
             w.closing = True
         self.emit(Token(w.index, token, delta))
 
@@ -646,8 +693,8 @@ class Collaboration(Run):
                 w.feed = []
                 if w.closing:  # the step's last token is in the cache now: move the step, open the next
                     self._close_step(w)
-                    if w.feed or self.answer is not None:
-                        continue  # a header goes in first; the logits of this pass are not used
+                    if w.feed or w.done or self.answer is not None:
+                        continue  # a header goes in first (the logits of this pass are not used), or it is done
                 if sample.token not in self.engine.eos_ids:
                     self._write(w, sample.token)
                 elif self.solo:  # a lone worker ending its turn has finished its chain of thought
@@ -660,6 +707,13 @@ class Collaboration(Run):
             self.emit(Pass(self.passes, config.budget))
             if ended:
                 return "eos"
+            composed = self._all_parts()
+            if composed is not None:
+                self.answer, self.answer_worker = composed, 0
+                self.account = "; ".join(
+                    f"problem {p}: {self.part_answers[p]} ({w.name})" for w in workers for p in w.parts
+                )
+                return "answer"
         return "budget"
 
     def _skeleton(self) -> Generator[list[Feed], list[Sample], str]:
@@ -751,8 +805,8 @@ class Collaboration(Run):
         """Ask worker `w` for the answer now and decode it briefly (greedy); returns the answer or None."""
         assert self.shared is not None
         view = self.shared.view(w.index)
-        feed = w.feed + self.finisher_ids
-        text = self.finisher_text
+        text = self._question(w)
+        feed = w.feed + self._encode(text)
         w.text += text
         self.emit(Token(w.index, -1, text))
         stream = TextStream(self.tokenizer)
@@ -776,12 +830,25 @@ class Collaboration(Run):
         self.account = _quoted(last) + (text + "}").strip()
         return boxed_answer(text + "}", self.config.parts)
 
+    def _question(self, w: _Worker) -> str:
+        """The finisher's question to worker `w`. With assigned parts, the box opens with the answers its workers
+        already wrote for the first parts in order (up to the first part still open): the model writes the rest."""
+        question = prompts.finisher(w.name, self.config.parts)
+        if not self._assigns:
+            return question
+        known = []
+        for part in range(1, self.config.parts + 1):
+            if part not in self.part_answers:
+                break
+            known.append(self.part_answers[part][:KNOWN_CHARS])
+        return question + "".join(f"{answer}; " for answer in known)
+
     def probe(self, worker: int = 0, max_tokens: int | None = None) -> Probe:
         """A throwaway finisher forked off the live cache: asks `worker` for the answer now, greedily, in blocks of
         its own; add it to the engine. The run itself goes on exactly as it would have without it."""
         assert self.shared is not None, "the run has not started"
         w = self.workers[worker]
-        question = prompts.finisher(w.name, self.config.parts)
+        question = self._question(w)
         parts = self.config.parts
 
         def answer(text: str, final: bool) -> str | None:
