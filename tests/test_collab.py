@@ -234,6 +234,39 @@ def test_paper_opening_and_assigned_parts(tokenizer):
     assert result.workers[0].text.startswith("**Alice [1]:** Hi, I'm Alice. Here is how we split the work: I")
 
 
+
+@pytest.mark.parametrize("layout", ["contiguous", "combined"])
+def test_assigned_parts_go_part_by_part_and_their_answers_make_the_answer(tokenizer, layout):
+    # each worker boxes its first part's answer, then its second's; the engine opens each next part, a worker with
+    # every part answered stops, and the answer is the parts' answers in part order (Bob's 3 and 4 after Alice's)
+    alice = " 2 + 3 = 5, \\boxed{5} and more. 4 \\boxed{4}. Then I keep talking for a long while here.\n\n"
+    bob = " 7. \\boxed{7} 9 is \\boxed{9}\n\n"
+    events, result, run = run_scripted(
+        tokenizer, [alice, bob], budget=120, parts=4, assign=True, layout=layout, min_step_tokens=48
+    )
+    assert result.answer == "5; 4; 7; 9" and result.finished_by == "answer"
+    assert run.part_answers == {1: "5", 2: "4", 3: "7", 4: "9"}
+    a, b = (w.text for w in result.workers)
+    assert "Problem 1: 2 + 3 = 5, \\boxed{5}" in a
+    assert "keep talking" not in a  # done with its parts, Alice writes no more
+    if layout == "contiguous":  # one text per worker: no header after the first
+        assert a.count("**Alice [") == 1 and "\\boxed{5}\n\nProblem 2: and more. 4 \\boxed{4}" in a
+        assert b.count("**Bob [") == 1 and "\\boxed{7}\n\nProblem 4: 9 is \\boxed{9}" in b
+    else:
+        assert "**Alice [2]:** Problem 2: and more. 4 \\boxed{4}" in a and "**Bob [2]:** Problem 4: 9 is \\boxed{9}" in b
+    assert "one after another" in prompts.collaboration_prompt("Problem 1: x", run.names, 4, assign=True)
+
+
+def test_assigned_parts_at_the_budget_the_finisher_box_opens_with_the_known_answers(tokenizer):
+    # Alice answers her two parts; Bob never boxes his: at the budget the finisher's box repeats 1 and 2 and the
+    # model writes the rest
+    alice = " \\boxed{5} \\boxed{4}\n\n"
+    bob = " I am thinking about this problem for a long time without ever reaching any answer at all, " * 4
+    events, result, run = run_scripted(tokenizer, [alice, bob], budget=60, parts=4, assign=True, layout="contiguous")
+    assert result.finished_by == "budget" and run.part_answers == {1: "5", 2: "4"}
+    assert run._question(run.workers[0]).endswith("are \\boxed{5; 4; ")
+    assert "\\boxed{5; 4; " in result.workers[0].text
+
 def test_coarse_steps_hold_a_paragraph_of_work(tokenizer):
     alice = "One.\n\nTwo.\n\nThree is here, and it is a longer line.\n\nFour.\n\n"
     _, fine, _ = run_scripted(tokenizer, [alice], budget=40, self_check_every=0)

@@ -497,7 +497,7 @@ class Collaboration(Run):
     def _part_answered(self, w: _Worker) -> bool:
         """Assigned parts: whether the worker has just closed a \boxed{} answer to the part it works on; the
         answer is recorded as that part's, and the step ends there."""
-        if not w.parts or w.part >= len(w.parts) or not w.text.endswith("}"):
+        if not w.parts or w.part >= len(w.parts) or "}" not in w.text[-8:]:  # a box may close mid-token
             return False
         found = boxed_answers(w.text[w.part_start :])
         if not found or found[-1] in self.placeholders:
