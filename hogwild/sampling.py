@@ -87,11 +87,11 @@ def sample_rows(
         probs = (choice.index_select(0, index) / temperature).softmax(dim=-1)  # [drawn, vocab], in vocab order
         vocab = probs.shape[1]
         top_k = torch.tensor([params[r].top_k or vocab for r in drawn]).unsqueeze(1)
-        ranked = probs.sort(dim=-1, descending=True).values
+        top_p = torch.tensor([params[r].top_p for r in drawn]).unsqueeze(1)
+        ranked = _ranked(probs, top_k, top_p)
         # keep a token when its probability reaches the k-th largest and the nucleus threshold: the smallest
         # probability whose mass before it is still under top_p (the most likely token always stays)
-        kth = ranked.gather(1, (top_k - 1).clamp(max=vocab - 1))
-        top_p = torch.tensor([params[r].top_p for r in drawn]).unsqueeze(1)
+        kth = ranked.gather(1, (top_k - 1).clamp(max=ranked.shape[1] - 1))
         inside = (ranked.cumsum(dim=-1) - ranked) < top_p
         nucleus = ranked.masked_fill(~inside, float("inf")).amin(dim=-1, keepdim=True)
         probs = probs.masked_fill_((probs < kth) | (probs < nucleus), 0.0)
@@ -112,6 +112,27 @@ def sample_rows(
             tuple(zip(ids[r][: p.top_logprobs], values[r][: p.top_logprobs], strict=True)) for r, p in enumerate(params)
         ]
     return [Sample(t, lp, alt) for t, lp, alt in zip(tokens.tolist(), logprobs, top, strict=True)]
+
+
+HEAD = 256  # sampling ranks this many of the most likely tokens first; the whole vocabulary only when it must
+
+
+def _ranked(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Each row's probabilities in descending order, as far as its top-k and top-p reach: the first `head` of them
+    (a top-k pass, a fraction of a full sort of a 150k vocabulary), or all when a row without a top-k inside the
+    head has a nucleus that the head does not close. What the draw keeps is the same as with the full sort: a row's
+    k-th largest and its nucleus both lie in the head, or its nucleus is inside the head and above anything past it.
+    """
+    vocab = probs.shape[1]
+    within = top_k[top_k < vocab]
+    head = min(vocab, max(HEAD, int(within.max()) if within.numel() else 0))
+    if head == vocab:
+        return probs.sort(dim=-1, descending=True).values
+    ranked = probs.topk(head, dim=-1).values
+    open_nucleus = (ranked.cumsum(dim=-1)[:, -1:] - ranked[:, -1:]) < top_p  # the last of the head still inside
+    if (open_nucleus & (top_k > head)).any():
+        return probs.sort(dim=-1, descending=True).values
+    return ranked
 
 
 def _masked(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

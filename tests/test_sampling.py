@@ -8,7 +8,8 @@ import torch
 from hogwild.engine import Engine, EngineConfig, Generation
 from hogwild.errors import HogwildError
 from hogwild.runs import find_stop, stop_prefix_length
-from hogwild.sampling import SamplingParams, sample
+from hogwild import sampling
+from hogwild.sampling import SamplingParams, sample, sample_rows
 
 
 def test_temperature_zero_is_argmax():
@@ -82,3 +83,24 @@ def test_seeds_out_of_range_and_tiny_temperatures():
         assert torch.equal(sample(logits, params, params.generator()), logits.argmax(-1))
     with pytest.raises(HogwildError, match="finite"):
         SamplingParams(temperature=float("inf"))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.95), (20, 0.8), (0, 1.0), (300, 0.99), (5, 1.0)])
+def test_draws_on_the_ranked_head_equal_the_full_sort(top_k, top_p, monkeypatch):
+    # a flat and a peaked row: the peaked row's nucleus closes within the head, the flat one's does not; each draw
+    # must be the token a full sort of the vocabulary would give, for every seed
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(1, 5000) * 0.1, torch.randn(1, 5000) * 6, torch.randn(1, 5000) * 2])
+    params = [SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p, seed=s) for s in range(3)]
+
+    def draws() -> list[int]:
+        return [
+            s.token
+            for seed in range(40)
+            for s in sample_rows(logits, params, [torch.Generator().manual_seed(seed + r) for r in range(3)])
+        ]
+
+    fast = draws()
+    monkeypatch.setattr(sampling, "HEAD", 10**9)  # the head is the whole vocabulary: a full sort
+    assert fast == draws()
+    assert len(set(fast)) > 10  # the draws do vary
