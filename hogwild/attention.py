@@ -94,6 +94,20 @@ class StepPlan:
         self.rows = rows
         self.config = config
         device = rope.cos.device
+        self.parts: list[tuple[torch.Tensor, StepPlan]] = []
+        self.dtype = rope.cos.dtype  # q, k, v come in the cache's dtype
+        self.out_dtype = out_dtype or self.dtype  # the model's dtype, for the output projection
+        fits = (
+            fused is not None
+            and device.type == "cpu"
+            and config.head_dim in HEAD_DIMS
+            and self.dtype in DTYPES
+            and self.out_dtype in DTYPES
+        )
+        short = [len(row.tokens) <= FUSED_ROW_TOKENS for row in rows]
+        if fits and any(short) and not all(short):
+            self._split(rows, short, config, rope, fused)
+            return
         writers: dict[int, int] = {}
         self.starts: list[int] = []
         total = 0
@@ -109,8 +123,6 @@ class StepPlan:
             self.starts.append(total)
             total += len(row.tokens)
         self.tokens = total  # N
-        self.dtype = rope.cos.dtype  # q, k, v come in the cache's dtype
-        self.out_dtype = out_dtype or self.dtype  # the model's dtype, for the output projection
 
         # blocks in first-appearance order, with the rows that read each and where it sits in their view; each
         # (block, token of a row that reads it) pair is one query slot, which sees the block's first `limit` keys:
@@ -143,14 +155,7 @@ class StepPlan:
         self.slots = len(slot_tokens)
 
         self.native = None
-        if (
-            fused is not None
-            and device.type == "cpu"
-            and config.head_dim in HEAD_DIMS
-            and self.dtype in DTYPES
-            and self.out_dtype in DTYPES
-            and max(len(row.tokens) for row in rows) <= FUSED_ROW_TOKENS
-        ):
+        if fits and all(short):
             self.native = fused.Plan(
                 config.num_heads,
                 config.num_kv_heads,
@@ -218,10 +223,39 @@ class StepPlan:
         self.merge_index = self.merge_tokens.view(1, -1, 1).expand(kvh, len(group_tokens), g)
         self.out = None  # [N, heads * D] output buffer, reused by every layer
 
+    def _split(self, rows: list[Row], short: list[bool], config: ModelConfig, rope: Rope, fused: ModuleType) -> None:
+        """A step of short rows (decode tokens, a few inserted words) and long ones (prompts): each kind attends
+        in a plan of its own, the short rows through the fused kernel, the long ones through torch's batched
+        matmuls, so a decode row takes the same path whatever shares its step. Rows are independent within a step
+        (each reads the cache as it was plus its own tokens), so the two plans see exactly what one plan would."""
+        self.starts, total = [], 0
+        for row in rows:
+            self.starts.append(total)
+            total += len(row.tokens)
+        self.tokens = total
+        self.native = None
+        for kind in (True, False):
+            members = [r for r in range(len(rows)) if short[r] == kind]
+            index = [self.starts[r] + t for r in members for t in range(len(rows[r].tokens))]
+            part = StepPlan([rows[r] for r in members], config, rope, self.out_dtype, fused)
+            self.parts.append((torch.tensor(index, device=rope.cos.device), part))
+        self.out = None
+
+    def _attend_parts(self, call, *inputs: torch.Tensor) -> torch.Tensor:
+        """Each part's attention on its rows' slice of `inputs`, gathered into one [N, heads * D] output."""
+        if self.out is None:
+            width = self.config.num_heads * self.config.head_dim
+            self.out = torch.empty((self.tokens, width), dtype=self.out_dtype, device=inputs[0].device)
+        for index, part in self.parts:
+            self.out.index_copy_(0, index, call(part, *(x.index_select(0, index) for x in inputs)))
+        return self.out
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [N, heads, D]; k, v: [N, kv_heads, D] (not rotated, in `self.dtype`) -> [N, heads * D]
 
         in `self.out_dtype` (the model's dtype); the returned tensor is reused by the next layer's call."""
+        if self.parts:
+            return self._attend_parts(lambda part, *x: part.attend(layer, *x), q, k, v)
         if self.native is not None:
             return self.native.attend(layer, q, k, v)
         N, H, D = q.shape
@@ -273,6 +307,8 @@ class StepPlan:
     def attend_qkv(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         """`attend` on the fused projection's output, qkv: [N, (heads + 2 * kv_heads) * D] in any float dtype;
         the fused kernel reads it as it is (no split, no cast)."""
+        if self.parts:
+            return self._attend_parts(lambda part, x: part.attend_qkv(layer, x), qkv)
         if self.native is not None:
             return self.native.attend_qkv(layer, qkv)
         return self.attend(layer, *self.config.split_qkv(qkv.to(self.dtype)))
