@@ -39,7 +39,8 @@ from hogwild.engine import Engine
 from hogwild.errors import HogwildError
 from hogwild.flags import add_engine_arguments, engine_config
 from hogwild.model.kernels import CpuFacts, KernelChoice
-from hogwild.model.loading import is_gguf_folder, resolve_model_dir
+from hogwild.model.loading import is_gguf_folder
+from hogwild.model.registry import resolve_model_dir
 from hogwild.runs import Feed, Run, Sample
 from hogwild.sampling import GREEDY
 

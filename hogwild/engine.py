@@ -28,8 +28,9 @@ from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
 from hogwild.model.kernels import DTYPE_CHOICES, LINEARS, WEIGHTS, KernelChoice, choose
-from hogwild.model.loading import cache_dir, open_weights, read_config, resolve_model_dir, weight_files
+from hogwild.model.loading import cache_dir, open_weights, read_config, weight_files
 from hogwild.model.quant import cache_key, load_cached, on_int4_grid, save_cached
+from hogwild.model.registry import resolve_model_dir
 from hogwild.model.rope import Rope
 from hogwild.model.tokenizer import Tokenizer
 from hogwild.runs import Done, Event, Failed, Feed, GenerationResult, Run, Sample, Sampled, Token

@@ -29,7 +29,8 @@ from hogwild.engine import Engine
 from hogwild.errors import HogwildError
 from hogwild.eval.tasks import read_jsonl
 from hogwild.flags import add_engine_arguments, engine_config
-from hogwild.model.loading import is_gguf_folder, resolve_model_dir
+from hogwild.model.loading import is_gguf_folder
+from hogwild.model.registry import resolve_model_dir
 from hogwild.runs import Done, GenerationResult, Sampled
 from hogwild.sampling import SamplingParams
 from hogwild.scoring import score
