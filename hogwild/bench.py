@@ -34,12 +34,13 @@ import torch
 from rich.console import Console
 
 from hogwild.cache.blocks import Block
-from hogwild.cli import engine_config
 from hogwild.collab.layouts import LAYOUTS, SharedCache
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
+from hogwild.flags import add_engine_arguments, engine_config
 from hogwild.model.kernels import CpuFacts, KernelChoice
-from hogwild.model.loading import is_gguf_folder, resolve_model_dir
+from hogwild.model.loading import is_gguf_folder
+from hogwild.model.registry import resolve_model_dir
 from hogwild.runs import Feed, Run, Sample
 from hogwild.sampling import GREEDY
 
@@ -742,11 +743,9 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(values))
 
 
-def add_parser(
-    sub: argparse._SubParsersAction, add_engine_arguments: Callable[[argparse.ArgumentParser], None]
-) -> None:
-    """Register `hogwild bench decode`, `hogwild bench workers`, `hogwild bench batch`, `hogwild bench quality` and
-    `hogwild bench shape`."""
+def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Register `hogwild bench` with `bench decode`, `bench workers` and `bench batch`; the other benches
+    (`bench quality`, `bench shape`) are registered by the root command on the subcommands returned."""
     bench = sub.add_parser(
         "bench",
         help="decode-speed benchmarks against transformers",
@@ -822,10 +821,4 @@ def add_parser(
     batch.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     add_engine_arguments(batch)
     batch.set_defaults(func=cmd_batch)
-
-    from hogwild import quality  # imports bench's neighbours; registered here so `bench --help` lists it
-
-    quality.add_parser(benches, add_engine_arguments)
-    from hogwild.model import synthetic
-
-    synthetic.add_parser(benches)
+    return benches

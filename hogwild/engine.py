@@ -28,11 +28,12 @@ from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
 from hogwild.model.kernels import DTYPE_CHOICES, LINEARS, WEIGHTS, KernelChoice, choose
-from hogwild.model.loading import cache_dir, open_weights, read_config, resolve_model_dir, weight_files
+from hogwild.model.loading import cache_dir, open_weights, read_config, weight_files
 from hogwild.model.quant import cache_key, load_cached, on_int4_grid, save_cached
+from hogwild.model.registry import resolve_model_dir
 from hogwild.model.rope import Rope
 from hogwild.model.tokenizer import Tokenizer
-from hogwild.runs import Done, Event, Failed, Feed, GenerationResult, Run, Sample, Sampled, Token
+from hogwild.runs import Done, Event, Failed, Feed, GenerationResult, ModelContext, Run, Sample, Sampled, Token
 from hogwild.sampling import SamplingParams, sample_rows
 from hogwild.scheduler import Scheduler
 
@@ -144,7 +145,8 @@ class Engine:
         # on CPU the cache and attention run in float32: aten's bf16 bmm is 3-4x slower than float32 there
         self.cache_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
         self.rope = Rope(model.config, self.cache_dtype, model.device)
-        self.eos_ids = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
+        eos_ids = frozenset(tokenizer.eos_token_ids) | frozenset(model.config.eos_token_ids)
+        self.context = ModelContext(tokenizer, eos_ids, model.config.max_position)  # what runs read of the model
         budget = parse_bytes(config.kv_memory) if config.kv_memory else default_kv_budget(model.device)
         self.pool = KVPool(model.config, self.rope, self.cache_dtype, model.device, budget)
         self.scheduler = Scheduler(self.pool, config.step_tokens, config.max_runs)
@@ -221,16 +223,19 @@ class Engine:
     # context
 
     @property
+    def eos_ids(self) -> frozenset[int]:
+        return self.context.eos_ids
+
+    @property
     def context_window(self) -> int:
-        return self.model_config.max_position
+        return self.context.window
 
     def fits_context(self, tokens: int) -> bool:
-        return tokens <= self.context_window
+        return self.context.fits(tokens)
 
     def check_context(self, tokens: int, what: str) -> None:
         """The one context-window check for user input: `what` names what is too long."""
-        if not self.fits_context(tokens):
-            raise HogwildError(f"{what} the model's context window is {self.context_window} tokens")
+        self.context.check(tokens, what)
 
     def encode_prompt(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
         if not prompt:

@@ -25,11 +25,12 @@ import torch
 from rich.console import Console
 
 from hogwild.bench import format_table
-from hogwild.cli import engine_config
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
 from hogwild.eval.tasks import read_jsonl
-from hogwild.model.loading import is_gguf_folder, resolve_model_dir
+from hogwild.flags import add_engine_arguments, engine_config
+from hogwild.model.loading import is_gguf_folder
+from hogwild.model.registry import resolve_model_dir
 from hogwild.runs import Done, GenerationResult, Sampled
 from hogwild.sampling import SamplingParams
 from hogwild.scoring import score
@@ -178,7 +179,8 @@ def cmd_quality(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(benches: argparse._SubParsersAction, add_engine_arguments) -> None:
+def add_parser(benches: argparse._SubParsersAction) -> None:
+    """Register `hogwild bench quality` on `hogwild bench`'s subcommands."""
     quality = benches.add_parser(
         "quality",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

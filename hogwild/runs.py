@@ -17,18 +17,39 @@ import time
 from collections import deque
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from hogwild.cache.blocks import Block
 from hogwild.cache.pool import Ledger
 from hogwild.errors import HogwildError
-from hogwild.model.tokenizer import TextStream
+from hogwild.model.tokenizer import TextStream, Tokenizer
 from hogwild.sampling import GREEDY, Sample, SamplingParams
 
-if TYPE_CHECKING:
-    from hogwild.engine import Engine
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What a run reads of the model it runs on: the tokenizer (the text of the tokens it samples), the tokens that
+    end a reply, and the context window. The engine holds the one copy (`Engine.context`)."""
+
+    tokenizer: Tokenizer
+    eos_ids: frozenset[int]
+    window: int  # the most tokens one row's view may hold
+
+    def fits(self, tokens: int) -> bool:
+        return tokens <= self.window
+
+    def check(self, tokens: int, what: str) -> None:
+        """The one context-window check for user input: `what` names what is too long."""
+        if not self.fits(tokens):
+            raise HogwildError(f"{what} the model's context window is {self.window} tokens")
+
+
+class HasContext(Protocol):
+    """What a run is made on: the engine, of which a run reads only its `ModelContext`."""
+
+    context: ModelContext
 
 
 @dataclass
@@ -221,7 +242,11 @@ class Sampled(Run):
     `Token(sample, id, text, Sample)`, then `Done(GenerationResult)`."""
 
     def __init__(
-        self, engine: Engine, prompt_ids: list[int] | list[list[int]], params: SamplingParams | None = None, n: int = 1
+        self,
+        engine: HasContext,
+        prompt_ids: list[int] | list[list[int]],
+        params: SamplingParams | None = None,
+        n: int = 1,
     ) -> None:
         super().__init__()
         params = params or SamplingParams()
@@ -232,13 +257,13 @@ class Sampled(Run):
         if n < 1:
             raise HogwildError(f"n must be >= 1, got {n}")
         longest = max(len(p) for p in self.prompts)
-        engine.check_context(longest + 1, what=f"the prompt has {longest} tokens;")
-        self.engine = engine
+        self.context = context = engine.context
+        context.check(longest + 1, what=f"the prompt has {longest} tokens;")
         self.prompt_ids = prompt_ids  # as given, one prompt or several
         self.params = params
         self.n = n
-        self.max_tokens = min(params.max_tokens, engine.context_window - longest)
-        self.streams = [_Stream(engine.tokenizer, params.stop) for _ in range(n * len(self.prompts))]
+        self.max_tokens = min(params.max_tokens, context.window - longest)
+        self.streams = [_Stream(context.tokenizer, params.stop) for _ in range(n * len(self.prompts))]
         self.started = time.perf_counter()
 
     @property
@@ -271,7 +296,7 @@ class Sampled(Run):
             still = []
             for i, sample in zip(live, samples, strict=True):
                 stream = self.streams[i]
-                if sample.token in self.engine.eos_ids:
+                if sample.token in self.context.eos_ids:
                     stream.result.finish_reason = "stop"
                     self._close(i)
                     self.emit(Token(i, -1, "", sample))
@@ -321,17 +346,17 @@ class Probe(Run):
     from the text so far (final: decoding is over); the probe stops as soon as it finds one."""
 
     def __init__(
-        self, engine: Engine, view: list[Block], prefix: list[int], max_tokens: int, answer=None, worker: int = 0
+        self, engine: HasContext, view: list[Block], prefix: list[int], max_tokens: int, answer=None, worker: int = 0
     ) -> None:
         super().__init__()
         assert prefix, "a probe feeds at least one token"
-        self.engine = engine
+        self.context = engine.context
         self.source = list(view)
         self.prefix = list(prefix)
         self.max_tokens = max_tokens
         self.answer_of = answer
         self.worker = worker
-        self.stream = TextStream(engine.tokenizer)
+        self.stream = TextStream(self.context.tokenizer)
         self.text = ""
         self.tokens: list[int] = []
         self.immediate = True  # the forks must be taken now, before the source run moves on
@@ -347,10 +372,10 @@ class Probe(Run):
         view.append(self.ledger.new_block("probe", limit=len(self.prefix) + self.max_tokens))
         feed = self.prefix
         for _ in range(self.max_tokens):
-            if not self.engine.fits_context(sum(b.length for b in view) + len(feed)):
+            if not self.context.fits(sum(b.length for b in view) + len(feed)):
                 break
             (sample,) = yield [Feed(view, feed, GREEDY)]
-            if sample.token in self.engine.eos_ids:
+            if sample.token in self.context.eos_ids:
                 break
             delta = self.stream.push(sample.token)
             self.text += delta

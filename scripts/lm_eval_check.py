@@ -31,7 +31,7 @@ import httpx
 from load_test import free_port, start_server  # scripts/ is on the path when a script in it runs
 
 from hogwild.engine import Engine, EngineConfig
-from hogwild.model.loading import resolve_model_dir
+from hogwild.model.registry import resolve_model_dir
 from hogwild.scoring import score
 
 GEN_TASK = """task: hogwild_arith_gen

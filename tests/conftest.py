@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hogwild import native
-from hogwild.model.loading import resolve_model_dir
+from hogwild.model.registry import resolve_model_dir
 
 torch.set_num_threads(1)  # stable timings and no oversubscription on small machines
 

@@ -21,6 +21,7 @@ from hogwild.collab.protocol import (
     CollabConfig,
     Collaboration,
     NudgeInserted,
+    Pass,
     StepDiscarded,
     StepFinished,
     StepStarted,
@@ -445,7 +446,16 @@ def test_default_model_two_workers_collaborate(default_model_dir):
     for i, name in enumerate(["Alice", "Bob"]):
         assert result.workers[i].text.startswith(f"**{name} [1]:** ")
     assert all(h.text.startswith(f"**{result.workers[h.worker].name} [{h.step}]:** ") for h in result.history)
-    assert result.forward_passes >= min(64, result.forward_passes)
+    # one Pass event per forward pass of the workers, counted once each; the finisher's passes come after them
+    passes = [e.forward_passes for e in events if isinstance(e, Pass)]
+    assert passes == list(range(1, len(passes) + 1))
+    if result.finished_by == "budget":  # all 64 passes spent, then the finisher wrote a few tokens
+        assert passes[-1] == 64 and 64 < result.forward_passes <= 64 + CollabConfig().finisher_tokens
+    else:
+        assert result.finished_by == "answer" and result.answer is not None
+        assert passes[-1] == result.forward_passes <= 64
+    # a pass samples at most one token per worker
+    assert all(0 < w.tokens <= result.forward_passes for w in result.workers)
     assert result.to_dict()["answer"] == result.answer
 
 
@@ -527,4 +537,8 @@ def test_cli_solve_json_on_default_model():
     assert "answer" in out and out["forward_passes"] >= 1
     assert [w["name"] for w in out["workers"]] == ["Alice", "Bob"]
     assert all(w["tokens"] > 0 for w in out["workers"])
-    assert out["elapsed_s"] < 60
+    assert out["tokens_per_worker"] == {w["name"]: w["tokens"] for w in out["workers"]}
+    if out["finished_by"] == "budget":  # the budget ran out: the finisher's passes come on top of it
+        assert out["forward_passes"] > 256
+    else:
+        assert out["finished_by"] == "answer" and out["answer"] is not None and out["forward_passes"] <= 256

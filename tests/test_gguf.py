@@ -18,7 +18,8 @@ from hogwild import cli
 from hogwild.errors import HogwildError
 from hogwild.model import gguf as hw_gguf
 from hogwild.model.config import ModelConfig
-from hogwild.model.loading import load_state_dict, read_config, resolve_model_dir
+from hogwild.model.loading import load_state_dict, read_config
+from hogwild.model.registry import resolve_model_dir
 from hogwild.model.tokenizer import Tokenizer
 
 ROWS, COLS = 3, 512  # two K-quant super-blocks or sixteen 32-element blocks per row

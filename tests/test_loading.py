@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from hogwild.errors import HogwildError
 from hogwild.model import loading
-from hogwild.model.loading import load_state_dict, read_config, resolve_model_dir
+from hogwild.model.loading import load_state_dict, read_config
+from hogwild.model.registry import resolve_model_dir
 from hogwild.model.tokenizer import TextStream, Tokenizer
 
 torch.set_num_threads(1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 import torch
@@ -29,14 +28,21 @@ def tokenizer(default_model_dir):
 def test_threads_submit_and_each_gets_its_own_run(tokenizer):
     engine = tiny_engine(tokenizer)
     loop = EngineLoop(engine)
-    expected = {}
+    expected, steps = {}, {}
     for n in (5, 9, 13):
         alone = tiny_engine(tokenizer)
         expected[n] = "".join(alone.generate_text(alone.encode_prompt(f"Count {n}"), SamplingParams(max_tokens=n)))
+        steps[n] = alone.stats.steps
     texts = {}
+    # the loop thread is held between two steps until every thread has submitted, so the three runs are added
+    # together and must share forward passes, however the threads are scheduled
+    submitted = threading.Semaphore(0)
+    release = threading.Event()
+    held = loop.call(lambda engine: release.wait(timeout=60))
 
     def consume(n: int) -> None:
         ticket = loop.submit(Sampled(engine, engine.encode_prompt(f"Count {n}"), SamplingParams(max_tokens=n)))
+        submitted.release()
         events = list(ticket)
         assert isinstance(events[-1], Done)
         texts[n] = "".join(e.text for e in events if isinstance(e, Token))
@@ -44,11 +50,17 @@ def test_threads_submit_and_each_gets_its_own_run(tokenizer):
     threads = [threading.Thread(target=consume, args=(n,)) for n in expected]
     for t in threads:
         t.start()
+    for _ in threads:
+        assert submitted.acquire(timeout=60)
+    release.set()
     for t in threads:
         t.join(timeout=60)
     loop.close()
+    assert held.result() is True
     assert texts == expected
-    assert max(engine.stats.per_step_rows) >= 2, "the threads' runs never shared a forward pass"
+    # the engine's step records: from the first forward pass on (one prompt row of each run) the three runs went
+    # side by side, one row each, each for as many passes as it took alone
+    assert engine.stats.per_step_rows == [sum(k < s for s in steps.values()) for k in range(max(steps.values()))]
     assert engine.pool.in_use_bytes == 0
 
 
@@ -56,42 +68,44 @@ def test_asyncio_consumers_cancel_and_the_event_loop_stays_free(tokenizer):
     engine = tiny_engine(tokenizer)
     loop = EngineLoop(engine)
 
-    async def main() -> tuple[int, object, object]:
+    async def main() -> tuple[bool, object, object]:
         aio = asyncio.get_running_loop()
-        ticks = 0
-        stop = asyncio.Event()
+        # mid-run the engine thread waits, between two steps, for another task of this event loop to answer: the
+        # task runs only if the consumer awaits its events without blocking the event loop (else no answer comes
+        # and the wait times out)
+        asked, answered = asyncio.Event(), threading.Event()
 
-        async def ticker() -> None:
-            nonlocal ticks
-            while not stop.is_set():
-                ticks += 1
-                await asyncio.sleep(0.001)
+        def ask(engine) -> bool:
+            aio.call_soon_threadsafe(asked.set)
+            return answered.wait(timeout=60)
 
-        tick_task = asyncio.create_task(ticker())
+        async def answer() -> None:
+            await asked.wait()
+            answered.set()
+
+        answering = asyncio.create_task(answer())
         long_run = Collaboration(engine, "Add 2 and 3.", CollabConfig(workers=3, budget=400, self_check_every=0))
         ticket = loop.submit(long_run, aio)
         short = loop.submit(Sampled(engine, engine.encode_prompt("Hi"), SamplingParams(max_tokens=12)), aio)
-        seen = 0
+        seen, held = 0, None
         async for event in ticket:
             if isinstance(event, Token):
                 seen += 1
+                if seen == 10:
+                    held = asyncio.wrap_future(loop.call(ask))
                 if seen == 30:
                     ticket.cancel()
             last = event
         short_events = [e async for e in short]
-        stop.set()
-        await tick_task
-        return ticks, last, short_events[-1]
+        await answering
+        return await held, last, short_events[-1]
 
-    ticks, last, short_done = asyncio.run(main())
+    answered, last, short_done = asyncio.run(main())
     loop.close()
+    assert answered, "the event loop was blocked while the engine ran"
     assert isinstance(last, Done) and last.result.finished_by == "cancelled"
     assert last.result.forward_passes < 400
     assert isinstance(short_done, Done) and short_done.result.samples[0].finish_reason in ("stop", "length")
-    assert ticks > 10, "the event loop was blocked while the engine ran"
-    deadline = time.time() + 5
-    while engine.pool.in_use_bytes and time.time() < deadline:
-        time.sleep(0.01)
     assert engine.pool.in_use_bytes == 0
 
 

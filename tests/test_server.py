@@ -248,13 +248,28 @@ def test_an_out_of_range_seed_is_refused_while_another_stream_goes_on(live):
 
 
 def test_a_fault_in_one_runs_sampling_ends_that_run_alone(live, monkeypatch):
-    """The test hook: sampling raises for any batch holding a row seeded 666, as a broken sampler would."""
+    """The test hook: sampling raises for any batch holding a row seeded 666, as a broken sampler would. The other
+    run's first sampling waits until the bad request is submitted, so the fault comes in a batch they share."""
+    loop = live.server.backend.loop
+    submit, bad_submitted = loop.submit, threading.Event()
+    batches = []
+
+    def submit_and_tell(run, aio=None):
+        ticket = submit(run, aio)
+        if isinstance(run, Sampled) and run.params.seed == 666:
+            bad_submitted.set()
+        return ticket
 
     def faulty(logits, params, generators):
-        if any(p.seed == 666 for p in params):
+        seeds = sorted(p.seed for p in params if p.seed is not None)
+        batches.append(seeds)
+        if 666 in seeds:
             raise RuntimeError("a secret detail of a broken sampler")
+        if seeds == [1]:
+            bad_submitted.wait(timeout=60)  # on the engine thread: the bad run is added before the next step
         return sample_rows(logits, params, generators)
 
+    monkeypatch.setattr(loop, "submit", submit_and_tell)
     monkeypatch.setattr(engine_module, "sample_rows", faulty)
     other = Stream(live, {"model": MODEL, "messages": QUESTION, "max_tokens": 200, "stream": True, "seed": 1})
     bad = {"model": MODEL, "messages": QUESTION, "max_tokens": 50, "seed": 666}
@@ -266,6 +281,7 @@ def test_a_fault_in_one_runs_sampling_ends_that_run_alone(live, monkeypatch):
         chunks, _ = read_sse(streamed)
     assert chunks[-1]["error"]["code"] == "run_failed"
     assert other.whole(), other.chunks[-1:]
+    assert [1, 666] in batches, "the bad run never shared a batch with the other one"
     live.wait_idle()  # the failed runs' blocks were freed
     assert post(live, "/v1/chat/completions", {**bad, "seed": 5}).status_code == 200
     assert httpx.get(live.url + "/health").json()["status"] == "ok"

@@ -17,7 +17,8 @@ from hogwild.attention import Row
 from hogwild.engine import Engine, EngineConfig
 from hogwild.errors import HogwildError
 from hogwild.model import synthetic
-from hogwild.model.loading import open_weights, read_config, resolve_model_dir
+from hogwild.model.loading import open_weights, read_config
+from hogwild.model.registry import resolve_model_dir
 from hogwild.model.synthetic import SHAPES, more_bits, tensor_plan, write_synthetic_gguf
 
 TINY = SHAPES["tiny"]

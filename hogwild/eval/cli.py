@@ -11,22 +11,18 @@ import sys
 import time
 from pathlib import Path
 
-from hogwild.cli import add_protocol_arguments, protocol_fields
 from hogwild.cluster import add_arguments as add_ray_arguments
 from hogwild.collab.protocol import TEMPERATURE, TOP_P, CollabConfig
 from hogwild.errors import HogwildError
 from hogwild.eval import report, tasks
 from hogwild.eval.runner import EvalConfig, Progress, done_pairs, make_jobs, plan_jobs, read_results, run_jobs
+from hogwild.flags import add_engine_arguments, add_protocol_arguments, default, engine_config, protocol_fields
 
 # what a results folder's numbers depend on: a re-run must match them to resume (strategies may be added)
 SETTINGS = ("model", "task", "budgets", "layout", "temperature", "top_p", "protocol", "seed", "probe_tokens")
 
 
-def _default(cls: type, name: str):
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
-
-
-def add_parser(sub, add_engine_arguments) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `hogwild eval` (and `hogwild eval report DIR`) on the main parser's subcommands."""
     p = sub.add_parser(
         "eval",
@@ -38,53 +34,53 @@ def add_parser(sub, add_engine_arguments) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     t = p.add_argument_group("task")
-    t.add_argument("--task", default=_default(tasks.TaskConfig, "name"), help=f"one of {', '.join(tasks.TASKS)}")
+    t.add_argument("--task", default=default(tasks.TaskConfig, "name"), help=f"one of {', '.join(tasks.TASKS)}")
     t.add_argument(
         "--data",
         default=None,
         help=f"JSONL dataset (gsm8k: default the shipped 20-problem sample; gsm8k-multi: {tasks.SHARED} when it "
         "exists, else the sample)",
     )
-    t.add_argument("--limit", type=int, default=_default(tasks.TaskConfig, "limit"), help="first N problems (0: all)")
-    t.add_argument("--k", type=int, default=_default(tasks.TaskConfig, "k"), help="gsm8k-multi: problems per prompt")
+    t.add_argument("--limit", type=int, default=default(tasks.TaskConfig, "limit"), help="first N problems (0: all)")
+    t.add_argument("--k", type=int, default=default(tasks.TaskConfig, "k"), help="gsm8k-multi: problems per prompt")
     t.add_argument(
-        "--difficulty", type=int, default=_default(tasks.TaskConfig, "difficulty"), help="arithmetic: 1 and up"
+        "--difficulty", type=int, default=default(tasks.TaskConfig, "difficulty"), help="arithmetic: 1 and up"
     )
-    t.add_argument("--question-field", default=_default(tasks.TaskConfig, "question_field"), help="jsonl: field")
-    t.add_argument("--answer-field", default=_default(tasks.TaskConfig, "answer_field"), help="jsonl: field")
+    t.add_argument("--question-field", default=default(tasks.TaskConfig, "question_field"), help="jsonl: field")
+    t.add_argument("--answer-field", default=default(tasks.TaskConfig, "answer_field"), help="jsonl: field")
     e = p.add_argument_group("evaluation")
     e.add_argument(
         "--strategies",
-        default=_default(EvalConfig, "strategies"),
+        default=default(EvalConfig, "strategies"),
         help="comma-separated: single, hogwild:N, groupthink:N, sot:N (Skeleton-of-Thought), vote:N (majority of N "
         "samples), best:N (highest mean log-probability of N samples)",
     )
     e.add_argument(
-        "--budgets", default=_default(EvalConfig, "budgets"), help="increasing sequential forward pass budgets"
+        "--budgets", default=default(EvalConfig, "budgets"), help="increasing sequential forward pass budgets"
     )
-    e.add_argument("--layout", default=_default(EvalConfig, "layout"), help="hogwild:N's cache layout")
+    e.add_argument("--layout", default=default(EvalConfig, "layout"), help="hogwild:N's cache layout")
     e.add_argument(
         "--temperature",
         type=float,
-        default=_default(EvalConfig, "temperature"),
+        default=default(EvalConfig, "temperature"),
         help=f"every strategy (0: greedy); default: the model's generation settings, else {TEMPERATURE}",
     )
     e.add_argument(
         "--top-p",
         type=float,
-        default=_default(EvalConfig, "top_p"),
+        default=default(EvalConfig, "top_p"),
         help=f"every strategy; default: the model's generation settings, else {TOP_P}",
     )
     e.add_argument(
         "--seed",
         type=int,
-        default=_default(EvalConfig, "seed"),
+        default=default(EvalConfig, "seed"),
         help="seeds every run (per problem and strategy) and picks the arithmetic problems",
     )
     e.add_argument(
         "--concurrency",
         type=int,
-        default=_default(EvalConfig, "concurrency"),
+        default=default(EvalConfig, "concurrency"),
         help="runs in flight at once (0: as many as the KV budget holds, with room kept for probes)",
     )
     e.add_argument("--out", default="eval-results", help="folder for results.jsonl and the reports")
@@ -131,7 +127,6 @@ def _configs(args: argparse.Namespace) -> tuple[tasks.TaskConfig, EvalConfig]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hogwild.cli import engine_config
     from hogwild.engine import Engine
 
     task, config = _configs(args)  # flags first: a mistake costs no model load

@@ -1,7 +1,7 @@
 """Finding and reading model weights.
 
-hogwild reads Hugging Face model folders (config.json, tokenizer files, `*.safetensors` weights) and `.gguf` files,
-including the named models of `registry` (the default SmolLM2-135M-Instruct among them). A GGUF's metadata is read
+hogwild reads Hugging Face model folders (config.json, tokenizer files, `*.safetensors` weights) and `.gguf` files;
+`registry.resolve_model_dir` turns a `--model` (a name, a folder or a file) into one. A GGUF's metadata is read
 once into a small folder under `cache_dir()/models/` (config.json, the tokenizer and a tensor index, see
 `gguf.write_prepared`); its weights stay in the GGUF, memory-mapped at every start. `open_weights` gives the decoder
 a model's tensors one at a time, so loading holds one float tensor at most beside the weights it keeps. Everything
@@ -39,26 +39,6 @@ def cache_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "hogwild"
     return Path.home() / ".cache" / "hogwild"
-
-
-def resolve_model_dir(model: str | None) -> Path:
-    """A validated model folder for `model`: None (the default model), a name from `hogwild models`, a `.gguf` file
-    (prepared once, see `prepare_gguf`), or a Hugging Face folder. Names win over paths; write `./name` for a folder
-    that shares a model's name."""
-    from hogwild.model import registry
-
-    named = registry.find(registry.DEFAULT if model is None else model)
-    if named is not None:
-        return registry.prepare(named)
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise HogwildError(f"model path {path} does not exist ({SUPPORTED})")
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise HogwildError(f"model path {path} is a file but not a .gguf file ({SUPPORTED})")
-        return prepare_gguf(path, [path], file_key(path))
-    check_model_dir(path)
-    return path
 
 
 def check_model_dir(folder: Path) -> None:
@@ -187,7 +167,7 @@ class SafetensorsWeights:
 
 
 def open_weights(folder: Path) -> GgufWeights | SafetensorsWeights:
-    """The tensors of a model folder `resolve_model_dir` returned, read on demand: a GGUF's (mapped, its own
+    """The tensors of a model folder `registry.resolve_model_dir` returned, read on demand: a GGUF's (mapped, its own
     blocks available through `blocks`) or a safetensors folder's."""
     return GgufWeights.open(folder) if is_gguf_folder(folder) else SafetensorsWeights(folder)
 

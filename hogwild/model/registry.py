@@ -6,8 +6,8 @@ bytes as untrusted: each part is pinned by package version, size and sha256, rea
 distribution (the package is never imported), and the parts are concatenated into the cache only if every one
 matches; the metadata of the assembled file is then read once (see `loading.prepare_gguf`) and the assembled copy
 is deleted: at every start the installed parts themselves are mapped back to back, so the weights are read where
-they lie. `--model NAME` and `hogwild.load(model=NAME)` resolve here; a missing or damaged part is one line naming the
-package to reinstall.
+they lie. Every `--model` and `hogwild.load(model=...)` resolves here (`resolve_model_dir`: a name, else a folder or a
+.gguf file); a missing or damaged part is one line naming the package to reinstall.
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ from pathlib import Path
 
 from hogwild.errors import HogwildError
 from hogwild.model.gguf import INDEX, progress_bar
-from hogwild.model.loading import cache_dir, converted_dir, is_converted, prepare_gguf
+from hogwild.model.loading import (
+    SUPPORTED,
+    cache_dir,
+    check_model_dir,
+    converted_dir,
+    file_key,
+    is_converted,
+    prepare_gguf,
+)
 
 CHUNK = 1 << 22  # bytes read at a time while hashing and assembling
 
@@ -289,6 +297,24 @@ def _parts_in_place(model: NamedModel, folder: Path) -> bool:
         return source["files"] == [str(part_path(model, part).resolve()) for part in model.parts]
     except (OSError, ValueError, KeyError, TypeError, HogwildError):
         return False
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    """A validated model folder for `model`: None (the default model), a name from `hogwild models`, a `.gguf` file
+    (prepared once, see `prepare_gguf`), or a Hugging Face folder. Names win over paths; write `./name` for a folder
+    that shares a model's name."""
+    named = find(DEFAULT if model is None else model)
+    if named is not None:
+        return prepare(named)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise HogwildError(f"model path {path} does not exist ({SUPPORTED})")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise HogwildError(f"model path {path} is a file but not a .gguf file ({SUPPORTED})")
+        return prepare_gguf(path, [path], file_key(path))
+    check_model_dir(path)
+    return path
 
 
 def human_bytes(n: int) -> str:

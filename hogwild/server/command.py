@@ -7,28 +7,19 @@ are imported only when the command runs, so the rest of the CLI works without th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from hogwild.cluster import add_arguments as add_ray_arguments
 from hogwild.engine import EngineConfig
 from hogwild.errors import HogwildError
+from hogwild.flags import add_engine_arguments, default, engine_config
 from hogwild.server.config import ServerConfig
 
 
-def _default(cls: type, name: str):
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
-
-
-def add_parser(
-    sub: argparse._SubParsersAction,
-    add_engine_arguments: Callable[[argparse.ArgumentParser], None],
-    engine_config: Callable[[argparse.Namespace], EngineConfig],
-) -> None:
-    """Register `hogwild serve`; `engine_config` turns the engine arguments into an EngineConfig."""
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `hogwild serve`."""
     serve = sub.add_parser(
         "serve",
         help="serve the OpenAI-compatible API and a web page",
@@ -37,18 +28,18 @@ def add_parser(
         "web page that shows each worker writing. Every request is a run of one shared scheduler.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    serve.add_argument("--host", default=_default(ServerConfig, "host"), help="address to listen on")
-    serve.add_argument("--port", type=int, default=_default(ServerConfig, "port"), help="port to listen on")
+    serve.add_argument("--host", default=default(ServerConfig, "host"), help="address to listen on")
+    serve.add_argument("--port", type=int, default=default(ServerConfig, "port"), help="port to listen on")
     serve.add_argument(
         "--api-key",
-        default=_default(ServerConfig, "api_key"),
+        default=default(ServerConfig, "api_key"),
         help="require this Bearer token (visible to other users in `ps`: prefer --api-key-file or HOGWILD_API_KEY)",
     )
     serve.add_argument("--api-key-file", type=Path, help="require the Bearer token this file holds")
     serve.add_argument(
         "--cors-origin",
         action="append",
-        default=list(_default(ServerConfig, "cors_origins")),
+        default=list(default(ServerConfig, "cors_origins")),
         help="an origin (https://example.com) whose web pages may call the server; repeat for more, * for any",
     )
     serve.add_argument(
@@ -57,13 +48,13 @@ def add_parser(
     serve.add_argument(
         "--max-queue",
         type=int,
-        default=_default(ServerConfig, "max_queue"),
+        default=default(ServerConfig, "max_queue"),
         help="requests waiting to start before new ones get 429",
     )
     serve.add_argument(
         "--max-runs",
         type=int,
-        default=_default(EngineConfig, "max_runs"),
+        default=default(EngineConfig, "max_runs"),
         help="runs in flight at once (0: as many as the KV budget holds; 1: one request at a time)",
     )
     serve.add_argument(
@@ -76,10 +67,10 @@ def add_parser(
         ", each request going to the least loaded",
     )
     add_engine_arguments(serve)
-    serve.set_defaults(func=lambda args: cmd_serve(args, engine_config))
+    serve.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace, engine_config: Callable[[argparse.Namespace], EngineConfig]) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     if args.replicas is not None and args.ray is None:
         raise HogwildError("--replicas needs --ray: without it one engine serves in this process")
     if args.replicas is not None and args.replicas < 1:
@@ -93,7 +84,7 @@ def cmd_serve(args: argparse.Namespace, engine_config: Callable[[argparse.Namesp
         model_name=args.model_name,
         cors_origins=tuple(args.cors_origin),
     )  # checked before the model loads: a refused --host fails at once
-    engine_settings = dataclasses.replace(engine_config(args), max_runs=args.max_runs)
+    engine_settings = engine_config(args, max_runs=args.max_runs)
     try:
         from hogwild.server.app import create_app
     except ImportError as e:
