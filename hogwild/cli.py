@@ -14,6 +14,7 @@ import time
 import torch
 
 from hogwild import bench, quality
+from hogwild.collab import prompts
 from hogwild.collab.protocol import CollabConfig
 from hogwild.engine import Engine, Generation
 from hogwild.errors import HogwildError
@@ -76,7 +77,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         mode=args.mode,
         layout=args.layout,
         budget=args.budget,
-        format=args.format,
+        format=None if args.format == "family" else args.format,
         **protocol_fields(args),
     )
     engine = Engine.load(engine_config(args))
@@ -169,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     solve.add_argument(
         "--format",
-        default=default(CollabConfig, "format"),
-        help="prompt preset: chat, think or plain (default: by model family)",
+        choices=("family", *prompts.FORMATS),
+        default="family",
+        help="prompt preset: chat, think or plain; family: the model family's (chat, think for qwen3)",
     )
     solve.add_argument("--json", action="store_true", help="print one JSON object instead of the live view")
     add_protocol_arguments(solve)

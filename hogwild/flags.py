@@ -35,9 +35,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights",
         choices=WEIGHTS,
         default=default(EngineConfig, "weights"),
-        help="how the linears' weights are stored: int8 (per-channel scales, fbgemm, CPU), int4 (groups of 32, "
-        "bf16 activations, CPU), bf16 or fp32; auto, on CPUs with AVX2 or better: int4 for a model whose weights "
-        "are 4-bit already (the default model), else int8; bf16 on GPUs",
+        help="how the linears' weights are stored: gguf (a GGUF's own quantized blocks, multiplied where they lie "
+        "by hogwild's kernels, CPU), int8 (per-channel scales, fbgemm, CPU), int4 (groups of 32, bf16 activations, "
+        "CPU), bf16 or fp32; auto, on CPUs with AVX2 or better: gguf for a GGUF model (every named model), else "
+        "int4 for 4-bit weights and int8 for the rest; bf16 on GPUs",
     )
     group.add_argument(
         "--dtype",
@@ -143,6 +144,13 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, parts: bool = True) 
         help="share of a step's word 4-grams found in one earlier step that makes it a repeat",
     )
     group.add_argument(
+        "--copy-guard",
+        action=argparse.BooleanOptionalAction,
+        default=default(CollabConfig, "copy_guard"),
+        help="a worker never writes an 8-token run that another worker already wrote: the token that would end it "
+        "is not drawn",
+    )
+    group.add_argument(
         "--self-check-every",
         type=int,
         default=default(CollabConfig, "self_check_every"),
@@ -165,8 +173,8 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, parts: bool = True) 
 
 
 PROTOCOL = (
-    "opening", "mask", "min_step_tokens", "max_step_tokens", "repeat_guard", "repeat_threshold", "self_check_every",
-    "assign", "parts",
+    "opening", "mask", "min_step_tokens", "max_step_tokens", "repeat_guard", "repeat_threshold", "copy_guard",
+    "self_check_every", "assign", "parts",
 )  # fmt: skip
 
 

@@ -39,6 +39,7 @@ class SamplingParams:
     top_logprobs: int = 0  # alternatives reported with each sampled token
     banned: tuple[int, ...] = ()  # token ids never drawn (a logits mask); logprobs stay the model's own
     only: tuple[int, ...] = ()  # when given, the only token ids that may be drawn
+    blocked: tuple[int, ...] = ()  # a few more ids not drawn at this one step (beside `banned`, which stays cached)
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature < float("inf"):
@@ -137,7 +138,7 @@ def _ranked(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> to
 
 def _masked(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """`logits` with every row's banned tokens (and, for a row with `only`, every other token) at -inf."""
-    rows = [r for r, p in enumerate(params) if p.banned or p.only]
+    rows = [r for r, p in enumerate(params) if p.banned or p.only or p.blocked]
     if not rows:
         return logits
     out = logits.clone()
@@ -149,6 +150,8 @@ def _masked(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
             out[r] = row
         if params[r].banned:
             out[r, _ids(params[r].banned)] = float("-inf")
+        if params[r].blocked:
+            out[r, list(params[r].blocked)] = float("-inf")
     return out
 
 

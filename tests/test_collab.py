@@ -26,7 +26,7 @@ from hogwild.collab.protocol import (
     StepFinished,
     StepStarted,
 )
-from hogwild.collab.redundancy import copied, redundancy, repeated
+from hogwild.collab.redundancy import N, copied, redundancy, repeated
 from hogwild.collab.text import boxed_answer, step_ends
 from hogwild.engine import Engine, EngineConfig
 from hogwild.errors import HogwildError
@@ -148,15 +148,16 @@ def test_budget_ends_the_run_through_the_finisher(tokenizer):
 
 
 class LuredEngine(ScriptedEngine):
-    """A scripted engine whose every row likes `lure` best: the script's token comes second."""
+    """A scripted engine whose every row gives `lure` the logit `weight`: above the script's token (0) it is liked
+    best, below it it comes second."""
 
-    def __init__(self, tokenizer: Tokenizer, scripts: list[str], lure: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, scripts: list[str], lure: int, weight: float = 5.0) -> None:
         super().__init__(tokenizer, scripts)
-        self.lure = lure
+        self.lure, self.weight = lure, weight
 
     def run_model(self, rows: list[Row], wanted: list[int]) -> torch.Tensor:
         forced = super().run_model(rows, wanted)
-        forced[:, self.lure] = 5.0
+        forced[:, self.lure] = torch.clamp(forced[:, self.lure], min=self.weight)
         return forced
 
 
@@ -335,6 +336,36 @@ def test_a_copy_of_text_being_written_is_cut_short(tokenizer):
     assert result.workers[1].discarded == 32 and result.workers[0].discarded == 0
     # what was left out counts in no one's redundancy: Alice's text is fresh
     assert result.workers[0].redundancy == 0.0
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_the_copy_guard_never_lets_a_worker_write_out_anothers_text(tokenizer, guard):
+    alice = (
+        "Janet has sixteen eggs, eats three for breakfast, bakes muffins with four, and sells every one left. That "
+        "leaves nine eggs, which at two dollars each make eighteen dollars a day at the market.\n\n"
+    )
+    bob = "Let me see. " + alice  # the same text, a few passes behind Alice's
+    (fallback,) = tokenizer.encode(" so", add_special_tokens=False)
+    engine = LuredEngine(tokenizer, [alice, bob], fallback, weight=-1.0)  # second to the script
+    events, result, run = run_scripted(
+        tokenizer, [alice, bob], engine=engine, sampling=SamplingParams(), budget=70, self_check_every=0,
+        copy_guard=guard,
+    )
+    drawn = [[e.token for e in events if isinstance(e, Token) and e.worker == w and e.token >= 0] for w in (0, 1)]
+    # Alice writes first: nothing of hers is blocked, her text is her script (then the fallback: it has run out)
+    script = tokenizer.encode(alice, add_special_tokens=False)
+    assert drawn[0][: len(script)] == script
+    from_alice = run.workers[1].sources.count(0)  # Bob's n-grams that stood in Alice's text when he wrote them
+    if not guard:  # Bob copies Alice's n-grams as they stand
+        assert fallback not in drawn[1][: len(script)] and from_alice > len(script) // 2
+        return
+    # every time Bob's next token would end an 8-token run that stood in Alice's text, he draws the fallback
+    # instead (his script waits), so none of his n-grams stood in her text; otherwise he writes his script
+    assert from_alice == 0
+    assert drawn[1].count(fallback) >= len(drawn[1]) // N - 1 > 2
+    script = tokenizer.encode(bob, add_special_tokens=False)
+    mine = [t for t in drawn[1] if t != fallback]
+    assert mine[: len(script)] == script
 
 
 def test_a_copy_of_the_prompts_own_box_is_no_answer(tokenizer):

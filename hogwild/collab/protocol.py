@@ -69,6 +69,7 @@ class CollabConfig:
     repeat_guard: str = "nudge"  # a step repeating earlier ones: nudge, resample (then nudge), or off
     repeat_threshold: float = 0.5  # share of a step's word 4-grams standing in one earlier step that makes a repeat
     repeat_retries: int = 2  # resample: draws of a repeated step before a nudge names what it repeats
+    copy_guard: bool = False  # a worker never draws the token that completes an n-gram another worker wrote
     self_check_every: int = 512  # tokens written by all workers between self-check questions; 0: never
     finisher_tokens: int = 24
     format: str | None = None  # prompt preset (chat, think, plain); None: the model family's default
@@ -373,8 +374,20 @@ class Collaboration(Run):
         if w.answering:
             return self.params["answer"]
         if w.step_text.endswith("*"):
-            return self.params["star"]
-        return self.params["line"] if w.step_text.endswith("\n") else self.params["write"]
+            params = self.params["star"]
+        else:
+            params = self.params["line"] if w.step_text.endswith("\n") else self.params["write"]
+        copies = self._copies(w)
+        return dataclasses.replace(params, blocked=copies) if copies else params
+
+    def _copies(self, w: _Worker) -> tuple[int, ...]:
+        """With the copy guard, the tokens that would make the worker's next token end an n-gram (N tokens) that
+        another worker already wrote where it could see it: a small model that reads a neighbour's solution in the
+        shared cache goes on to write it out, token for token, in place of its own. A box's opening brace is never
+        blocked (every worker answers the same way)."""
+        if not self.config.copy_guard or self.solo or self.sot or w.step_text.endswith("\\boxed"):
+            return ()
+        return self.ngrams.copies(w.index, w.written, self.passes + 1)
 
     def _setup_texts(self) -> tuple[list[int], list[tuple[str, list[int]]]]:
         """Prompt token ids and the texts written after it: (which block, tokens) for the section titles or the

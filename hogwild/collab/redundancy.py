@@ -30,6 +30,8 @@ class SharedText:
     def __init__(self, n: int = N) -> None:
         self.n = n
         self.first: dict[tuple[int, ...], tuple[int, int, int]] = {}
+        # the same n-grams by their first n - 1 tokens: prefix -> {last token: (forward pass, worker)}
+        self.follows: dict[tuple[int, ...], dict[int, tuple[int, int]]] = {}
 
     def add(self, worker: int, written: Sequence[tuple[int, int]], end: int | None = None) -> int | None:
         """`written`: the worker's tokens as (forward pass, token id); `end`: the token just written (default the
@@ -42,9 +44,18 @@ class SharedText:
         gram = tuple(token for _, token in written[end - self.n + 1 : end + 1])
         first = self.first.setdefault(gram, (at, worker, end))
         if first == (at, worker, end):
+            self.follows.setdefault(gram[:-1], {})[gram[-1]] = (at, worker)
             return None
         p, source, _ = first
         return source if p < at or source == worker else None  # the others' tokens show one pass later
+
+    def copies(self, worker: int, written: Sequence[tuple[int, int]], at: int) -> tuple[int, ...]:
+        """The tokens that would complete, after the worker's last n - 1 `written` tokens, an n-gram another worker
+        wrote that the worker sees at forward pass `at` (the others' tokens show one pass later)."""
+        if len(written) < self.n - 1:
+            return ()
+        found = self.follows.get(tuple(token for _, token in written[len(written) - self.n + 1 :]), {})
+        return tuple(sorted(t for t, (p, source) in found.items() if source != worker and p < at))
 
     @classmethod
     def of(cls, workers: Sequence[Sequence[tuple[int, int]]], n: int = N) -> tuple[SharedText, list[list[int | None]]]:
