@@ -32,7 +32,6 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hogwild import strategies as registry
 from hogwild.collab.layouts import LAYOUTS
 from hogwild.collab.protocol import CollabConfig, default_sampling
 from hogwild.engine import Engine
@@ -41,12 +40,12 @@ from hogwild.eval import grading
 from hogwild.eval.tasks import Problem
 from hogwild.runs import Probe, Run
 from hogwild.sampling import SamplingParams
-from hogwild.strategies import Point, Reader, Spec
+from hogwild.strategies import Point, Reader, Spec, parse
 
 
 def parse_strategies(text: str) -> tuple[Spec, ...]:
     """'single,hogwild:2,vote:4' -> strategies (see `hogwild.strategies.parse`)."""
-    return registry.parse(text)
+    return parse(text)
 
 
 def parse_budgets(text: str) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from hogwild.collab.protocol import CollabConfig
+from hogwild.collab.protocol import CollabConfig, Collaboration
 from hogwild.engine import Engine
 from hogwild.runs import Run
 from hogwild.sampling import SamplingParams
@@ -74,6 +74,14 @@ class Strategy:
 
     def build(self, engine: Engine, problem: str, n: int, collab: CollabConfig, sampling: SamplingParams) -> Run:
         raise NotImplementedError(f"strategy {self.name!r} builds no run")
+
+    def live(self, engine: Engine, problem: str, collab: CollabConfig, sampling: SamplingParams) -> Collaboration:
+        """The live run of a served strategy, of `collab.workers` workers: what `hogwild solve`, `hogwild.solve`
+        and the server run."""
+        assert self.served, f"strategy {self.name!r} is not served"
+        run = self.build(engine, problem, collab.workers, collab, sampling)
+        assert isinstance(run, Collaboration), f"served strategy {self.name!r} built {run}, not a collaboration"
+        return run
 
     def reader(self, job: Job) -> Reader:
         raise NotImplementedError(f"strategy {self.name!r} has no evaluation reader")
