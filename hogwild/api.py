@@ -8,9 +8,8 @@
 
 `solve_stream` yields the run's events as they happen (`Token`, `StepStarted`, `NudgeInserted`, `StepFinished`,
 `Pass`, `AnswerFound`, and last `Done` with the result); the CLI, the server and the evaluation harness use it.
-`mode` names the strategy (a served one of `hogwild.strategies`). Defaults live
-in `CollabConfig`, `default_sampling` (the workers sample with the model's settings, from seed 0 unless told) and
-`EngineConfig`.
+`mode` names the strategy (a served one of `hogwild.strategies`). Defaults live in `CollabConfig`,
+`default_sampling` (the workers sample with the model's settings, from seed 0 unless told) and `EngineConfig`.
 """
 
 from __future__ import annotations
