@@ -8,8 +8,8 @@
 
 `solve_stream` yields the run's events as they happen (`Token`, `StepStarted`, `NudgeInserted`, `StepFinished`,
 `Pass`, `AnswerFound`, and last `Done` with the result); the CLI, the server and the evaluation harness use it.
-Defaults live in `CollabConfig`, `default_sampling` (the workers sample with the model's settings, from seed 0
-unless told) and `EngineConfig`.
+`mode` names the strategy (a served one of `hogwild.strategies`). Defaults live in `CollabConfig`,
+`default_sampling` (the workers sample with the model's settings, from seed 0 unless told) and `EngineConfig`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-from hogwild.collab.protocol import CollabConfig, Collaboration, Event, SolveResult, default_sampling
+from hogwild import strategies
+from hogwild.collab.protocol import CollabConfig, Event, SolveResult, default_sampling
 from hogwild.engine import Engine, EngineConfig
 from hogwild.runs import Done
 from hogwild.sampling import SamplingParams
+from hogwild.strategies import Strategy
 
 _ENGINES: dict[EngineConfig, Engine] = {}
 
@@ -33,18 +35,20 @@ def load(config: EngineConfig | None = None, **kwargs) -> Engine:
     return _ENGINES[config]
 
 
-def _split(engine: Engine, kwargs: dict) -> tuple[CollabConfig, SamplingParams]:
-    names = {f.name for f in dataclasses.fields(CollabConfig)}
+def _split(engine: Engine, kwargs: dict) -> tuple[Strategy, CollabConfig, SamplingParams]:
+    names = {f.name for f in dataclasses.fields(CollabConfig)} - {"mode"}
     collab = {k: v for k, v in kwargs.items() if k in names}
-    sampling = {k: v for k, v in kwargs.items() if k not in names}
-    return CollabConfig(**collab), default_sampling(engine, **{"seed": 0, **sampling})
+    sampling = {k: v for k, v in kwargs.items() if k not in names and k != "mode"}
+    strategy = strategies.served(kwargs.get("mode", CollabConfig.mode))
+    return strategy, CollabConfig(**collab), default_sampling(engine, **{"seed": 0, **sampling})
 
 
 def solve_stream(problem: str, engine: Engine | None = None, **kwargs) -> Iterator[Event]:
-    """Yield the events of one collaborative run; keyword arguments are CollabConfig and SamplingParams fields."""
+    """Yield the events of one collaborative run; keyword arguments are `mode` (the strategy), CollabConfig and
+    SamplingParams fields."""
     engine = engine or load()
-    config, sampling = _split(engine, kwargs)
-    yield from engine.stream(Collaboration(engine, problem, config, sampling))
+    strategy, config, sampling = _split(engine, kwargs)
+    yield from engine.stream(strategy.live(engine, problem, config, sampling))
 
 
 def solve(problem: str, engine: Engine | None = None, **kwargs) -> SolveResult:

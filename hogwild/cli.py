@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from hogwild import bench, quality
+from hogwild import bench, quality, strategies
 from hogwild.collab import prompts
 from hogwild.collab.protocol import CollabConfig
 from hogwild.engine import Engine, Generation
@@ -68,13 +68,13 @@ def cmd_solve(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from hogwild.collab.protocol import Collaboration, default_sampling
+    from hogwild.collab.protocol import default_sampling
     from hogwild.runs import Done
     from hogwild.view import LiveView
 
+    strategy = strategies.served(args.mode)
     config = CollabConfig(
         workers=args.workers,
-        mode=args.mode,
         layout=args.layout,
         budget=args.budget,
         format=None if args.format == "family" else args.format,
@@ -82,7 +82,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     )
     engine = Engine.load(engine_config(args))
     params = default_sampling(engine, seed=args.seed, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    run = Collaboration(engine, args.problem, config, params)
+    run = strategy.live(engine, args.problem, config, params)
     result = None
     if args.json:
         for event in engine.stream(run):
@@ -92,7 +92,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
         return 130 if result.finished_by == "interrupted" else 0
     console = Console(stderr=False)
-    title = f"hogwild {config.mode}: {config.workers} workers, {config.layout} layout | {args.problem}"
+    title = f"hogwild {strategy.name}: {config.workers} workers, {config.layout} layout | {args.problem}"
     view = LiveView(run.names, config.budget, console, title)
     with Live(view, console=console, refresh_per_second=8, screen=False, transient=False):
         for event in engine.stream(run):  # Ctrl-C aborts the run; its Done still arrives
@@ -156,8 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument(
         "--mode",
         default=default(CollabConfig, "mode"),
-        help="hogwild (steps, shared history), groupthink (token-level) or sot (Skeleton-of-Thought: an outline, "
-        "one point per worker, unseen by the others, then one answer)",
+        help=f"the strategy: {strategies.help_text(served_only=True)}",
     )
     solve.add_argument(
         "--layout", default=default(CollabConfig, "layout"), help="cache layout: combined, interleaved or contiguous"

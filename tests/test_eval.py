@@ -403,13 +403,13 @@ def test_eval_probes_leave_the_run_untouched(tokenizer, monkeypatch, strategy):
     (job,) = make_jobs(engine, [problem], config)
     probed = Recorder(engine, job.run)
     probes = []
-    add_probe = Job._add_probe
+    add_probe = Job.add_probe
 
     def counting(self, probe, record):
         probes.append(probe)
         return add_probe(self, probe, record)
 
-    monkeypatch.setattr(Job, "_add_probe", counting)
+    monkeypatch.setattr(Job, "add_probe", counting)
     run_jobs(engine, [job], config)
     assert len(probes) >= 2 and all(p.done and p.final.tokens for p in probes), "the job never probed"
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from hogwild import strategies
 from hogwild.cluster import add_arguments as add_ray_arguments
 from hogwild.collab.protocol import TEMPERATURE, TOP_P, CollabConfig
 from hogwild.errors import HogwildError
@@ -52,8 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--strategies",
         default=default(EvalConfig, "strategies"),
-        help="comma-separated: single, hogwild:N, groupthink:N, sot:N (Skeleton-of-Thought), vote:N (majority of N "
-        "samples), best:N (highest mean log-probability of N samples)",
+        help=f"comma-separated: {strategies.help_text()}",
     )
     e.add_argument(
         "--budgets", default=default(EvalConfig, "budgets"), help="increasing sequential forward pass budgets"

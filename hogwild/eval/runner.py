@@ -1,29 +1,20 @@
 """The evaluation loop: every (problem, strategy) is one run of one engine, all in flight together, each read at
 every budget of sequential forward passes from a single run to the largest budget.
 
-Strategies. `single` is a collaboration of one worker (plain chain of thought), `hogwild:N` N workers in the
-Hogwild! protocol (`--layout`, and the protocol's fields in `EvalConfig.protocol`), `groupthink:N` N Group Think
-thinkers, `sot:N` Skeleton-of-Thought (an outline of N points, N workers expanding one each unseen by the others,
-one answer). `vote:N` and `best:N` are N independent samples of the same prompt sharing its block
-(`Sampled(n=N)`); `vote:N` takes the majority answer (ties go to the lowest-numbered sample), `best:N` the answer
-of the sample with the highest mean token log-probability. A vote:N and a best:N of the same N read one and the
-same run. Every strategy samples alike: `temperature` and `top_p`, by default the model's generation settings
-(else 0.6 and 0.95), each run seeded from `seed`, the problem and the strategy.
+Strategies come from the registry (`hogwild.strategies`): each builds its run and reads it at every budget (a
+collaboration through probes forked off its live cache, independent samples each at its own length). A vote:N and
+a best:N of the same N read one and the same run. Every strategy samples alike: `temperature` and `top_p`, by
+default the model's generation settings (else 0.6 and 0.95), each run seeded from `seed`, the problem and the
+strategy's group (`Strategy.group`).
 
 Scores. A problem of k questions (gsm8k-multi) is scored per question: a record holds how many of its k answers
 are right (`parts_correct`) beside whether all are (`correct`). Collaborations also record their redundancy: the
 share of the workers' 8-token n-grams that stood in the shared text already (collab/redundancy.py).
 
-Budget points. A collaboration runs once to the largest budget B (where its own finisher asks for the answer).
-When `run.passes` reaches a smaller budget b, a probe forks the live cache and asks worker 0 for the answer now
-(the finisher question, greedy, `probe_tokens` at most) in throwaway blocks; the run goes on untouched. A run that
-ends before b (an answer found, the worker ended its reply) holds its final answer for every larger budget. For
-the samples, a budget of b passes is b tokens of each sample: when a sample has written b tokens, its answer at b
-is the last \\boxed{} in its text if it wrote one, else a probe forked off its blocks asks for the answer with the
-same finisher question; a sample that ended before b keeps the answer in its text. The samples run to B + 1
-tokens so the probe at B reads a sample as long as the budget, then the run is stopped. A probe's own tokens are
-counted in neither a point's tokens nor its passes, and neither are the collaboration's own finisher's at B (they
-are the same few greedy tokens for every strategy).
+Budget points. A run goes once to the largest budget B; its strategy's reader gives its answer at every smaller
+budget b as if it had stopped there (see `strategies/collaborations.py` and `strategies/samples.py`). A probe's own
+tokens are counted in neither a point's tokens nor its passes, and neither are the collaboration's own finisher's
+at B (they are the same few greedy tokens for every strategy).
 
 Throughput. Jobs are admitted while their KV reservation fits the pool with `probe_room` of it kept free for
 probes, and `concurrency` allows (0: as many as fit); one `Engine.step` serves every run and probe in flight.
@@ -36,60 +27,25 @@ import dataclasses
 import json
 import time
 import zlib
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hogwild.collab import prompts
 from hogwild.collab.layouts import LAYOUTS
-from hogwild.collab.protocol import CollabConfig, Collaboration, Pass, default_sampling
-from hogwild.collab.text import boxed_answer
+from hogwild.collab.protocol import CollabConfig, default_sampling
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
 from hogwild.eval import grading
 from hogwild.eval.tasks import Problem
-from hogwild.runs import Probe, Sampled
+from hogwild.runs import Probe, Run
 from hogwild.sampling import SamplingParams
-
-KINDS = ("single", "hogwild", "groupthink", "sot", "vote", "best")
-
-
-@dataclass(frozen=True)
-class Strategy:
-    kind: str
-    workers: int = 1
-
-    @property
-    def name(self) -> str:
-        return self.kind if self.kind == "single" else f"{self.kind}:{self.workers}"
-
-    @property
-    def sampled(self) -> bool:
-        return self.kind in ("vote", "best")
+from hogwild.strategies import Point, Reader, Spec, parse
 
 
-def parse_strategies(text: str) -> tuple[Strategy, ...]:
-    """'single,hogwild:2,vote:4' -> strategies; an unknown or malformed one is a HogwildError."""
-    out = []
-    for item in (part.strip() for part in text.split(",")):
-        kind, _, count = item.partition(":")
-        if kind not in KINDS:
-            raise HogwildError(
-                f"unknown strategy {item!r}: use single, hogwild:N, groupthink:N, sot:N, vote:N or best:N"
-            )
-        if kind == "single":
-            if count:
-                raise HogwildError(f"strategy {item!r}: single takes no count (it is one worker)")
-            out.append(Strategy("single"))
-            continue
-        if not count.isdigit() or not 1 <= int(count) <= prompts.MAX_WORKERS:
-            raise HogwildError(f"strategy {item!r}: give {kind}:N with N from 1 to {prompts.MAX_WORKERS}")
-        out.append(Strategy(kind, int(count)))
-    if len({s.name for s in out}) != len(out):
-        raise HogwildError(f"strategies {text!r} name one strategy twice")
-    return tuple(out)
+def parse_strategies(text: str) -> tuple[Spec, ...]:
+    """'single,hogwild:2,vote:4' -> strategies (see `hogwild.strategies.parse`)."""
+    return parse(text)
 
 
 def parse_budgets(text: str) -> tuple[int, ...]:
@@ -128,20 +84,8 @@ class EvalConfig:
             raise HogwildError("probe_tokens must be >= 1 and probe_room in [0, 1)")
 
     @property
-    def plan(self) -> tuple[tuple[Strategy, ...], tuple[int, ...]]:
+    def plan(self) -> tuple[tuple[Spec, ...], tuple[int, ...]]:
         return parse_strategies(self.strategies), parse_budgets(self.budgets)
-
-
-@dataclass
-class Point:
-    """What one strategy answered for one problem at one budget."""
-
-    answer: str | None
-    passes: int  # sequential forward passes the answer rests on (<= the budget, or the pass a late probe read)
-    tokens: int  # tokens written by all workers or samples up to then (probe and finisher tokens not counted)
-    wall_s: float  # from the job's start to this answer
-    transcript: str
-    redundancy: float | None = None  # a collaboration's, up to then
 
 
 def seed_for(seed: int, problem: Problem, group: str) -> int:
@@ -149,10 +93,11 @@ def seed_for(seed: int, problem: Problem, group: str) -> int:
 
 
 class Job:
-    """One run on one problem, serving one strategy (or vote:N and best:N together), read at every budget."""
+    """One run on one problem, serving one strategy (or several that read one run: vote:N and best:N), read at
+    every budget by its strategy's reader."""
 
     def __init__(
-        self, engine: Engine, problem: Problem, strategies: list[Strategy], budgets: tuple[int, ...], config: EvalConfig
+        self, engine: Engine, problem: Problem, strategies: list[Spec], budgets: tuple[int, ...], config: EvalConfig
     ) -> None:
         self.engine = engine
         self.problem = problem
@@ -162,12 +107,16 @@ class Job:
         self.started = 0.0
         self.probes: list[tuple[Probe, Callable[[Probe], None]]] = []
         self.points: dict[tuple[str, int], Point] = {}
-        self.main_passes = 0  # the collaboration's passes before its finisher
-        self.probing: set[int] = set()  # budgets whose collaboration probe is in flight
-        self.sample_probing: set[tuple[int, int]] = set()  # (sample, budget) probes in flight
-        # per budget, per sample: (answer, mean log-probability, tokens, transcript), once known
-        self.answers: dict[int, dict[int, tuple[str | None, float, int, str]]] = {b: {} for b in budgets}
-        self.run: Collaboration | Sampled = self._make_run()
+        first = strategies[0]
+        assert all(s.group == first.group for s in strategies), f"{strategies} do not read one run"
+        seed = seed_for(config.seed, problem, first.group)
+        sampling = default_sampling(engine, seed=seed, temperature=config.temperature, top_p=config.top_p)
+        collab = dataclasses.replace(
+            config.protocol, layout=config.layout, budget=budgets[-1], finisher_tokens=config.probe_tokens,
+            parts=problem.parts,
+        )  # fmt: skip
+        self.run: Run = first.strategy.build(engine, problem.question, first.workers, collab, sampling)
+        self.reader: Reader = first.strategy.reader(self)
 
     @property
     def kv_tokens(self) -> int:
@@ -180,34 +129,7 @@ class Job:
     @property
     def passes(self) -> int:
         """Progress in sequential forward passes, for the progress bar."""
-        if self.done:
-            return self.budgets[-1]
-        if isinstance(self.run, Collaboration):
-            return min(self.run.passes, self.budgets[-1])
-        return min(max(len(s.result.tokens) for s in self.run.streams), self.budgets[-1])
-
-    def _make_run(self) -> Collaboration | Sampled:
-        strategy, engine, config = self.strategies[0], self.engine, self.config
-        seed = seed_for(
-            config.seed, self.problem, strategy.name if not strategy.sampled else f"sampled:{strategy.workers}"
-        )
-        sampling = default_sampling(engine, seed=seed, temperature=config.temperature, top_p=config.top_p)
-        if not strategy.sampled:
-            mode = "hogwild" if strategy.kind == "single" else strategy.kind
-            collab = dataclasses.replace(
-                config.protocol, workers=strategy.workers, mode=mode, layout=config.layout, budget=self.budgets[-1],
-                finisher_tokens=config.probe_tokens, parts=self.problem.parts,
-            )  # fmt: skip
-            return Collaboration(engine, self.problem.question, collab, sampling)
-        # the same prompt a single worker reads, so the strategies differ only in how they spend the passes
-        fmt = prompts.format_for(engine.model_config.family)
-        text = prompts.collaboration_prompt(self.problem.question, [prompts.NAMES[0]])
-        if fmt.chat:
-            ids = engine.tokenizer.encode_chat([{"role": "user", "content": text}])
-            ids += engine.tokenizer.encode(fmt.reply_prefix, add_special_tokens=False) if fmt.reply_prefix else []
-        else:
-            ids = engine.tokenizer.encode(text + "\n\n")
-        return Sampled(engine, ids, dataclasses.replace(sampling, max_tokens=self.budgets[-1] + 1), n=strategy.workers)
+        return self.budgets[-1] if self.done else self.reader.passes
 
     # driving
 
@@ -216,15 +138,13 @@ class Job:
         self.engine.add(self.run)
 
     def poll(self) -> None:
-        """After each engine step: collect finished probes, start the probes now due, resolve what is known."""
+        """After each engine step: collect finished probes, then let the reader start the probes now due and
+        record what is known."""
         for probe, record in list(self.probes):
             if probe.done:
                 self.probes.remove((probe, record))
                 record(probe)
-        if isinstance(self.run, Collaboration):
-            self._poll_collaboration(self.run)
-        else:
-            self._poll_samples(self.run)
+        self.reader.poll()
 
     def abort(self) -> None:
         for probe, _ in self.probes:
@@ -232,7 +152,10 @@ class Job:
         self.probes = []
         self.engine.abort(self.run)
 
-    def _add_probe(self, probe: Probe, record: Callable[[Probe], None]) -> bool:
+    # what readers call
+
+    def add_probe(self, probe: Probe, record: Callable[[Probe], None]) -> bool:
+        """Start `probe`; `record` gets it once it is done. False when there is no KV room for it this step."""
         try:
             self.engine.add(probe)
         except HogwildError:
@@ -240,126 +163,10 @@ class Job:
         self.probes.append((probe, record))
         return True
 
-    def _point(self, strategy: Strategy, budget: int, point: Point) -> None:
+    def point(self, strategy: Spec, budget: int, point: Point) -> None:
         self.points[(strategy.name, budget)] = point
 
-    # collaborations
-
-    def _poll_collaboration(self, run: Collaboration) -> None:
-        strategy = self.strategies[0]
-        while run.outbox:
-            event = run.outbox.popleft()
-            if isinstance(event, Pass):
-                self.main_passes = event.forward_passes  # the finisher's passes come without a Pass event
-        waiting = [b for b in self.budgets if (strategy.name, b) not in self.points and b not in self.probing]
-        parts = self.problem.parts
-        if run.done:
-            result = run.final
-            answer = result.answer
-            if answer is None:
-                answer = grading.extract_answer(result.workers[0].text, parts)
-            transcript = _transcript(result.workers)
-            point = Point(answer, self.main_passes, result.tokens, self._elapsed(), transcript, result.redundancy)
-            for budget in waiting:
-                self._point(strategy, budget, point)
-            return
-        due = [b for b in waiting if b < self.budgets[-1] and run.passes >= b]
-        if not due or run.shared is None:
-            return
-        budget = due[0]
-        passes, tokens = run.passes, sum(w.tokens for w in run.workers)
-        texts, shared = _transcript(run.workers), run.redundancy()[0]
-
-        def record(probe: Probe, budget: int = budget) -> None:
-            self.probing.discard(budget)
-            final = probe.final
-            answer = final.answer if final.answer is not None else grading.extract_answer(final.text, parts)
-            transcript = f"{texts}\n\n[probe] {run.finisher_text.strip()}{final.text}"
-            self._point(strategy, budget, Point(answer, passes, tokens, self._elapsed(), transcript, shared))
-
-        if self._add_probe(run.probe(worker=0, max_tokens=self.config.probe_tokens), record):
-            self.probing.add(budget)
-
-    # independent samples
-
-    def _poll_samples(self, run: Sampled) -> None:
-        parts = self.problem.parts
-        question = prompts.finisher(prompts.NAMES[0], parts)
-        run.outbox.clear()  # the samples are read from their streams
-        for i, stream in enumerate(run.streams):
-            result = stream.result
-            ended = bool(result.finish_reason) and result.finish_reason != "length"
-            for budget in self.budgets:
-                known = self.answers[budget]
-                if i in known or (i, budget) in self.sample_probing:
-                    continue
-                n, text = len(result.tokens), result.text
-                if ended and n <= budget:  # the sample ended on its own before the budget: its own answer
-                    known[i] = (grading.extract_answer(text, parts), result.mean_logprob, n, text)
-                elif n >= budget and boxed_answer(text, parts) is not None:  # it has answered already
-                    known[i] = (boxed_answer(text, parts), result.logprob / n, n, text)
-                elif n >= budget and not run.done:
-                    mean = result.logprob / n
-
-                    def record(probe: Probe, i=i, budget=budget, mean=mean, n=n, text=text) -> None:
-                        self.sample_probing.discard((i, budget))
-                        final = probe.final
-                        answer = final.answer
-                        if answer is None:
-                            answer = grading.extract_answer(final.text, parts)
-                        shown = f"{text}\n\n[probe] {question.strip()}{final.text}"
-                        self.answers[budget][i] = (answer, mean, n, shown)
-
-                    prefix = [result.tokens[-1]] + self.engine.tokenizer.encode(question, add_special_tokens=False)
-                    probe = Probe(
-                        self.engine,
-                        self._sample_view(run, i),
-                        prefix,
-                        self.config.probe_tokens,
-                        _finisher_answer(question, parts),
-                    )
-                    if self._add_probe(probe, record):
-                        self.sample_probing.add((i, budget))
-                elif run.done:  # stopped with no probe possible any more: what it wrote is all there is
-                    known[i] = (grading.extract_answer(text, parts), result.mean_logprob, n, text)
-        for budget in self.budgets:
-            known = self.answers[budget]
-            if len(known) == run.n and all((s.name, budget) not in self.points for s in self.strategies):
-                for strategy in self.strategies:
-                    self._point(strategy, budget, self._choose(strategy, budget, known))
-        if len(self.points) == len(self.strategies) * len(self.budgets) and not run.done:
-            self.engine.abort(run)  # every budget is read: the token past the last budget is not needed
-
-    @staticmethod
-    def _sample_view(run: Sampled, i: int) -> list:
-        assert run.ledger is not None
-        blocks = {block.name: block for block in run.ledger.blocks}
-        if run.n == 1:
-            return [blocks["sequence"]]
-        return [blocks["prompt"], blocks[f"sample{i}"]]
-
-    def _choose(self, strategy: Strategy, budget: int, known: dict) -> Point:
-        samples = [known[i] for i in sorted(known)]
-        if strategy.kind == "best":
-            pick = max(range(len(samples)), key=lambda i: (samples[i][1], -i))
-            answer = samples[pick][0]
-        else:
-            keys = [_vote_key(s[0]) for s in samples]
-            counts = Counter(k for k in keys if k is not None)
-            if counts:
-                top = max(counts.values())
-                pick = next(i for i, k in enumerate(keys) if k is not None and counts[k] == top)
-            else:
-                pick = 0
-            answer = samples[pick][0]
-        passes = min(budget, max(s[2] for s in samples))
-        transcript = "\n\n".join(
-            f"[sample {i}{' (chosen)' if i == pick else ''}, mean logprob {s[1]:.3f}, answer {s[0]!r}]\n{s[3]}"
-            for i, s in enumerate(samples)
-        )
-        return Point(answer, passes, sum(s[2] for s in samples), self._elapsed(), transcript)
-
-    def _elapsed(self) -> float:
+    def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
     def records(self, extra: dict) -> list[dict]:
@@ -380,38 +187,18 @@ class Job:
         return out
 
 
-def _finisher_answer(question: str, parts: int) -> Callable[[str, bool], str | None]:
-    def answer(text: str, final: bool) -> str | None:
-        return boxed_answer(question + text + ("}" if final else ""), parts)
-
-    return answer
-
-
-def _vote_key(answer: str | None) -> object:
-    if answer is None or not answer.strip():
-        return None
-    number = grading.to_number(answer)
-    return number if number is not None else answer.strip()
-
-
-def _transcript(workers) -> str:
-    if len(workers) == 1:
-        return workers[0].text
-    return "\n\n".join(f"[{w.name}]\n{w.text}" for w in workers)
-
-
-def job_groups(strategies: tuple[Strategy, ...]) -> list[list[Strategy]]:
-    """The strategies one run serves together: each alone, except vote:N and best:N of the same N (one run)."""
-    groups: dict[str, list[Strategy]] = {}
+def job_groups(strategies: tuple[Spec, ...]) -> list[list[Spec]]:
+    """The strategies one run serves together: those of one group (`Strategy.group`: each alone, except vote:N
+    and best:N of the same N)."""
+    groups: dict[str, list[Spec]] = {}
     for strategy in strategies:
-        key = f"sampled:{strategy.workers}" if strategy.sampled else strategy.name
-        groups.setdefault(key, []).append(strategy)
+        groups.setdefault(strategy.group, []).append(strategy)
     return list(groups.values())
 
 
 def plan_jobs(
     problems: list[Problem], config: EvalConfig, skip: set[tuple[str, str]] = frozenset()
-) -> list[tuple[Problem, list[Strategy]]]:
+) -> list[tuple[Problem, list[Spec]]]:
     """(problem, strategies of one run) for every job still to do, in problem order, leaving out the
     (problem, strategy) pairs in `skip`."""
     strategies, _ = config.plan

@@ -1,13 +1,14 @@
 """The OpenAI protocol, mapped onto engine runs: request bodies -> runs, run events -> responses and stream chunks.
 
 A request without `workers` is a plain generation: `Sampled(engine, prompt, SamplingParams, n=n)`, each sample one
-choice. A request with `workers` is a `Collaboration` of that many workers on the problem (the last user message,
-or the completion prompt), shaped by the extension fields `layout`, `mode` and `budget`; its content, sent when
-the run ends, is the answer followed by the words it came from (the step that holds it, or the finisher's), and
-everything the workers write rides in the extension field `hogwild` of the stream chunks
-(`choices[0].delta.hogwild` for chat, `choices[0].hogwild` for completions), one event per chunk, so a plain
-OpenAI client still reads an ordinary reply. `Reply` turns one run's events into chunks as they come and into the
-whole response at the end, so a streamed reply and the same run unstreamed carry the same content.
+choice. A request with `workers` is a run of that many workers on the problem (the last user message, or the
+completion prompt) by the strategy its extension field `mode` names (a served one of `hogwild.strategies`),
+shaped by the fields `layout` and `budget`; its content, sent when the run ends, is the answer followed by the
+words it came from (the step that holds it, or the finisher's), and everything the workers write rides in the
+extension field `hogwild` of the stream chunks (`choices[0].delta.hogwild` for chat, `choices[0].hogwild` for
+completions), one event per chunk, so a plain OpenAI client still reads an ordinary reply. `Reply` turns one run's
+events into chunks as they come and into the whole response at the end, so a streamed reply and the same run
+unstreamed carry the same content.
 
 Bodies are validated strictly (no coercion: `"2"` is not 2), every text must be valid Unicode, and OpenAI fields
 hogwild does not implement are refused by name when they ask for something (`UNSUPPORTED`); each mistake is an
@@ -26,9 +27,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from hogwild import strategies
 from hogwild.collab.layouts import LAYOUTS
 from hogwild.collab.protocol import (
-    MODES,
     AnswerFound,
     CollabConfig,
     Collaboration,
@@ -145,7 +146,7 @@ class CompletionFields(_Body):
     @field_validator("layout", "mode")
     @classmethod
     def _known(cls, value: str | None, info: ValidationInfo) -> str | None:
-        choices = LAYOUTS if info.field_name == "layout" else MODES
+        choices = LAYOUTS if info.field_name == "layout" else strategies.served_names()
         if value is not None and value not in choices:
             raise ValueError(f"unknown {info.field_name} {value!r}: choose one of {', '.join(choices)}")
         return value
@@ -243,12 +244,13 @@ class Job:
     choices: int
     logprobs: int | None = None  # alternatives per token when the client asked for log-probabilities
     echo: Echo | None = None
+    strategy: strategies.Strategy | None = None  # the strategy a request with workers runs (its `mode`)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def collaboration(self) -> bool:
-        return isinstance(self.run, Collaboration)
+        return self.strategy is not None
 
 
 def build_job(
@@ -280,6 +282,7 @@ def build_job(
     else:
         logprobs = request.logprobs
     asks = {"logprobs": logprobs is not None, "echo": getattr(request, "echo", False)}
+    strategy = None
     try:
         if request.workers is None:
             run, echo = _sampled(engine, kind, request, max_tokens, tuple(stops), logprobs or 0, config)
@@ -287,12 +290,13 @@ def build_job(
             for name, asked in asks.items():
                 if asked:
                     raise ApiError(400, f"{name} is not supported with workers", param=name)
-            run, echo = _collaboration(engine, request, max_tokens, stops), None
+            strategy = strategies.served(request.mode or _COLLAB.mode)
+            run, echo = _collaboration(engine, strategy, request, max_tokens, stops), None
         engine.check_fits_pool(run)
     except HogwildError as e:
         raise ApiError(400, str(e)) from None
     choices = len(run.streams) if isinstance(run, Sampled) else 1
-    return Job(run, kind, model, request.stream, include_usage, choices, logprobs, echo)
+    return Job(run, kind, model, request.stream, include_usage, choices, logprobs, echo, strategy)
 
 
 def _sampling(request: CompletionFields, max_tokens: int, stops: tuple[str, ...], top_logprobs: int) -> SamplingParams:
@@ -381,7 +385,7 @@ def _completion_prompts(
 
 
 def _collaboration(
-    engine: Engine, request: CompletionFields, max_tokens: int | None, stops: list[str]
+    engine: Engine, strategy: strategies.Strategy, request: CompletionFields, max_tokens: int | None, stops: list[str]
 ) -> Collaboration:
     if request.n != 1:
         raise ApiError(
@@ -410,13 +414,13 @@ def _collaboration(
             code="context_length_exceeded",
             param="max_tokens",
         )
-    given = {"workers": request.workers, "layout": request.layout, "mode": request.mode}
+    given = {"workers": request.workers, "layout": request.layout}
     # the budget counts sequential forward passes, about the tokens each worker writes: max_tokens when not given
     given["budget"] = request.budget if request.budget is not None else max_tokens
     config = CollabConfig(**{k: v for k, v in given.items() if v is not None})
     # the collaboration's own sampling: max_tokens does not apply, its budget does
     sampling = _sampling(request, 1, (), 0)
-    return Collaboration(engine, problem, config, sampling)
+    return strategy.live(engine, problem, config, sampling)
 
 
 def model_name(engine: Engine) -> str:
@@ -463,7 +467,7 @@ class Reply:
                 "workers": run.names,
                 "budget": run.config.budget,
                 "layout": run.layout,
-                "mode": run.config.mode,
+                "mode": self.job.strategy.name,
             }
             chunks.append(self._chunk(0, hogwild=names))
         return chunks

@@ -22,8 +22,9 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 
+from hogwild import strategies
 from hogwild.collab.layouts import LAYOUTS
-from hogwild.collab.protocol import MODES, CollabConfig
+from hogwild.collab.protocol import CollabConfig
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
 from hogwild.loop import EngineLoop, Ticket
@@ -145,7 +146,8 @@ class EngineService:
             "context_window": self.engine.context_window,
             "max_workers": collab["max_workers"],
             "layouts": list(LAYOUTS),
-            "modes": list(MODES),
+            "modes": strategies.served_names(),
+            "strategies": [{"name": s.name, "summary": s.summary} for s in strategies.REGISTRY.values() if s.served],
             "defaults": {
                 **{k: collab[k] for k in ("workers", "layout", "mode", "budget")},
                 "temperature": OPENAI_TEMPERATURE,

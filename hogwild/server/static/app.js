@@ -1,6 +1,7 @@
-// The hogwild page: sends a problem to /v1/chat/completions with `workers`, reads the server-sent events, and
-// draws what each worker writes in its own column (choices[0].delta.hogwild events), the finished steps in the
-// shared history, and the answer (the ordinary content). Stop aborts the request; the server cancels the run.
+// The hogwild page: sends a problem to /v1/chat/completions with `workers` and a strategy (`mode`, one of those
+// the model card lists), reads the server-sent events, and draws what each worker writes in its own column
+// (choices[0].delta.hogwild events), the finished steps in the shared history, and the answer (the ordinary
+// content). Stop aborts the request; the server cancels the run.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -30,10 +31,16 @@ async function loadModel() {
   const ext = card.hogwild;
   model = card.id;
   $("model").textContent = `${card.id}, context ${ext.context_window} tokens`;
-  for (const [id, options] of [["layout", ext.layouts], ["mode", ext.modes]]) {
-    $(id).replaceChildren(...options.map((name) => new Option(name, name)));
-    $(id).value = ext.defaults[id];
-  }
+  $("layout").replaceChildren(...ext.layouts.map((name) => new Option(name, name)));
+  // the strategies a run can be, each with its one-line summary, as the server's registry lists them
+  $("mode").replaceChildren(
+    ...ext.strategies.map((strategy) => {
+      const option = new Option(strategy.name, strategy.name);
+      option.title = strategy.summary;
+      return option;
+    }),
+  );
+  for (const id of ["layout", "mode"]) $(id).value = ext.defaults[id];
   $("workers").max = ext.max_workers;
   for (const id of ["workers", "budget", "temperature"]) {
     if ($(id).value === "") $(id).value = ext.defaults[id];
