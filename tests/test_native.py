@@ -4,6 +4,8 @@ against the flat reference, and the switches that turn them off."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,6 +160,16 @@ def test_a_failed_build_falls_back_with_one_line(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err
     assert "could not compile the fused CPU kernels (Error building extension" in err and "torch ops" in err
     assert not (tmp_path / "never-built" / "built").exists()
+
+
+def test_a_build_killed_midway_does_not_stop_the_next_start(fused):
+    """A first start stopped during the build leaves torch's lock file in the build folder; the next start must
+    build or load anyway, not wait on it for ever."""
+    (native.build_folder(native.FUSED) / "lock").touch()
+    code = "from hogwild import native; import sys; sys.exit(native.build() is None)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not (native.build_folder(native.FUSED) / "lock").exists()
 
 
 def test_engine_uses_the_fused_kernels_unless_told_not_to(default_model_dir):

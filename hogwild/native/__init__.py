@@ -19,11 +19,14 @@ when switched off): no x86-64 CPU with AVX2, FMA and F16C, no compiler, or its s
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -96,6 +99,20 @@ def load_gguf() -> ModuleType | None:
     return build(GGUF)
 
 
+@contextlib.contextmanager
+def _held(folder: Path) -> Iterator[None]:
+    """One hogwild process at a time builds or loads in `folder`. torch's own lock there is a file that a build
+    killed midway (Ctrl-C on the first start) leaves behind, and every later process would wait on it for ever; the
+    kernel drops this lock with its holder, so whoever holds it knows torch's file is stale and removes it."""
+    with open(folder / "hogwild.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            (folder / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def build(extension: Extension = FUSED) -> ModuleType | None:
     """`load` (or `load_gguf`) without the per-process cache."""
     reason = unavailable(extension)
@@ -118,14 +135,15 @@ def build(extension: Extension = FUSED) -> ModuleType | None:
         from torch.utils.cpp_extension import load as compile_and_load
 
         folder.mkdir(parents=True, exist_ok=True)
-        module = compile_and_load(
-            name=extension.module,
-            sources=[str(extension.source)],
-            extra_cflags=list(extension.flags),
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(folder),
-            verbose=False,
-        )
+        with _held(folder):
+            module = compile_and_load(
+                name=extension.module,
+                sources=[str(extension.source)],
+                extra_cflags=list(extension.flags),
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(folder),
+                verbose=False,
+            )
     except (OSError, RuntimeError, ImportError) as error:
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         print(
