@@ -23,6 +23,7 @@ SETTINGS = {
     "line steps": ["--min-step-tokens", "0"],
     "no repeat guard": ["--repeat-guard", "off"],
     "resample first": ["--repeat-guard", "resample"],
+    "copy guard": ["--copy-guard"],
     "no self-check": ["--self-check-every", "0"],
     "self-check every 128": ["--self-check-every", "128"],
     "symmetric opening": ["--opening", "symmetric"],
