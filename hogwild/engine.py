@@ -272,8 +272,9 @@ class Engine:
         self.scheduler.add(run)
         return run
 
-    def abort(self, run: Run, reason: str = "interrupted") -> list[tuple[Run, Event]]:
-        """Stop `run` now and free its blocks; its `Done` event (the result so far) is returned and queued."""
+    def abort(self, run: Run, reason: str = "interrupted") -> list[Run]:
+        """Stop `run` now and free its blocks; its `Done` event (the result so far) goes to its outbox, and the run
+        is returned (nothing when it had ended)."""
         if run.done:
             return []
         self.scheduler.remove(run)
@@ -290,8 +291,9 @@ class Engine:
         """Start the waiting runs that fit now (`step` does this first); returns them."""
         return self.scheduler.admit()
 
-    def step(self) -> list[tuple[Run, Event]]:
-        """One forward pass over the scheduled rows of every running run; returns the events it produced."""
+    def step(self) -> list[Run]:
+        """One forward pass over the scheduled rows of every running run; returns the runs it gave new events
+        (in their outboxes)."""
         start = time.perf_counter()
         touched = self.admit()
         chunks = self.scheduler.schedule()
@@ -365,19 +367,20 @@ class Engine:
         plan.commit()
         return logits.float()
 
-    def _collect(self, touched: list[Run]) -> list[tuple[Run, Event]]:
-        """Move the touched runs' new events to their outboxes; free the runs that ended."""
-        events = []
+    def _collect(self, touched: list[Run]) -> list[Run]:
+        """Move the touched runs' new events to their outboxes, the one channel a run's consumer reads; free the
+        runs that ended. Returns the runs with new events."""
+        fresh = []
         for run in dict.fromkeys(touched):
-            for event in run.events:
-                events.append((run, event))
-                run.outbox.append(event)
-            run.events = []
+            if run.events:
+                fresh.append(run)
+                run.outbox.extend(run.events)
+                run.events = []
             if run.done:
                 self.scheduler.remove(run)
                 if run.ledger is not None:
                     run.ledger.release()
-        return events
+        return fresh
 
     def stream(self, run: Run) -> Iterator[Event]:
         """Add `run` and step the engine until it is done, yielding its events (other runs progress too). Ctrl-C

@@ -163,7 +163,7 @@ class EngineLoop:
         except Exception as e:  # the caller's failure, raised where it awaits the future
             future.set_exception(e)
 
-    def _add(self, ticket: Ticket) -> list[tuple[Run, Event]]:
+    def _add(self, ticket: Ticket) -> list[Run]:
         try:
             self.engine.add(ticket.run)
         except HogwildError as e:  # an immediate run (a probe) that found no room now
@@ -171,12 +171,14 @@ class EngineLoop:
             self._tickets.pop(ticket.run.id)
         return []
 
-    def _route(self, events: list[tuple[Run, Event]]) -> None:
-        for run, event in events:
+    def _route(self, runs: list[Run]) -> None:
+        """Hand the runs' new events from their outboxes to their tickets (a run without one: dropped)."""
+        for run in runs:
             ticket = self._tickets.get(run.id)
-            run.outbox.clear()  # the ticket is the consumer here
-            if ticket is None:
-                continue
-            ticket._deliver(event)
-            if isinstance(event, Done):
-                self._tickets.pop(run.id, None)
+            while run.outbox:
+                event = run.outbox.popleft()
+                if ticket is None:
+                    continue
+                ticket._deliver(event)
+                if isinstance(event, Done):
+                    self._tickets.pop(run.id, None)

@@ -60,10 +60,12 @@ def greedy(engine: Engine, prompts: list[list[int]], tokens: int) -> list[list[i
     runs = [engine.add(Sampled(engine, prompt, params)) for prompt in prompts]
     results: dict[int, list[int]] = {}
     while len(results) < len(runs):
-        for run, event in engine.step():
-            if isinstance(event, Done):
-                assert isinstance(event.result, GenerationResult)
-                results[id(run)] = event.result.samples[0].tokens
+        for run in engine.step():
+            while run.outbox:
+                event = run.outbox.popleft()
+                if isinstance(event, Done):
+                    assert isinstance(event.result, GenerationResult)
+                    results[id(run)] = event.result.samples[0].tokens
     return [results[id(run)] for run in runs]
 
 
