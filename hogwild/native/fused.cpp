@@ -557,8 +557,9 @@ class Plan {
 // ---------------------------------------------------------------------------------------------------------------
 // Every layer of a step whose projections are int4 (aten's CPU int4 kernel, bf16 rows), in one call: the Python
 // loop around ~10 calls a layer costs more than the norms it calls. x: [N, hidden] float32, the residual stream,
-// updated in place; per layer, `PER_LAYER` tensors (see the Python side, hogwild/model/decoder.py); -> the final
-// RMSNorm of x, float32.
+// updated in place; per layer, `PER_LAYER` tensors (see the Python side, hogwild/model/decoder.py, and each
+// projection's `Int4Linear.kernel_args()`); -> the final RMSNorm of x, float32. Its norms and silu * up are the
+// same kernels the decoder's layer loop calls; only the loop itself is restated here.
 
 // input norm, (weight, scale_zero, bias) of qkv, of o, post norm, (weight, scale_zero, bias) of gate_up, of down;
 // an empty bias is none
@@ -596,7 +597,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<int64_t>,
                     std::vector<int64_t>, std::vector<int64_t>, std::vector<at::Tensor>, std::vector<int64_t>,
                     std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
-                    std::vector<int64_t>, int64_t, at::ScalarType>())
+                    std::vector<int64_t>, int64_t, at::ScalarType>(),
+           py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("cos"), py::arg("signed_sin"),
+           py::arg("write_kv"), py::arg("write_start"), py::arg("write_count"), py::arg("write_offset"),
+           py::arg("read_kv"), py::arg("read_length"), py::arg("read_start"), py::arg("read_end"),
+           py::arg("slot_token"), py::arg("slot_delta"), py::arg("slot_limit"), py::arg("tokens"),
+           py::arg("out_dtype"))
       .def("attend", &Plan::attend)
       .def("attend_qkv", &Plan::attend_qkv);
   m.def("int4_layers", &int4_layers, "every int4 layer of a step, attention through `plan`", py::arg("plan"),
