@@ -150,21 +150,20 @@ class Decoder:
             if self.layers[-1].qkv.shape != (expected, c.hidden_size):
                 raise HogwildError(f"layer {i} attention weights do not match the config's head counts")
         self.format.cached = {}  # an earlier start's tensors: the linears hold what they need of them
-        # int4 decode steps run every layer in one fused call: its tensors, in the order fused.cpp reads them
-        self.fused_int4: list[torch.Tensor] | None = None
+        # int4 decode steps run every layer in one fused call (`int4_layers` in hogwild/native/fused.cpp)
+        self.fused_int4: list | None = None
         linears = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         if self.fused is not None and not c.qk_norm and all(isinstance(p, Int4Linear) for p in linears):
             self.fused_int4 = [
-                t
-                for layer in self.layers
-                for t in (
-                    layer.input_norm_f32,
-                    *layer.qkv.kernel_args(),
-                    *layer.o.kernel_args(),
-                    layer.post_norm_f32,
-                    *layer.gate_up.kernel_args(),
-                    *layer.down.kernel_args(),
+                self.fused.Int4Layer(
+                    input_norm=layer.input_norm_f32,
+                    qkv=layer.qkv.kernel_args(),
+                    o=layer.o.kernel_args(),
+                    post_norm=layer.post_norm_f32,
+                    gate_up=layer.gate_up.kernel_args(),
+                    down=layer.down.kernel_args(),
                 )
+                for layer in self.layers
             ]
 
     @property
