@@ -12,16 +12,19 @@ the partial softmaxes of each such group are merged exactly with a log-sum-exp m
 Within a step every row reads the cache as it was before the step plus its own new tokens: other rows' tokens of
 the same step become visible at the next step. This keeps rows independent, which the reference relies on.
 
-`StepPlan` is the per-step metadata of the fast path (built once, read by every layer); a decode step runs the
-same maths in hogwild's fused CPU kernel (`hogwild/native/fused.cpp`) where it is built. `FlatReference` is the
-brutal, obviously correct path: each row alone, its view's un-rotated keys concatenated into one flat sequence,
-standard RoPE at flat positions, one float64 softmax. Both expose `attend(layer, q, k, v)` for the decoder.
+A step's `StepLayout` (where its rows write, which slots read which keys) is built once and read by every layer
+through an attention backend meeting `hogwild.model.parts.Attention`: `TorchAttention` (torch ops, any device)
+or `FusedAttention` (the same maths in hogwild's fused CPU kernel, `hogwild/native/fused.cpp`, for decode steps);
+`StepPlan` picks them for the step. `FlatReference` is the brutal, obviously correct path: each row alone, its
+view's un-rotated keys concatenated into one flat sequence, standard RoPE at flat positions, one float64 softmax.
+All expose `attend(layer, q, k, v)` for the decoder.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +32,9 @@ from hogwild.cache.blocks import Block
 from hogwild.model.config import ModelConfig
 from hogwild.model.rope import Rope, apply_rope
 from hogwild.native import DTYPES, HEAD_DIMS
+
+if TYPE_CHECKING:
+    from hogwild.model.parts import Attention
 
 FUSED_ROW_TOKENS = 16  # steps whose rows feed at most this many tokens each attend through the fused kernel
 
@@ -75,58 +81,42 @@ class _BlockRead:
         self.values = kv[:, 1]  # [layers, kv_heads, length, D]
 
 
-class StepPlan:
-    """Per-step attention metadata of the fast path over a flat batch of rows (no padding).
+@dataclass
+class StepLayout:
+    """Where a step's rows sit and what each of their tokens reads: what every attention backend is built from.
 
-    Build it, run the model forward on the rows' tokens concatenated, then `commit()`. Row r's tokens sit at flat
-    indices `starts[r]:starts[r] + len(rows[r].tokens)`. With `fused` (`hogwild.native.load()`), a step whose
-    rows are short (decode steps) attends through its fused kernel; other steps (prompts) through torch ops."""
+    Row r's tokens sit at flat indices `starts[r]:starts[r] + len(rows[r].tokens)` of the step's `tokens`. A slot
+    is one token of one row reading one block: slot s is token `slot_tokens[s]`, its query is rotated by
+    `slot_deltas[s]` (the token's flat position minus the block's offset in the row's view) and it sees the block's
+    first `slot_limits[s]` keys: the owner all of its block and its new tokens causally, every other row the
+    published keys. `reads` lists each block read in the step with its slots, in first-appearance order."""
 
-    def __init__(
-        self,
-        rows: list[Row],
-        config: ModelConfig,
-        rope: Rope,
-        out_dtype: torch.dtype | None = None,
-        fused: ModuleType | None = None,
-    ) -> None:
-        assert rows, "a step needs at least one row"
-        self.rows = rows
-        self.config = config
-        device = rope.cos.device
-        self.parts: list[tuple[torch.Tensor, StepPlan]] = []
-        self.dtype = rope.cos.dtype  # q, k, v come in the cache's dtype
-        self.out_dtype = out_dtype or self.dtype  # the model's dtype, for the output projection
-        fits = (
-            fused is not None
-            and device.type == "cpu"
-            and config.head_dim in HEAD_DIMS
-            and self.dtype in DTYPES
-            and self.out_dtype in DTYPES
-        )
-        short = [len(row.tokens) <= FUSED_ROW_TOKENS for row in rows]
-        if fits and any(short) and not all(short):
-            self._split(rows, short, config, rope, fused)
-            return
+    rows: list[Row]
+    starts: list[int]
+    tokens: int  # N
+    reads: list[tuple[Block, int, int, int]]  # block, its slots [start, end), keys read
+    slot_tokens: list[int]
+    slot_deltas: list[int]
+    slot_limits: list[int]
+
+    @classmethod
+    def of(cls, rows: list[Row], max_position: int) -> StepLayout:
         writers: dict[int, int] = {}
-        self.starts: list[int] = []
+        starts: list[int] = []
         total = 0
         for r, row in enumerate(rows):
             assert row.tokens, "a row must feed at least one token"
             assert len({id(block) for block in row.view}) == len(row.view), "a block appears twice in one view"
             assert id(row.own) not in writers, f"two rows write into block {row.own.name!r} in one step"
             writers[id(row.own)] = r
-            assert row.context <= rope.max_position, f"row of {row.context} tokens overflows the rope tables"
+            assert row.context <= max_position, f"row of {row.context} tokens overflows the rope tables"
             assert row.own.writer and row.own.capacity >= row.own.length + len(row.tokens), (
                 f"block {row.own.name!r} was not reserved for this step"
             )
-            self.starts.append(total)
+            starts.append(total)
             total += len(row.tokens)
-        self.tokens = total  # N
 
-        # blocks in first-appearance order, with the rows that read each and where it sits in their view; each
-        # (block, token of a row that reads it) pair is one query slot, which sees the block's first `limit` keys:
-        # the owner all of its block and its new tokens causally, every other row the published keys
+        # blocks in first-appearance order, with the rows that read each and where it sits in their view
         readers: dict[int, tuple[Block, list[tuple[int, int]]]] = {}
         firsts = []
         for r, row in enumerate(rows):
@@ -138,7 +128,7 @@ class StepPlan:
         slot_tokens: list[int] = []
         deltas: list[int] = []
         limits: list[int] = []
-        reads: list[tuple[Block, int, int, int]] = []  # block, slots [start, end), keys read
+        reads: list[tuple[Block, int, int, int]] = []
         for block, seen_by in readers.values():
             writer = writers.get(id(block))
             length = block.length + len(rows[writer].tokens) if writer is not None else block.published
@@ -147,37 +137,61 @@ class StepPlan:
                 if r != writer and block.published == 0:
                     continue
                 n = len(rows[r].tokens)
-                slot_tokens.extend(range(self.starts[r], self.starts[r] + n))
+                slot_tokens.extend(range(starts[r], starts[r] + n))
                 deltas.extend(firsts[r] + t - offset for t in range(n))
                 limits.extend(block.length + t + 1 if r == writer else block.published for t in range(n))
             if len(slot_tokens) > start:
                 reads.append((block, start, len(slot_tokens), length))
-        self.slots = len(slot_tokens)
+        return cls(rows, starts, total, reads, slot_tokens, deltas, limits)
 
-        self.native = None
-        if fits and all(short):
-            self.native = fused.Plan(
-                config.num_heads,
-                config.num_kv_heads,
-                config.head_dim,
-                rope.cos,
-                rope.signed_sin,
-                [row.own.kv for row in rows],
-                self.starts,
-                [len(row.tokens) for row in rows],
-                [row.own.length for row in rows],
-                [block.kv for block, *_ in reads],
-                [length for *_, length in reads],
-                [start for _, start, _, _ in reads],
-                [end for _, _, end, _ in reads],
-                slot_tokens,
-                deltas,
-                limits,
-                total,
-                self.out_dtype,
-            )
-            return
 
+class FusedAttention:
+    """The attention backend of short rows (decode steps) on hogwild's fused CPU kernel (`fused.Plan`, see
+    `hogwild/native/fused.cpp`): the same maths as `TorchAttention`, every block read once per kv head, in one
+    call a layer. `native` is the kernel's plan, which the decoder's one-call int4 layers also take."""
+
+    def __init__(
+        self, layout: StepLayout, config: ModelConfig, rope: Rope, out_dtype: torch.dtype, fused: ModuleType
+    ) -> None:
+        self.dtype = rope.cos.dtype
+        reads = layout.reads
+        self.native = fused.Plan(
+            heads=config.num_heads,
+            kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            cos=rope.cos,
+            signed_sin=rope.signed_sin,
+            write_kv=[row.own.kv for row in layout.rows],
+            write_start=layout.starts,
+            write_count=[len(row.tokens) for row in layout.rows],
+            write_offset=[row.own.length for row in layout.rows],
+            read_kv=[block.kv for block, *_ in reads],
+            read_length=[length for *_, length in reads],
+            read_start=[start for _, start, _, _ in reads],
+            read_end=[end for _, _, end, _ in reads],
+            slot_token=layout.slot_tokens,
+            slot_delta=layout.slot_deltas,
+            slot_limit=layout.slot_limits,
+            tokens=layout.tokens,
+            out_dtype=out_dtype,
+        )
+        self.attend = self.native.attend
+        self.attend_qkv = self.native.attend_qkv
+
+
+class TorchAttention:
+    """The attention backend on torch ops (any device, any row length): per block read, one score matmul and one
+    value matmul for all the slots that read it; blocks read by the same slots share one softmax, other groups are
+    merged exactly with a log-sum-exp merge."""
+
+    native = None
+
+    def __init__(self, layout: StepLayout, config: ModelConfig, rope: Rope, out_dtype: torch.dtype) -> None:
+        device = rope.cos.device
+        self.config = config
+        self.dtype = rope.cos.dtype  # q, k, v come in the cache's dtype
+        self.out_dtype = out_dtype
+        rows, starts, total = layout.rows, layout.starts, layout.tokens
         local = torch.tensor([row.own.length + t for row in rows for t in range(len(row.tokens))], device=device)
         self.cos_k = rope.cos[local].unsqueeze(1)  # [N, 1, D] for k: [N, kv_heads, D]
         self.sin_k = rope.signed_sin[local].unsqueeze(1)
@@ -188,12 +202,13 @@ class StepPlan:
         self.writes = [
             (
                 row.own.kv[:, :, :, row.own.length : row.own.length + len(row.tokens)],  # [layers, 2, kvh, n, D]
-                self.new_kv[self.starts[r] : self.starts[r] + len(row.tokens)].permute(1, 2, 0, 3),
+                self.new_kv[starts[r] : starts[r] + len(row.tokens)].permute(1, 2, 0, 3),
             )
             for r, row in enumerate(rows)
         ]
+        slot_tokens, limits = layout.slot_tokens, layout.slot_limits
         self.reads: list[_BlockRead] = []
-        for block, start, end, length in reads:
+        for block, start, end, length in layout.reads:
             limit = torch.tensor(limits[start:end])
             mask = None
             if int(limit.min()) < length:
@@ -210,7 +225,7 @@ class StepPlan:
             grouped.setdefault(tuple(slot_tokens[read.start : read.end]), []).append(read)
         self.groups = list(grouped.values())
         group_tokens = [t for tokens in grouped for t in tokens]
-        delta = torch.tensor(deltas, device=device)  # [S]
+        delta = torch.tensor(layout.slot_deltas, device=device)  # [S]
         # the softmax scale rides on the query rotation: [1, S, 1, D] for q: [kv_heads, S, group, D]
         scale = config.head_dim**-0.5
         self.cos_q = (rope.cos[delta] * scale)[None, :, None, :]
@@ -223,41 +238,7 @@ class StepPlan:
         self.merge_index = self.merge_tokens.view(1, -1, 1).expand(kvh, len(group_tokens), g)
         self.out = None  # [N, heads * D] output buffer, reused by every layer
 
-    def _split(self, rows: list[Row], short: list[bool], config: ModelConfig, rope: Rope, fused: ModuleType) -> None:
-        """A step of short rows (decode tokens, a few inserted words) and long ones (prompts): each kind attends
-        in a plan of its own, the short rows through the fused kernel, the long ones through torch's batched
-        matmuls, so a decode row takes the same path whatever shares its step. Rows are independent within a step
-        (each reads the cache as it was plus its own tokens), so the two plans see exactly what one plan would."""
-        self.starts, total = [], 0
-        for row in rows:
-            self.starts.append(total)
-            total += len(row.tokens)
-        self.tokens = total
-        self.native = None
-        for kind in (True, False):
-            members = [r for r in range(len(rows)) if short[r] == kind]
-            index = [self.starts[r] + t for r in members for t in range(len(rows[r].tokens))]
-            part = StepPlan([rows[r] for r in members], config, rope, self.out_dtype, fused)
-            self.parts.append((torch.tensor(index, device=rope.cos.device), part))
-        self.out = None
-
-    def _attend_parts(self, call, *inputs: torch.Tensor) -> torch.Tensor:
-        """Each part's attention on its rows' slice of `inputs`, gathered into one [N, heads * D] output."""
-        if self.out is None:
-            width = self.config.num_heads * self.config.head_dim
-            self.out = torch.empty((self.tokens, width), dtype=self.out_dtype, device=inputs[0].device)
-        for index, part in self.parts:
-            self.out.index_copy_(0, index, call(part, *(x.index_select(0, index) for x in inputs)))
-        return self.out
-
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [N, heads, D]; k, v: [N, kv_heads, D] (not rotated, in `self.dtype`) -> [N, heads * D]
-
-        in `self.out_dtype` (the model's dtype); the returned tensor is reused by the next layer's call."""
-        if self.parts:
-            return self._attend_parts(lambda part, *x: part.attend(layer, *x), q, k, v)
-        if self.native is not None:
-            return self.native.attend(layer, q, k, v)
         N, H, D = q.shape
         kvh, g = self.config.num_kv_heads, self.config.group_size
         apply_rope(k, self.cos_k, self.sin_k, out=self.new_kv[:, 0])
@@ -305,12 +286,6 @@ class StepPlan:
         return self.out.copy_(out.transpose(0, 1)).view(N, H * D)
 
     def attend_qkv(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        """`attend` on the fused projection's output, qkv: [N, (heads + 2 * kv_heads) * D] in any float dtype;
-        the fused kernel reads it as it is (no split, no cast)."""
-        if self.parts:
-            return self._attend_parts(lambda part, x: part.attend_qkv(layer, x), qkv)
-        if self.native is not None:
-            return self.native.attend_qkv(layer, qkv)
         return self.attend(layer, *self.config.split_qkv(qkv.to(self.dtype)))
 
     def _merge(self, maxes: torch.Tensor, sums: torch.Tensor, outs: torch.Tensor, N: int) -> torch.Tensor:
@@ -322,6 +297,114 @@ class StepPlan:
         merged = outs.new_zeros((kvh, N, g, outs.shape[-1]), dtype=torch.float32)
         merged.index_add_(1, self.merge_tokens, outs * weight.unsqueeze(-1))
         return merged / total.unsqueeze(-1)
+
+
+class SplitAttention:
+    """A step of short rows (decode tokens, a few inserted words) and long ones (prompts): each kind attends in a
+    backend of its own, the short rows through the fused kernel, the long ones through torch ops, so a decode row
+    takes the same path whatever shares its step. Rows are independent within a step (each reads the cache as it
+    was plus its own tokens), so the two backends see exactly what one would."""
+
+    native = None
+
+    def __init__(
+        self,
+        rows: list[Row],
+        short: list[bool],
+        starts: list[int],
+        config: ModelConfig,
+        rope: Rope,
+        out_dtype: torch.dtype,
+        fused: ModuleType,
+    ) -> None:
+        self.dtype = rope.cos.dtype
+        self.out_dtype = out_dtype
+        self.width = config.num_heads * config.head_dim
+        self.tokens = sum(len(row.tokens) for row in rows)
+        self.parts: list[tuple[torch.Tensor, Attention]] = []  # each part's flat token indices and backend
+        for kind in (True, False):
+            members = [r for r in range(len(rows)) if short[r] == kind]
+            index = [starts[r] + t for r in members for t in range(len(rows[r].tokens))]
+            layout = StepLayout.of([rows[r] for r in members], rope.max_position)
+            part = (
+                FusedAttention(layout, config, rope, out_dtype, fused)
+                if kind
+                else TorchAttention(layout, config, rope, out_dtype)
+            )
+            self.parts.append((torch.tensor(index, device=rope.cos.device), part))
+        self.out = None
+
+    def _gather(self, call, *inputs: torch.Tensor) -> torch.Tensor:
+        """Each part's attention on its rows' slice of `inputs`, gathered into one [N, heads * D] output."""
+        if self.out is None:
+            self.out = torch.empty((self.tokens, self.width), dtype=self.out_dtype, device=inputs[0].device)
+        for index, part in self.parts:
+            self.out.index_copy_(0, index, call(part, *(x.index_select(0, index) for x in inputs)))
+        return self.out
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._gather(lambda part, *x: part.attend(layer, *x), q, k, v)
+
+    def attend_qkv(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        return self._gather(lambda part, x: part.attend_qkv(layer, x), qkv)
+
+
+class StepPlan:
+    """One step's attention for the decoder: builds the step's backend and hands it the layers' calls.
+
+    Build it, run the model forward on the rows' tokens concatenated, then `commit()`. Row r's tokens sit at flat
+    indices `starts[r]:starts[r] + len(rows[r].tokens)`. With `fused` (`hogwild.native.load()`), a step whose
+    rows are short (decode steps) attends through `FusedAttention`, other steps (prompts) through
+    `TorchAttention`, and a step of both kinds through `SplitAttention`. A new backend (a GPU kernel) is a class
+    meeting `hogwild.model.parts.Attention`, built from a `StepLayout`, and one more choice here."""
+
+    def __init__(
+        self,
+        rows: list[Row],
+        config: ModelConfig,
+        rope: Rope,
+        out_dtype: torch.dtype | None = None,
+        fused: ModuleType | None = None,
+    ) -> None:
+        assert rows, "a step needs at least one row"
+        self.rows = rows
+        self.config = config
+        self.dtype = rope.cos.dtype  # q, k, v come in the cache's dtype
+        self.out_dtype = out_dtype or self.dtype  # the model's dtype, for the output projection
+        fits = (
+            fused is not None
+            and rope.cos.device.type == "cpu"
+            and config.head_dim in HEAD_DIMS
+            and self.dtype in DTYPES
+            and self.out_dtype in DTYPES
+        )
+        short = [len(row.tokens) <= FUSED_ROW_TOKENS for row in rows]
+        self.starts: list[int] = []
+        total = 0
+        for row in rows:
+            self.starts.append(total)
+            total += len(row.tokens)
+        self.tokens = total  # N
+        self.backend: Attention
+        if fits and any(short) and not all(short):
+            self.backend = SplitAttention(rows, short, self.starts, config, rope, self.out_dtype, fused)
+        elif fits and all(short):
+            self.backend = FusedAttention(StepLayout.of(rows, rope.max_position), config, rope, self.out_dtype, fused)
+        else:
+            self.backend = TorchAttention(StepLayout.of(rows, rope.max_position), config, rope, self.out_dtype)
+        # the fused kernel's plan when the whole step runs on it: the decoder's one-call int4 layers take it
+        self.native = self.backend.native
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [N, heads, D]; k, v: [N, kv_heads, D] (not rotated, in `self.dtype`) -> [N, heads * D]
+
+        in `self.out_dtype` (the model's dtype); the returned tensor is reused by the next layer's call."""
+        return self.backend.attend(layer, q, k, v)
+
+    def attend_qkv(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """`attend` on the fused projection's output, qkv: [N, (heads + 2 * kv_heads) * D] in any float dtype;
+        the fused kernel reads it as it is (no split, no cast)."""
+        return self.backend.attend_qkv(layer, qkv)
 
     def commit(self) -> None:
         """Record the rows' tokens in their blocks (K/V were written during the forward). Nothing is published:

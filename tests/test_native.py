@@ -13,9 +13,18 @@ import torch.nn.functional as F
 from tiny import FAMILIES, TinyModel, fused_kernels, step_rows
 
 from hogwild import native
-from hogwild.attention import FlatReference, Row, StepPlan
+from hogwild.attention import (
+    FUSED_ROW_TOKENS,
+    FlatReference,
+    FusedAttention,
+    Row,
+    SplitAttention,
+    StepPlan,
+    TorchAttention,
+)
 from hogwild.cache.pool import KVPool
 from hogwild.collab.layouts import SharedCache
+from hogwild.model.parts import TORCH_OPS
 from hogwild.model.rope import Rope
 from hogwild.sampling import SamplingParams
 
@@ -58,6 +67,23 @@ def test_silu_mul_matches_torch(fused, dtype):
     assert (F.silu(up) * gate - expected).abs().max().item() > 10 * tol  # gate and up swapped would fail
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_ops_and_the_fused_kernels_meet_one_contract(fused, dtype):
+    """The decoder's layer loop runs either as its `LayerOps`: same residual update of x, same outputs."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 72) * 2
+    r, weight, gate_up = torch.randn(4, 72).to(dtype), torch.rand(72) + 0.5, (torch.randn(4, 2 * 40) * 4).to(dtype)
+    xs, outs = [], []
+    for ops in (TORCH_OPS, fused):
+        y = x.clone()
+        outs.append((ops.rms_norm(y, r, weight, 1e-6, dtype), ops.silu_mul(gate_up)))
+        xs.append(y)
+    assert torch.equal(xs[0], xs[1]) and not torch.equal(xs[0], x), "both add the residual into x in place"
+    for a, b in zip(*outs, strict=True):
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape
+        assert (a.float() - b.float()).abs().max().item() <= 1e-5 + 8e-3 * (dtype == torch.bfloat16) * a.abs().max()
+
+
 def test_kernels_refuse_what_they_cannot_take(fused):
     with pytest.raises(RuntimeError, match="float32"):
         fused.rms_norm(torch.zeros(2, 8, dtype=torch.float64), None, torch.ones(8), 1e-5, torch.float32)
@@ -90,6 +116,33 @@ def test_long_blocks_are_read_in_spans_exactly(family):
         plan = StepPlan(rows, tm.config, tm.rope, tm.model.dtype, tm.model.fused)
         assert plan.native is not None, "decode steps attend through the fused kernel"
         step(rows)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_step_plan_picks_the_backend_by_row_length(family):
+    """Short rows attend through the fused kernel, long ones through torch ops, a step of both through each for its
+    rows; every step equals the flat reference."""
+    tm = TinyModel(family, seed=3, fused=True)
+    ref = FlatReference(tm.config)
+    shared = SharedCache(tm.ledger(), 2, "combined")
+    rng = random.Random(1)
+    vocab = tm.config.vocab_size
+    long = FUSED_ROW_TOKENS + 5
+    steps = [
+        ([Row([shared.prompt], [rng.randrange(vocab) for _ in range(long)])], TorchAttention),
+        ([Row(shared.view(w), [rng.randrange(vocab)]) for w in range(2)], FusedAttention),
+        ([Row(shared.view(0), [rng.randrange(vocab) for _ in range(long)]), Row(shared.view(1), [7])], SplitAttention),
+    ]
+    for rows, backend in steps:
+        for row in rows:
+            row.own.ledger.reserve([(row.own, row.own.length + len(row.tokens))])
+        plan = StepPlan(rows, tm.config, tm.rope, tm.model.dtype, tm.model.fused)
+        assert isinstance(plan.backend, backend)
+        assert (plan.native is not None) == (backend is FusedAttention), "only a whole fused step runs in one call"
+        expected = ref.step(tm.model, rows)
+        fast = tm.step(rows)
+        for f, e in zip(fast, expected, strict=True):
+            assert (f - e).abs().max().item() < 1e-4
 
 
 def assert_paths_agree(plain: TinyModel, fast: TinyModel, workers: int, layout: str, prompt: int) -> None:

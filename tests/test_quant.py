@@ -300,7 +300,7 @@ def test_quantized_weights_are_cached_and_reused(
     calls = []
     name = "quantize_linear" if weights == "int8" else "quantize_int4"
     original = getattr(quant, name)
-    monkeypatch.setattr(f"hogwild.model.decoder.{name}", lambda w: (calls.append(1), original(w))[1])
+    monkeypatch.setattr(f"hogwild.model.parts.{name}", lambda w: (calls.append(1), original(w))[1])
     first = Engine.load(EngineConfig(weights=weights, threads=1))
     cached = list((tmp_path / "quantized").glob("*.safetensors"))
     assert len(cached) == 1 and calls, "the first start quantizes and writes the cache"

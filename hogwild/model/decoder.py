@@ -1,11 +1,12 @@
 """The decoder: one lean PyTorch implementation for Llama, Mistral, Qwen2 and Qwen3.
 
-Weights are plain tensors (no nn.Module), with q/k/v and gate/up fused into one matmul each at load time. The
-forward pass computes q, k, v for a batch of rows and hands them, un-rotated, to the step's attention object
-(`attend(layer, q, k, v)`), which owns RoPE and the cache: the decoder does not care whether the cache is one
-sequence or a set of shared blocks. With hogwild's fused CPU kernels (`hogwild.native`), each residual add and the
-RMSNorm after it, silu * up and the attention take one call each, and a decode step of int4 layers runs every
-layer in one call; `plain=True` keeps the torch-ops path (the reference's).
+Weights are plain tensors (no nn.Module), with q/k/v and gate/up fused into one matmul each at load time. One layer
+loop runs every model, over parts chosen once (`hogwild.model.parts`): each projection is a `Linear` of the weights
+format loaded (float, int8, int4, a GGUF's blocks), the norms and silu * up a `LayerOps` (torch ops, or hogwild's
+fused CPU kernels, `hogwild.native`, one call each), and the attention the step's `Attention`, which gets q, k, v
+un-rotated (`attend(layer, q, k, v)`) and owns RoPE and the cache: the decoder does not care whether the cache is
+one sequence or a set of shared blocks. A decode step of int4 layers on the fused kernels runs every layer in one
+call (`int4_layers` in `hogwild/native/fused.cpp`); `plain=True` keeps torch ops throughout (the reference's).
 """
 
 from __future__ import annotations
@@ -18,23 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from hogwild.errors import HogwildError
-from hogwild.model.blocks import GgufLinear
 from hogwild.model.config import ModelConfig
-from hogwild.model.kernels import Linear
-from hogwild.model.quant import Int4Linear, Int8Linear, int4_fits, quantize_int4, quantize_linear
+from hogwild.model.parts import TORCH_OPS, Attention, LayerOps, Linear, WeightsFormat
+from hogwild.model.quant import Int4Linear
 from hogwild.native import DTYPES as FUSED_DTYPES
 
 # logits this close to the best are recomputed in float32: bf16's error is ~0.1 at 25; int8's (weights and
 # activations) was at most 0.59 over the vocabulary and 0.2 near the top on the default model's text (tested < 1.0)
 REFINE_MARGIN = {torch.bfloat16: 1.0, torch.float16: 1.0, "int8": 2.0}
-
-
-class Attention(Protocol):
-    dtype: torch.dtype  # q, k, v are handed over in this dtype
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
-
-    def attend_qkv(self, layer: int, qkv: torch.Tensor) -> torch.Tensor: ...  # the fused projection's output
 
 
 @dataclass
@@ -86,27 +78,16 @@ class Decoder:
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
-        self.int8 = linear == "int8"
-        self.int4 = linear == "int4"
+        self.format = WeightsFormat(linear, dtype, activation_bits, quantized or {}, blocks)
         self.gguf = linear == "gguf"
         assert not self.gguf or (blocks is not None and hasattr(weights, "blocks")), "gguf runs a GGUF's blocks"
-        self.head_int8 = self.int8 or self.int4  # the vocabulary projection takes float32 rows, int8 weights
+        self.head_int8 = self.format.head_int8  # the vocabulary projection takes float32 rows, int8 weights
         self.fused = fused if self.device.type == "cpu" and dtype in FUSED_DTYPES else None
-        # name -> quantized weights, for the cache: int8 as "<name>.q" and "<name>.scale", int4 as "<name>.q4"
-        # and "<name>.scale_zero"
-        self.quantized: dict[str, torch.Tensor] = {}
-        cached = quantized or {}
-
-        # int4 quantizes from the float32 weights, not from their bf16 rounding, so 4-bit weights keep their grid;
-        # the embedding and norms stay float32 too (the float32 recompute of the top logits reads the embedding)
-        stored_dtype = torch.float32 if self.int4 or self.gguf else dtype
-
-        def stored(name: str, keys: tuple[str, str], quantize, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            """One projection's quantized tensors, from the cache or quantized now, and recorded for the cache."""
-            names = [f"{name}.{key}" for key in keys]
-            tensors = tuple(cached[n] for n in names) if all(n in cached for n in names) else quantize(weight)
-            self.quantized.update(zip(names, tensors, strict=True))
-            return tensors
+        # the norms and silu * up: the fused kernels' module meets `LayerOps` itself
+        self.ops: LayerOps = TORCH_OPS if self.fused is None else self.fused
+        # name -> quantized weights, for the cache (see `WeightsFormat`)
+        self.quantized: dict[str, torch.Tensor] = self.format.quantized
+        stored_dtype = self.format.stored_dtype
 
         def take(name: str, required: bool = True) -> torch.Tensor | None:
             tensor = weights.get(name)
@@ -118,21 +99,15 @@ class Decoder:
 
         def project(
             name: str, parts: list[str], bias: list[str] | None = None, weight: torch.Tensor | None = None
-        ) -> Linear | Int8Linear | Int4Linear | GgufLinear:
+        ) -> Linear:
             """The linear of the matrices `parts` stacked by rows (q, k, v; gate, up), and their biases; `weight`:
             the float matrix itself, already taken."""
             b = None if bias is None else torch.cat([take(n) for n in bias])
             if self.gguf:
-                return GgufLinear([weights.blocks(n) for n in parts], b, blocks)
+                return self.format.gguf_linear([weights.blocks(n) for n in parts], b)
             if weight is None:
                 weight = torch.cat([take(n) for n in parts]) if len(parts) > 1 else take(parts[0])
-            if self.int4 and name != "lm_head":
-                if not int4_fits(weight.shape):  # no model we know of; bf16 keeps it running
-                    return Linear(weight.to(dtype), None if b is None else b.to(dtype), "aten")
-                return Int4Linear(*stored(name, ("q4", "scale_zero"), quantize_int4, weight), b, dtype)
-            if not self.head_int8:
-                return Linear(weight, b, linear)
-            return Int8Linear(*stored(name, ("q", "scale"), quantize_linear, weight), b, activation_bits)
+            return self.format.linear(name, weight, b)
 
         c = config
         embed_name = "model.embed_tokens.weight"
@@ -174,26 +149,21 @@ class Decoder:
             expected = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
             if self.layers[-1].qkv.shape != (expected, c.hidden_size):
                 raise HogwildError(f"layer {i} attention weights do not match the config's head counts")
-        # int4 decode steps run every layer in one fused call: its tensors, in the order fused.cpp reads them
-        self.fused_int4: list[torch.Tensor] | None = None
+        self.format.cached = {}  # an earlier start's tensors: the linears hold what they need of them
+        # int4 decode steps run every layer in one fused call (`int4_layers` in hogwild/native/fused.cpp)
+        self.fused_int4: list | None = None
         linears = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         if self.fused is not None and not c.qk_norm and all(isinstance(p, Int4Linear) for p in linears):
-            none = torch.empty(0, dtype=dtype)
-
-            def parts(p: Int4Linear) -> tuple[torch.Tensor, ...]:
-                return p.weight, p.scale_zero, none if p.bias is None else p.bias
-
             self.fused_int4 = [
-                t
-                for layer in self.layers
-                for t in (
-                    layer.input_norm_f32,
-                    *parts(layer.qkv),
-                    *parts(layer.o),
-                    layer.post_norm_f32,
-                    *parts(layer.gate_up),
-                    *parts(layer.down),
+                self.fused.Int4Layer(
+                    input_norm=layer.input_norm_f32,
+                    qkv=layer.qkv.kernel_args(),
+                    o=layer.o.kernel_args(),
+                    post_norm=layer.post_norm_f32,
+                    gate_up=layer.gate_up.kernel_args(),
+                    down=layer.down.kernel_args(),
                 )
+                for layer in self.layers
             ]
 
     @property
@@ -209,55 +179,32 @@ class Decoder:
     ) -> torch.Tensor:
         """tokens: [N] (the rows of a step, concatenated) -> logits [M, vocab] at the flat indices `logits_at`, or
         [N, vocab] at every token if None. `plain`: torch ops only, even with fused kernels (the reference path)."""
-        if self.fused is not None and not plain:
-            return self._forward_fused(tokens, attention, logits_at)
         c = self.config
-        eps = c.rms_norm_eps
-        dtype = self.dtype
         # the residual stream stays in float32: in bf16 its rounding alone flips greedy tokens of small models
-        x = self.embed_rows(tokens.to(self.device))  # [N, hidden]
-        for i, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (c.hidden_size,), layer.input_norm_f32, eps).to(dtype)
-            x += layer.o(self._attend(i, layer, layer.qkv(h), attention).to(dtype))
-            h = F.rms_norm(x, (c.hidden_size,), layer.post_norm_f32, eps).to(dtype)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x += layer.down(F.silu(gate) * up)
+        x = self.embed_rows(tokens.to(self.device))  # [N, hidden], updated in place by every layer
+        plan = None if plain else getattr(attention, "native", None)  # a decode step's fused attention
+        if self.fused_int4 is not None and plan is not None:
+            h = self.fused.int4_layers(plan, x, self.fused_int4, c.rms_norm_eps, self.norm_f32)
+        else:
+            h = self._layers(x, attention, TORCH_OPS if plain else self.ops)
         if logits_at is not None:
             if logits_at.numel() == 0:  # a step that only writes text into the cache
                 return x.new_empty((0, c.vocab_size))
-            x = x.index_select(0, logits_at.to(x.device))  # [M, hidden]
-        return self._logits(F.rms_norm(x, (c.hidden_size,), self.norm_f32, eps))
-
-    def _forward_fused(
-        self, tokens: torch.Tensor, attention: Attention, logits_at: torch.Tensor | None
-    ) -> torch.Tensor:
-        """`forward` with each residual add and the RMSNorm after it in one call, and silu * up in one; a decode
-        step of int4 layers runs all of them in one call."""
-        c, eps = self.config, self.config.rms_norm_eps
-        x = self.embed_rows(tokens)  # [N, hidden], the residual stream, updated in place
-        plan = getattr(attention, "native", None)  # a decode step's fused attention
-        if self.fused_int4 is not None and plan is not None:
-            h = self.fused.int4_layers(plan, x, self.fused_int4, eps, self.norm_f32)
-        else:
-            h = self._layers_fused(x, attention)
-        if logits_at is not None:
-            if logits_at.numel() == 0:
-                return x.new_empty((0, c.vocab_size))
-            h = h.index_select(0, logits_at)  # [M, hidden]
+            h = h.index_select(0, logits_at.to(h.device))  # [M, hidden]
         return self._logits(h)
 
-    def _layers_fused(self, x: torch.Tensor, attention: Attention) -> torch.Tensor:
-        """The layers one by one, each norm and silu * up fused: x [N, hidden] -> its final RMSNorm."""
-        c, fused = self.config, self.fused
-        eps, dtype = c.rms_norm_eps, self.dtype
-        h = fused.rms_norm(x, None, self.layers[0].input_norm_f32, eps, dtype)
+    def _layers(self, x: torch.Tensor, attention: Attention, ops: LayerOps) -> torch.Tensor:
+        """Every layer on x [N, hidden] (float32, updated in place) -> its final RMSNorm, float32. Each residual
+        add is fused with the RMSNorm after it (one `ops.rms_norm` call)."""
+        eps, dtype = self.config.rms_norm_eps, self.dtype
+        h = ops.rms_norm(x, None, self.layers[0].input_norm_f32, eps, dtype)
         for i, layer in enumerate(self.layers):
             y = layer.o(self._attend(i, layer, layer.qkv(h), attention).to(dtype))
-            h = fused.rms_norm(x, y, layer.post_norm_f32, eps, dtype)
-            y = layer.down(fused.silu_mul(layer.gate_up(h)))
+            h = ops.rms_norm(x, y, layer.post_norm_f32, eps, dtype)
+            y = layer.down(ops.silu_mul(layer.gate_up(h)))
             last = i + 1 == len(self.layers)
             norm = self.norm_f32 if last else self.layers[i + 1].input_norm_f32
-            h = fused.rms_norm(x, y, norm, eps, torch.float32 if last else dtype)
+            h = ops.rms_norm(x, y, norm, eps, torch.float32 if last else dtype)
         return h
 
     def _attend(self, i: int, layer: Layer, qkv: torch.Tensor, attention: Attention) -> torch.Tensor:

@@ -262,7 +262,8 @@ def _choose_cpu(dtype: str, linear: str, facts: CpuFacts) -> KernelChoice:
 
 
 class Linear:
-    """y = x @ W.T (+ b), with the weight prepacked for oneDNN once at load (`kernel="onednn"`) or plain."""
+    """The float weights format of `hogwild.model.parts.Linear` (fp32 or bf16): y = x @ W.T (+ b), with the
+    weight prepacked for oneDNN once at load (`kernel="onednn"`) or plain."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "aten") -> None:
         assert kernel in ("onednn", "aten"), f"unknown linear kernel {kernel!r}"
