@@ -7,6 +7,7 @@ import torch
 
 from hogwild import native
 from hogwild.model.registry import resolve_model_dir
+from hogwild.model.tokenizer import Tokenizer
 
 torch.set_num_threads(1)  # stable timings and no oversubscription on small machines
 
@@ -22,3 +23,9 @@ def fused_kernels_built() -> None:
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     return resolve_model_dir(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir: Path) -> Tokenizer:
+    """The default model's tokenizer (the tests' text goes through it)."""
+    return Tokenizer.from_folder(default_model_dir)

@@ -69,11 +69,6 @@ class ScriptedEngine(Engine):
         return forced
 
 
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return Tokenizer.from_folder(default_model_dir)
-
-
 # the step mechanics alone: every worker starts at once, a paragraph break ends a step, nothing is left out
 MECHANICS = {"opening": "symmetric", "min_step_tokens": 0, "repeat_guard": "off"}
 
@@ -236,7 +231,6 @@ def test_paper_opening_and_assigned_parts(tokenizer):
     assert result.workers[0].text.startswith("**Alice [1]:** Hi, I'm Alice. Here is how we split the work: I")
 
 
-
 @pytest.mark.parametrize("layout", ["contiguous", "combined"])
 def test_assigned_parts_go_part_by_part_and_their_answers_make_the_answer(tokenizer, layout):
     # each worker boxes its first part's answer, then its second's; the engine opens each next part, a worker with
@@ -255,7 +249,8 @@ def test_assigned_parts_go_part_by_part_and_their_answers_make_the_answer(tokeni
         assert a.count("**Alice [") == 1 and "\\boxed{5}\n\nProblem 2: and more. 4 \\boxed{4}" in a
         assert b.count("**Bob [") == 1 and "\\boxed{7}\n\nProblem 4: 9 is \\boxed{9}" in b
     else:
-        assert "**Alice [2]:** Problem 2: and more. 4 \\boxed{4}" in a and "**Bob [2]:** Problem 4: 9 is \\boxed{9}" in b
+        assert "**Alice [2]:** Problem 2: and more. 4 \\boxed{4}" in a
+        assert "**Bob [2]:** Problem 4: 9 is \\boxed{9}" in b
     assert "one after another" in prompts.collaboration_prompt("Problem 1: x", run.names, 4, assign=True)
 
 
@@ -268,6 +263,7 @@ def test_assigned_parts_at_the_budget_the_finisher_box_opens_with_the_known_answ
     assert result.finished_by == "budget" and run.part_answers == {1: "5", 2: "4"}
     assert run._question(run.workers[0]).endswith("are \\boxed{5; 4; ")
     assert "\\boxed{5; 4; " in result.workers[0].text
+
 
 def test_coarse_steps_hold_a_paragraph_of_work(tokenizer):
     alice = "One.\n\nTwo.\n\nThree is here, and it is a longer line.\n\nFour.\n\n"
@@ -348,7 +344,12 @@ def test_the_copy_guard_never_lets_a_worker_write_out_anothers_text(tokenizer, g
     (fallback,) = tokenizer.encode(" so", add_special_tokens=False)
     engine = LuredEngine(tokenizer, [alice, bob], fallback, weight=-1.0)  # second to the script
     events, result, run = run_scripted(
-        tokenizer, [alice, bob], engine=engine, sampling=SamplingParams(), budget=70, self_check_every=0,
+        tokenizer,
+        [alice, bob],
+        engine=engine,
+        sampling=SamplingParams(),
+        budget=70,
+        self_check_every=0,
         copy_guard=guard,
     )
     drawn = [[e.token for e in events if isinstance(e, Token) and e.worker == w and e.token >= 0] for w in (0, 1)]

@@ -18,15 +18,9 @@ from hogwild.errors import HogwildError
 from hogwild.eval import grading, report, tasks
 from hogwild.eval.cli import evaluate
 from hogwild.eval.runner import EvalConfig, Job, make_jobs, parse_budgets, parse_strategies, run_jobs, seed_for
-from hogwild.model.tokenizer import Tokenizer
 from hogwild.runs import Sampled
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return Tokenizer.from_folder(default_model_dir)
 
 
 # grading

@@ -13,16 +13,10 @@ from tiny import tiny_engine
 from hogwild.collab.protocol import CollabConfig, Collaboration
 from hogwild.errors import HogwildError
 from hogwild.loop import EngineLoop
-from hogwild.model.tokenizer import Tokenizer
 from hogwild.runs import Done, Failed, Sampled, Token
 from hogwild.sampling import SamplingParams
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return Tokenizer.from_folder(default_model_dir)
 
 
 def test_threads_submit_and_each_gets_its_own_run(tokenizer):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hogwild import sampling
 from hogwild.engine import Engine, EngineConfig, Generation
 from hogwild.errors import HogwildError
 from hogwild.runs import find_stop, stop_prefix_length
-from hogwild import sampling
 from hogwild.sampling import SamplingParams, sample, sample_rows
 
 

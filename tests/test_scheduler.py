@@ -16,17 +16,11 @@ from hogwild.attention import FlatReference
 from hogwild.collab.protocol import CollabConfig, Collaboration
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
-from hogwild.model.tokenizer import Tokenizer
 from hogwild.runs import Done, Feed, Probe, Run, Sampled
 from hogwild.sampling import GREEDY, SamplingParams
 
 torch.set_num_threads(1)
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return Tokenizer.from_folder(default_model_dir)
 
 
 class Recorder:

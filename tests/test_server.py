@@ -24,7 +24,6 @@ from hogwild import engine as engine_module
 from hogwild.cli import main
 from hogwild.engine import Engine, EngineConfig
 from hogwild.errors import HogwildError
-from hogwild.model.tokenizer import Tokenizer
 from hogwild.runs import Sampled
 from hogwild.sampling import SamplingParams, sample_rows
 from hogwild.server import command
@@ -34,11 +33,6 @@ from hogwild.server.config import ServerConfig
 torch.set_num_threads(1)
 MODEL = "smollm2-135m"
 QUESTION = [{"role": "user", "content": "What is 2 + 3? Answer in \\boxed{}."}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return Tokenizer.from_folder(default_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import torch
 from serving import live_server
 from tiny import tiny_engine
 
-from hogwild.model.tokenizer import Tokenizer
 from hogwild.runs import Sampled
 from hogwild.sampling import SamplingParams
 from hogwild.scoring import score
@@ -22,11 +21,6 @@ from hogwild.scoring import score
 torch.set_num_threads(1)
 MODEL = "smollm2-135m"
 PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3,"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return Tokenizer.from_folder(default_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,6 @@ import torch
 from serving import live_server
 from tiny import tiny_engine
 
-from hogwild.model.tokenizer import Tokenizer
-
 torch.set_num_threads(1)
 MODEL = "smollm2-135m"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
@@ -169,11 +167,6 @@ def corpus() -> list[tuple[str, object, str | None]]:
     ]
     cases += [(chat, body, None) for body in raw]
     return cases
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return Tokenizer.from_folder(default_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,10 @@ from hogwild.cli import main
 from hogwild.errors import HogwildError
 from hogwild.eval import tasks
 from hogwild.eval.runner import EvalConfig, make_jobs, run_jobs
-from hogwild.model.tokenizer import Tokenizer
 
 torch.set_num_threads(1)
 MODEL = "smollm2-135m"
 QUESTION = [{"role": "user", "content": "What is 2 + 3? Answer in \\boxed{}."}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return Tokenizer.from_folder(default_model_dir)
 
 
 @pytest.fixture
