@@ -17,8 +17,9 @@ from hogwild.collab.protocol import Collaboration
 from hogwild.errors import HogwildError
 from hogwild.eval import grading, report, tasks
 from hogwild.eval.cli import evaluate
-from hogwild.eval.runner import EvalConfig, Job, make_jobs, parse_budgets, parse_strategies, run_jobs, seed_for
+from hogwild.eval.runner import EvalConfig, Job, make_jobs, parse_budgets, run_jobs, seed_for
 from hogwild.runs import Sampled
+from hogwild.strategies import parse as parse_strategies
 
 torch.set_num_threads(1)
 

@@ -153,8 +153,8 @@ def assigned_prompt(problem: str, names: list[str]) -> str:
         f"{problem}\n\n"
         "The problems are split between you: the first line of your work names your problems. Solve only your own "
         "problems, one after another. Do not copy a problem's text: start calculating right away. End each "
-        "problem's solution with its answer alone in a \\boxed{}, like 'The answer is \\boxed{...}.' with the number in place of the dots, then "
-        "go on to your next problem."
+        "problem's solution with its answer alone in a \\boxed{}, like 'The answer is \\boxed{...}.' with the number "
+        "in place of the dots, then go on to your next problem."
     )
 
 

@@ -43,11 +43,6 @@ from hogwild.sampling import SamplingParams
 from hogwild.strategies import Point, Reader, Spec, parse
 
 
-def parse_strategies(text: str) -> tuple[Spec, ...]:
-    """'single,hogwild:2,vote:4' -> strategies (see `hogwild.strategies.parse`)."""
-    return parse(text)
-
-
 def parse_budgets(text: str) -> tuple[int, ...]:
     """'128,256,512' -> increasing budgets of sequential forward passes; anything else is a HogwildError."""
     try:
@@ -85,7 +80,7 @@ class EvalConfig:
 
     @property
     def plan(self) -> tuple[tuple[Spec, ...], tuple[int, ...]]:
-        return parse_strategies(self.strategies), parse_budgets(self.budgets)
+        return parse(self.strategies), parse_budgets(self.budgets)
 
 
 def seed_for(seed: int, problem: Problem, group: str) -> int:

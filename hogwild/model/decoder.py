@@ -79,9 +79,7 @@ class Decoder:
         self.dtype = dtype
         self.device = torch.device(device)
         self.format = WeightsFormat(linear, dtype, activation_bits, quantized or {}, blocks)
-        self.gguf = linear == "gguf"
         assert not self.gguf or (blocks is not None and hasattr(weights, "blocks")), "gguf runs a GGUF's blocks"
-        self.head_int8 = self.format.head_int8  # the vocabulary projection takes float32 rows, int8 weights
         self.fused = fused if self.device.type == "cpu" and dtype in FUSED_DTYPES else None
         # the norms and silu * up: the fused kernels' module meets `LayerOps` itself
         self.ops: LayerOps = TORCH_OPS if self.fused is None else self.fused
@@ -165,6 +163,16 @@ class Decoder:
                 )
                 for layer in self.layers
             ]
+
+    @property
+    def gguf(self) -> bool:
+        """The projections, the embedding and the vocabulary projection multiply a GGUF's own blocks."""
+        return self.format.kind == "gguf"
+
+    @property
+    def head_int8(self) -> bool:
+        """The vocabulary projection takes float32 rows and int8 weights."""
+        return self.format.head_int8
 
     @property
     def step_bytes(self) -> int:

@@ -7,8 +7,9 @@ its parts, and each is chosen once, at load or at the step's start, never by a b
 - `Linear`: one projection in one weights format. The formats: float (`hogwild.model.kernels.Linear`: fp32 or
   bf16, aten or prepacked for oneDNN), int8 (`hogwild.model.quant.Int8Linear`), int4
   (`hogwild.model.quant.Int4Linear`) and a GGUF's own blocks (`hogwild.model.blocks.GgufLinear`).
-  `load_linear` picks the format's class for each projection as the model loads (as gpt-fast swaps its quantized
-  modules in), so the loop calls `layer.qkv(h)` whatever the weights are.
+  `WeightsFormat.linear` (`gguf_linear` for a GGUF's blocks) picks the format's class for each projection as the
+  model loads (as gpt-fast swaps its quantized modules in), so the loop calls `layer.qkv(h)` whatever the weights
+  are.
 - `LayerOps`: the small per-layer ops between the projections, a residual add with the RMSNorm after it and
   silu * up. `TORCH_OPS` runs them as torch ops (every device; the reference path); hogwild's fused CPU kernels
   (`hogwild.native.load()`, the compiled module itself) run each in one call.

@@ -147,7 +147,7 @@ class EngineService:
             "max_workers": collab["max_workers"],
             "layouts": list(LAYOUTS),
             "modes": strategies.served_names(),
-            "strategies": [{"name": s.name, "summary": s.summary} for s in strategies.REGISTRY.values() if s.served],
+            "strategies": [{"name": n, "summary": strategies.get(n).summary} for n in strategies.served_names()],
             "defaults": {
                 **{k: collab[k] for k in ("workers", "layout", "mode", "budget")},
                 "temperature": OPENAI_TEMPERATURE,
