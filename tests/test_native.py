@@ -237,9 +237,9 @@ def test_engine_uses_the_fused_kernels_unless_told_not_to(default_model_dir):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_int4_layers_in_one_call_track_the_layer_by_layer_path(family):
-    """int4 projections: the decode steps' one-call layer loop (qkv bias included for qwen2) against the torch-ops
-    decoder on the same 4-bit weights; a lost bias or a swapped projection would be far off."""
+def test_int4_layers_on_the_fused_kernels_track_the_torch_ops_path(family):
+    """int4 projections (qkv bias included for qwen2) through the one layer loop, fused norms, silu * up and decode
+    attention against torch ops on the same 4-bit weights; a lost bias or a swapped projection would be far off."""
     plain, fast = (TinyModel(family, seed=4, dtype=torch.bfloat16, linear="int4", fused=f) for f in (False, True))
-    assert plain.model.fused_int4 is None and fast.model.fused_int4 is not None
+    assert plain.model.fused is None and fast.model.ops is fast.model.fused
     assert_paths_agree(plain, fast, 3, "combined", 20)

@@ -5,8 +5,8 @@ loop runs every model, over parts chosen once (`hogwild.model.parts`): each proj
 format loaded (float, int8, int4, a GGUF's blocks), the norms and silu * up a `LayerOps` (torch ops, or hogwild's
 fused CPU kernels, `hogwild.native`, one call each), and the attention the step's `Attention`, which gets q, k, v
 un-rotated (`attend(layer, q, k, v)`) and owns RoPE and the cache: the decoder does not care whether the cache is
-one sequence or a set of shared blocks. A decode step of int4 layers on the fused kernels runs every layer in one
-call (`int4_layers` in `hogwild/native/fused.cpp`); `plain=True` keeps torch ops throughout (the reference's).
+one sequence or a set of shared blocks. `plain=True` keeps torch ops throughout (the
+reference's).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.parts import TORCH_OPS, Attention, LayerOps, Linear, WeightsFormat
-from hogwild.model.quant import Int4Linear
 from hogwild.native import DTYPES as FUSED_DTYPES
 
 # logits this close to the best are recomputed in float32: bf16's error is ~0.1 at 25; int8's (weights and
@@ -148,21 +147,6 @@ class Decoder:
             if self.layers[-1].qkv.shape != (expected, c.hidden_size):
                 raise HogwildError(f"layer {i} attention weights do not match the config's head counts")
         self.format.cached = {}  # an earlier start's tensors: the linears hold what they need of them
-        # int4 decode steps run every layer in one fused call (`int4_layers` in hogwild/native/fused.cpp)
-        self.fused_int4: list | None = None
-        linears = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        if self.fused is not None and not c.qk_norm and all(isinstance(p, Int4Linear) for p in linears):
-            self.fused_int4 = [
-                self.fused.Int4Layer(
-                    input_norm=layer.input_norm_f32,
-                    qkv=layer.qkv.kernel_args(),
-                    o=layer.o.kernel_args(),
-                    post_norm=layer.post_norm_f32,
-                    gate_up=layer.gate_up.kernel_args(),
-                    down=layer.down.kernel_args(),
-                )
-                for layer in self.layers
-            ]
 
     @property
     def gguf(self) -> bool:
@@ -190,11 +174,7 @@ class Decoder:
         c = self.config
         # the residual stream stays in float32: in bf16 its rounding alone flips greedy tokens of small models
         x = self.embed_rows(tokens.to(self.device))  # [N, hidden], updated in place by every layer
-        plan = None if plain else getattr(attention, "native", None)  # a decode step's fused attention
-        if self.fused_int4 is not None and plan is not None:
-            h = self.fused.int4_layers(plan, x, self.fused_int4, c.rms_norm_eps, self.norm_f32)
-        else:
-            h = self._layers(x, attention, TORCH_OPS if plain else self.ops)
+        h = self._layers(x, attention, TORCH_OPS if plain else self.ops)
         if logits_at is not None:
             if logits_at.numel() == 0:  # a step that only writes text into the cache
                 return x.new_empty((0, c.vocab_size))

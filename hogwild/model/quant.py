@@ -209,12 +209,6 @@ class Int4Linear:
             y += self.bias
         return y.view(*x.shape[:-1], self.shape[0])
 
-    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(packed weight, scale_zero, bias) as the fused kernels' one-call int4 layers take this projection
-        (`int4_project` in hogwild/native/fused.cpp); an empty bias is none."""
-        bias = torch.empty(0, dtype=self.scale_zero.dtype) if self.bias is None else self.bias
-        return self.weight, self.scale_zero, bias
-
 
 def cache_key(files: list[Path], weights: str = "int8") -> str:
     """Names the quantization of these weight files to `weights` (int8, int4): their paths, sizes and

@@ -554,45 +554,6 @@ class Plan {
   at::Tensor partial_max_, partial_sum_, partial_out_, out_;
 };
 
-// ---------------------------------------------------------------------------------------------------------------
-// Every layer of a step whose projections are int4 (aten's CPU int4 kernel, bf16 rows), in one call: the Python
-// loop around ~10 calls a layer costs more than the norms it calls. It is the decoder's layer loop
-// (`Decoder._layers` in hogwild/model/decoder.py) over the same kernels: this file's rms_norm and silu_mul, aten's
-// int4 matmul as `Int4Linear` calls it, and the plan's attention. x: [N, hidden] float32, the residual stream,
-// updated in place; -> the final RMSNorm of x, float32.
-
-// one int4 projection, as `Int4Linear.kernel_args()` gives it: packed weight, scale_zero, bias (empty: none)
-using Int4Proj = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
-struct Int4Layer {  // one layer's norms (float32) and projections
-  at::Tensor input_norm;
-  Int4Proj qkv, o;
-  at::Tensor post_norm;
-  Int4Proj gate_up, down;
-};
-
-at::Tensor int4_project(const at::Tensor& x, const Int4Proj& p) {
-  const auto& [weight, scale_zero, bias] = p;
-  at::Tensor y = at::_weight_int4pack_mm_for_cpu(x, weight, 32, scale_zero);
-  return bias.numel() ? y.add_(bias) : y;
-}
-
-at::Tensor int4_layers(Plan& plan, at::Tensor x, const std::vector<Int4Layer>& layers, double eps,
-                       at::Tensor final_norm) {
-  TORCH_CHECK(!layers.empty(), "int4_layers takes at least one layer");
-  const size_t count = layers.size();
-  at::Tensor h = rms_norm(x, std::nullopt, layers[0].input_norm, eps, at::kBFloat16);
-  for (size_t i = 0; i < count; ++i) {
-    const Int4Layer& layer = layers[i];
-    at::Tensor out = plan.attend_qkv(static_cast<int64_t>(i), int4_project(h, layer.qkv));
-    h = rms_norm(x, int4_project(out, layer.o), layer.post_norm, eps, at::kBFloat16);
-    at::Tensor y = int4_project(silu_mul(int4_project(h, layer.gate_up)), layer.down);
-    const bool last = i + 1 == count;
-    h = rms_norm(x, y, last ? final_norm : layers[i + 1].input_norm, eps, last ? at::kFloat : at::kBFloat16);
-  }
-  return h;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -612,9 +573,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("out_dtype"))
       .def("attend", &Plan::attend)
       .def("attend_qkv", &Plan::attend_qkv);
-  py::class_<Int4Layer>(m, "Int4Layer")
-      .def(py::init<at::Tensor, Int4Proj, Int4Proj, at::Tensor, Int4Proj, Int4Proj>(), py::arg("input_norm"),
-           py::arg("qkv"), py::arg("o"), py::arg("post_norm"), py::arg("gate_up"), py::arg("down"));
-  m.def("int4_layers", &int4_layers, "every int4 layer of a step, attention through `plan`", py::arg("plan"),
-        py::arg("x"), py::arg("layers"), py::arg("eps"), py::arg("final_norm"));
 }
