@@ -3,8 +3,9 @@
 A `Block` holds K and V for a span of tokens at every layer, keys rotated (RoPE) at local positions 0..length-1,
 so a block can sit at any offset in any view without touching its keys: the attention rotates the queries instead.
 Its K/V live in one contiguous `Storage` that grows by a quarter when full (appends write in place, an amortised
-O(1) copy per token), so the attention reads a block with one matmul. Storage is charged to the `Ledger` of the run
-that holds the block (see `pool.py`); a fork shares its parent's storage and copies it only if written.
+O(1) copy per token), so the attention reads a block with one matmul. Storage comes from the `KVPool`, which
+alone counts the bytes in use, and is charged to the `Ledger` of the run that holds the block, which alone counts
+its capacity (see `pool.py`); a fork shares its parent's storage and copies it only if written.
 
 Visibility: `length` counts every committed token, `published` the tokens other rows may read. The owner of a block
 reads all of it; everyone else reads `published`, which the engine advances when the writing run's step ends. So a
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from hogwild.cache.pool import Ledger
+    from hogwild.cache.pool import KVPool, Ledger
 
 GROWTH = 1.25  # capacity grows to this times the length asked for (when the ledger has room)
 ALIGN = 16  # capacities are multiples of this many tokens
@@ -27,11 +28,10 @@ ALIGN = 16  # capacities are multiples of this many tokens
 class Storage:
     """One contiguous K/V tensor: kv [layers, 2 (k, v), kv_heads, capacity, head_dim]. `refs` blocks share it."""
 
-    def __init__(self, kv: torch.Tensor, ledger: Ledger) -> None:
+    def __init__(self, kv: torch.Tensor, pool: KVPool) -> None:
         self.kv = kv
         self.refs = 1
-        self.pool = ledger.pool
-        self.pool.in_use_bytes += self.nbytes
+        self.pool = pool  # made by `KVPool.storage`, given back by `drop`
 
     @property
     def capacity(self) -> int:
@@ -44,8 +44,7 @@ class Storage:
     def drop(self) -> None:
         self.refs -= 1
         if self.refs == 0:
-            self.pool.in_use_bytes -= self.nbytes
-            self.kv = self.pool.template  # lets the memory go
+            self.pool.free(self)
 
 
 class Block:
@@ -98,22 +97,18 @@ class Block:
             return
         room = self.ledger.room + (self.capacity if self.writer else 0)
         assert length <= room, f"block {self.name!r} needs {length} tokens; its run's KV ledger has room for {room}"
-        capacity = min(self._target(length, slack), room)
-        template = self.ledger.pool.template
-        kv = template.new_empty((*template.shape[:3], capacity, template.shape[4]))
+        storage = self.ledger.pool.storage(min(self._target(length, slack), room))
         if self.storage is not None:
-            kv[:, :, :, : self.length] = self.storage.kv[:, :, :, : self.length]
-        self._set_storage(Storage(kv, self.ledger))
+            storage.kv[:, :, :, : self.length] = self.storage.kv[:, :, :, : self.length]
+        self._set_storage(storage)
         self.writer = True
 
     def _set_storage(self, storage: Storage | None) -> None:
-        if self.storage is not None:
-            self.ledger.charged -= self.storage.capacity
-            self.storage.drop()
+        old = self.storage
+        self.ledger.charge(self, (0 if storage is None else storage.capacity) - (0 if old is None else old.capacity))
         self.storage = storage
-        if storage is not None:
-            self.ledger.charged += storage.capacity
-            assert self.ledger.charged <= self.ledger.limit, f"run's KV ledger overdrawn by block {self.name!r}"
+        if old is not None:
+            old.drop()
 
     def share(self, storage: Storage) -> None:
         """Hold `storage` read-only (a fork): charged to this block's ledger, copied on the first write."""

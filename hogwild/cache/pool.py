@@ -2,7 +2,9 @@
 
 A run is admitted with a `Ledger` for the most tokens of K/V it can ever hold at once (its reservation); the pool
 admits runs while their reservations fit the budget, so no run can run out of memory half-way, and everything a run
-holds is freed at once when it ends (`Ledger.release`). `in_use_bytes` is what the block storages really take.
+holds is freed at once when it ends (`Ledger.release`). Each count has one owner: the pool's `reserved` (tokens
+promised to open ledgers) and `in_use_bytes` (what the block storages really take, changed only by `storage` and
+`free`), and a ledger's `charged` (the capacity its blocks hold, changed only by `Ledger.charge`).
 
 `fork(block)` branches off a live block without copying: the fork shares the storage and reads the first
 `length` tokens as they were at the fork; the original keeps appending in place (past every fork's length), and a
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from hogwild.cache.blocks import Block
+from hogwild.cache.blocks import Block, Storage
 from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.rope import Rope, apply_rope
@@ -51,6 +53,24 @@ class KVPool:
         self.reserved += tokens
         self.ledgers.add(ledger)
         return ledger
+
+    def storage(self, capacity: int) -> Storage:
+        """A new, uninitialised storage for `capacity` tokens; its bytes are in use until `free`."""
+        shape = self.template.shape
+        storage = Storage(self.template.new_empty((*shape[:3], capacity, shape[4])), self)
+        self.in_use_bytes += storage.nbytes
+        return storage
+
+    def free(self, storage: Storage) -> None:
+        """Let a storage's memory go (its last holder dropped it)."""
+        self.in_use_bytes -= storage.nbytes
+        storage.kv = self.template
+
+    def close(self, ledger: Ledger) -> None:
+        """Take a released ledger's reservation back."""
+        if ledger in self.ledgers:
+            self.ledgers.remove(ledger)
+            self.reserved -= ledger.limit
 
     def move(self, src: Block, dst: Block) -> None:
         """Append all of `src` to the end of `dst` and clear `src`; keys are re-rotated once by the shift."""
@@ -97,6 +117,11 @@ class Ledger:
         fork.publish()
         return fork
 
+    def charge(self, block: Block, capacity: int) -> None:
+        """Add `capacity` tokens (negative: give them back) to what `block` holds of this ledger."""
+        self.charged += capacity
+        assert self.charged <= self.limit, f"run's KV ledger overdrawn by block {block.name!r}"
+
     def fits(self, needs: list[tuple[Block, int]]) -> bool:
         """Whether every (block, length) can be held at once with no more capacity than this ledger has left."""
         return sum(block.growth(length) for block, length in needs) <= self.room
@@ -114,6 +139,4 @@ class Ledger:
         for block in self.blocks:
             block.release()
         self.blocks = []
-        if self in self.pool.ledgers:
-            self.pool.ledgers.remove(self)
-            self.pool.reserved -= self.limit
+        self.pool.close(self)
