@@ -13,7 +13,9 @@ import time
 
 import torch
 
-from hogwild import bench, quality, strategies
+from hogwild import strategies
+from hogwild.bench import common as bench
+from hogwild.bench import quality
 from hogwild.collab import prompts
 from hogwild.collab.protocol import CollabConfig
 from hogwild.engine import Engine, Generation

@@ -1,0 +1,1 @@
+"""The benchmarks of `hogwild bench`, in `common` until they are split into one module per command."""
