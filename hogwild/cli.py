@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from hogwild import bench, quality, strategies
+from hogwild import bench, strategies
 from hogwild.collab import prompts
 from hogwild.collab.protocol import CollabConfig
 from hogwild.engine import Engine, Generation
@@ -28,7 +28,7 @@ from hogwild.flags import (
     protocol_fields,
     sampling_params,
 )
-from hogwild.model import registry, synthetic
+from hogwild.model import registry
 from hogwild.server import command as serve_command
 
 
@@ -179,9 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(solve, max_tokens=False)
     solve.set_defaults(func=cmd_solve)
 
-    benches = bench.add_parser(sub)
-    quality.add_parser(benches)
-    synthetic.add_parser(benches)
+    bench.add_parser(sub)
     registry.add_parser(sub)
     serve_command.add_parser(sub)
     eval_cli.add_parser(sub)

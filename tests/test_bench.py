@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hogwild.bench import reference_dtype
+from hogwild.bench.common import reference_dtype
 from hogwild.cli import main
 from hogwild.model.kernels import choose
 from hogwild.model.loading import read_config

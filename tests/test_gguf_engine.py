@@ -10,8 +10,8 @@ import pytest
 import torch
 from tiny_gguf import tiny_source_model, write_model_gguf
 
+from hogwild.bench.quality import greedy
 from hogwild.engine import Engine, EngineConfig
-from hogwild.quality import greedy
 from hogwild.scoring import score
 
 TEXT = "Two workers share one notebook and read each other's lines as they are written."

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from hogwild.bench import format_table
+from hogwild.bench.common import format_table
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
 from hogwild.eval.tasks import read_jsonl
@@ -36,8 +36,8 @@ from hogwild.sampling import SamplingParams
 from hogwild.scoring import score
 
 CHOICES = ("fp32", "gguf", "bf16", "int8", "int4")
-SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test_dev.jsonl"
-SAMPLE_GSM8K = Path(__file__).parent / "eval" / "data" / "gsm8k_sample.jsonl"
+SHARED_GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test_dev.jsonl"
+SAMPLE_GSM8K = Path(__file__).parents[1] / "eval" / "data" / "gsm8k_sample.jsonl"
 # the most mean log-likelihood a choice may lose against fp32, as a fraction
 LOGLIK_BAR = {"int8": 0.02, "int4": 0.02, "gguf": 0.005}
 
