@@ -336,6 +336,13 @@ def test_the_report_scores_per_question_and_finds_the_passes_to_match_single():
     # single reaches 75.0% at its largest budget in 195 passes; hogwild:2 does at budget 100 in 95 (0.49x)
     assert "single's accuracy at its largest budget (75.0%)" in table
     assert "| hogwild:2 | 100 | 95.0 | 0.49 |" in table and "| vote:2 | not reached | | |" in table
+    # a single that answers nothing right gives nothing to reach: no table, not "reached at once"
+    nothing = [r for r in records if r["strategy"] != "single"] + [
+        {**r, "correct": False, "parts_correct": 0} for r in records if r["strategy"] == "single"
+    ]
+    assert report.reaching(report.summarize(nothing)) == [] and "to reach" not in report.markdown(
+        report.summarize(nothing)
+    )
 
 
 def test_a_resume_with_other_settings_is_refused(tmp_path, capsys):

@@ -48,11 +48,14 @@ def summarize(records: list[dict], strategies: list[str] = ()) -> list[dict]:
 
 def reaching(rows: list[dict], reference: str = "single") -> list[dict]:
     """For each other strategy, the smallest budget at which it reaches the reference's accuracy at the largest
-    budget, with its mean passes there against the reference's: [] without the reference."""
+    budget, with its mean passes there against the reference's: [] without the reference, or when it answers
+    nothing right (every strategy would "reach" 0% at once)."""
     mine = [r for r in rows if r["strategy"] == reference]
     if not mine:
         return []
     target = max(mine, key=lambda r: r["budget"])
+    if target["accuracy"] == 0:
+        return []
     out = []
     for strategy in dict.fromkeys(r["strategy"] for r in rows if r["strategy"] != reference):
         hit = next((r for r in rows if r["strategy"] == strategy and r["accuracy"] >= target["accuracy"]), None)
