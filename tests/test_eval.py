@@ -290,9 +290,13 @@ def test_end_to_end_eval_writes_every_file_and_the_table_is_a_recount(tokenizer,
     )
     assert engine.pool.reserved == 0 and engine.pool.in_use_bytes == 0
 
-    # a re-run resumes: nothing left to do; a lost record is run again, alone
+    # a re-run resumes: nothing left to do, and the first run's facts stay in summary.json; a lost record is run
+    # again, alone
+    first_run = summary["run"]
+    assert first_run["runs"] == 3 * 5 and first_run["sampled_tokens"] > 0
     outcome = evaluate(engine, problems, task, config, out, settings)
     assert outcome.jobs_done == 0 and len((out / "results.jsonl").read_text().splitlines()) == len(records)
+    assert json.loads((out / "summary.json").read_text())["run"] == first_run
     kept = [r for r in records if not (r["problem"] == problems[1].id and r["strategy"] == "hogwild:2")]
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     outcome = evaluate(engine, problems, task, config, out, settings)

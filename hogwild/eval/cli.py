@@ -235,7 +235,8 @@ def evaluate(
         }  # fmt: skip
         if outcome.by_actor:
             run["runs_by_actor"] = outcome.by_actor
-        rows = report.write(out, run)
+        # a re-run with nothing left to do keeps the facts of the run that wrote the results
+        rows = report.write(out, run if outcome.jobs_done or outcome.interrupted else None)
         print(report.markdown(rows, f"**{report.title_of(json.loads((out / report.CONFIG).read_text()))}**"))
         print(
             f"hogwild: {outcome.jobs_done} runs in {outcome.wall_s:.1f} s ({outcome.sampled_tokens} tokens, "
