@@ -81,6 +81,15 @@ class _BlockRead:
         self.values = kv[:, 1]  # [layers, kv_heads, length, D]
 
 
+def flat_starts(rows: list[Row]) -> tuple[list[int], int]:
+    """Where each row's tokens start in the step's flat batch (the rows' tokens concatenated), and its length N."""
+    starts, total = [], 0
+    for row in rows:
+        starts.append(total)
+        total += len(row.tokens)
+    return starts, total
+
+
 @dataclass
 class StepLayout:
     """Where a step's rows sit and what each of their tokens reads: what every attention backend is built from.
@@ -102,8 +111,7 @@ class StepLayout:
     @classmethod
     def of(cls, rows: list[Row], max_position: int) -> StepLayout:
         writers: dict[int, int] = {}
-        starts: list[int] = []
-        total = 0
+        starts, total = flat_starts(rows)
         for r, row in enumerate(rows):
             assert row.tokens, "a row must feed at least one token"
             assert len({id(block) for block in row.view}) == len(row.view), "a block appears twice in one view"
@@ -113,8 +121,6 @@ class StepLayout:
             assert row.own.writer and row.own.capacity >= row.own.length + len(row.tokens), (
                 f"block {row.own.name!r} was not reserved for this step"
             )
-            starts.append(total)
-            total += len(row.tokens)
 
         # blocks in first-appearance order, with the rows that read each and where it sits in their view
         readers: dict[int, tuple[Block, list[tuple[int, int]]]] = {}
@@ -148,14 +154,14 @@ class StepLayout:
 class FusedAttention:
     """The attention backend of short rows (decode steps) on hogwild's fused CPU kernel (`fused.Plan`, see
     `hogwild/native/fused.cpp`): the same maths as `TorchAttention`, every block read once per kv head, in one
-    call a layer. `native` is the kernel's plan, which the decoder's one-call int4 layers also take."""
+    call a layer."""
 
     def __init__(
         self, layout: StepLayout, config: ModelConfig, rope: Rope, out_dtype: torch.dtype, fused: ModuleType
     ) -> None:
         self.dtype = rope.cos.dtype
         reads = layout.reads
-        self.native = fused.Plan(
+        plan = fused.Plan(
             heads=config.num_heads,
             kv_heads=config.num_kv_heads,
             head_dim=config.head_dim,
@@ -175,16 +181,14 @@ class FusedAttention:
             tokens=layout.tokens,
             out_dtype=out_dtype,
         )
-        self.attend = self.native.attend
-        self.attend_qkv = self.native.attend_qkv
+        self.attend = plan.attend
+        self.attend_qkv = plan.attend_qkv
 
 
 class TorchAttention:
     """The attention backend on torch ops (any device, any row length): per block read, one score matmul and one
     value matmul for all the slots that read it; blocks read by the same slots share one softmax, other groups are
     merged exactly with a log-sum-exp merge."""
-
-    native = None
 
     def __init__(self, layout: StepLayout, config: ModelConfig, rope: Rope, out_dtype: torch.dtype) -> None:
         device = rope.cos.device
@@ -305,8 +309,6 @@ class SplitAttention:
     takes the same path whatever shares its step. Rows are independent within a step (each reads the cache as it
     was plus its own tokens), so the two backends see exactly what one would."""
 
-    native = None
-
     def __init__(
         self,
         rows: list[Row],
@@ -320,7 +322,6 @@ class SplitAttention:
         self.dtype = rope.cos.dtype
         self.out_dtype = out_dtype
         self.width = config.num_heads * config.head_dim
-        self.tokens = sum(len(row.tokens) for row in rows)
         self.parts: list[tuple[torch.Tensor, Attention]] = []  # each part's flat token indices and backend
         for kind in (True, False):
             members = [r for r in range(len(rows)) if short[r] == kind]
@@ -336,8 +337,8 @@ class SplitAttention:
 
     def _gather(self, call, *inputs: torch.Tensor) -> torch.Tensor:
         """Each part's attention on its rows' slice of `inputs`, gathered into one [N, heads * D] output."""
-        if self.out is None:
-            self.out = torch.empty((self.tokens, self.width), dtype=self.out_dtype, device=inputs[0].device)
+        if self.out is None:  # inputs[0]: [N, ...], the step's tokens
+            self.out = torch.empty((len(inputs[0]), self.width), dtype=self.out_dtype, device=inputs[0].device)
         for index, part in self.parts:
             self.out.index_copy_(0, index, call(part, *(x.index_select(0, index) for x in inputs)))
         return self.out
@@ -379,12 +380,7 @@ class StepPlan:
             and self.out_dtype in DTYPES
         )
         short = [len(row.tokens) <= FUSED_ROW_TOKENS for row in rows]
-        self.starts: list[int] = []
-        total = 0
-        for row in rows:
-            self.starts.append(total)
-            total += len(row.tokens)
-        self.tokens = total  # N
+        self.starts, self.tokens = flat_starts(rows)  # self.tokens: N
         self.backend: Attention
         if fits and any(short) and not all(short):
             self.backend = SplitAttention(rows, short, self.starts, config, rope, self.out_dtype, fused)
@@ -392,8 +388,6 @@ class StepPlan:
             self.backend = FusedAttention(StepLayout.of(rows, rope.max_position), config, rope, self.out_dtype, fused)
         else:
             self.backend = TorchAttention(StepLayout.of(rows, rope.max_position), config, rope, self.out_dtype)
-        # the fused kernel's plan when the whole step runs on it: the decoder's one-call int4 layers take it
-        self.native = self.backend.native
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [N, heads, D]; k, v: [N, kv_heads, D] (not rotated, in `self.dtype`) -> [N, heads * D]

@@ -5,8 +5,7 @@ loop runs every model, over parts chosen once (`hogwild.model.parts`): each proj
 format loaded (float, int8, int4, a GGUF's blocks), the norms and silu * up a `LayerOps` (torch ops, or hogwild's
 fused CPU kernels, `hogwild.native`, one call each), and the attention the step's `Attention`, which gets q, k, v
 un-rotated (`attend(layer, q, k, v)`) and owns RoPE and the cache: the decoder does not care whether the cache is
-one sequence or a set of shared blocks. `plain=True` keeps torch ops throughout (the
-reference's).
+one sequence or a set of shared blocks. `plain=True` keeps torch ops throughout (the reference's).
 """
 
 from __future__ import annotations

@@ -89,8 +89,7 @@ class Attention(Protocol):
     `attend(layer, q, k, v)`: q [N, heads, D], k and v [N, kv_heads, D] of the step's N tokens, un-rotated, in
     `dtype`; the backend applies RoPE, writes k and v into the cache and returns [N, heads * D] in the model's dtype
     (a buffer the next layer's call may reuse). `attend_qkv(layer, qkv)`: the same on the fused projection's output
-    [N, (heads + 2 * kv_heads) * D], in any float dtype. A backend whose decode steps can run every layer in one
-    call of hogwild's fused kernels exposes that kernel's plan as `native` (see `Decoder.forward`)."""
+    [N, (heads + 2 * kv_heads) * D], in any float dtype."""
 
     dtype: torch.dtype  # q, k, v are handed over in this dtype
 
