@@ -53,6 +53,7 @@ class EngineConfig:
     kv_memory: str | None = None  # KV pool budget ("2GiB", "512MB", bytes); None: a share of free memory
     max_runs: int = 0  # runs in flight at once; 0: as many as the KV budget holds
     fused: bool = True  # CPU: norms, silu * up and decode attention through hogwild's compiled kernels (see native)
+    mmap: bool = False  # a GGUF's blocks read where the file is mapped; else read into private memory when it fits
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -92,19 +93,32 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
-def default_kv_budget(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * KV_FRACTION_CUDA)
-    available = 8 * 2**30
+def available_memory() -> int:
+    """Bytes of memory the system can still give (MemAvailable; 8 GiB where there is no /proc/meminfo)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024
     except OSError:
-        pass  # not Linux: assume 8 GiB available
-    return int(available * KV_FRACTION_CPU)
+        pass
+    return 8 * 2**30
+
+
+def default_kv_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * KV_FRACTION_CUDA)
+    return int(available_memory() * KV_FRACTION_CPU)
+
+
+def hold_blocks(weights, mmap: bool) -> str:
+    """Read a GGUF whose blocks the kernels multiply into private memory unless `mmap` asks to keep it mapped or
+    the memory is short (its size and 1 GiB to spare); says which."""
+    mapping = weights.mapping
+    if not mmap and mapping.size + 2**30 <= available_memory() and mapping.read_into_memory():
+        return "read into memory"
+    return "memory-mapped"
 
 
 @dataclass
@@ -165,7 +179,7 @@ class Engine:
         hf = read_config(folder)
         model_config = ModelConfig.from_hf(hf)
         tokenizer = Tokenizer.from_folder(folder, extra_eos_ids=model_config.eos_token_ids)
-        weights = open_weights(folder)  # tensors read one at a time, a GGUF's mapped where they lie
+        weights = open_weights(folder)  # tensors read one at a time, a GGUF's mapped
         block_kernels = blocks = None
         auto = config.weights == config.dtype == config.linear == "auto"
         if (
@@ -175,7 +189,8 @@ class Engine:
         ):
             block_kernels = native.load_gguf()
             if block_kernels is not None:
-                blocks = f"{weights.describe()}, {block_kernels.isa()} kernels"
+                held = hold_blocks(weights, config.mmap)
+                blocks = f"{weights.describe()}, {held}, {block_kernels.isa()} kernels"
         kernels = choose(config.dtype, config.linear, config.device, weights=config.weights, blocks=blocks)
         # auto's int8, for a 4-bit source (the default model's Q4_1): int4 loses nothing of it and reads half the bytes
         if kernels.linear == "int8" and config.weights == "auto" and on_int4_grid(weights):

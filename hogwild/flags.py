@@ -64,6 +64,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "80%% of free GPU memory)",
     )
     group.add_argument(
+        "--mmap",
+        action="store_true",
+        help="multiply a GGUF's blocks where the file is mapped (pages shared with the page cache and other "
+        "processes) instead of reading them into private memory, 2 MB pages where the kernel gives them; reading "
+        "is the default when the memory is there, as a step streams those pages faster (the 1.5B's matrices: "
+        "28 ms a step against 37 ms mapped, Zen 4)",
+    )
+    group.add_argument(
         "--step-tokens",
         type=int,
         default=default(EngineConfig, "step_tokens"),
@@ -194,6 +202,7 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig
         device=args.device,
         kv_memory=args.kv_memory,
         step_tokens=args.step_tokens,
+        mmap=args.mmap,
     )
     return EngineConfig(**{**fields, **overrides})
 

@@ -13,7 +13,9 @@ import pytest
 from test_gguf import assert_one_error_line, run_cli
 from tiny_gguf import tiny_source_model, write_model_gguf
 
+from hogwild.engine import Engine, EngineConfig
 from hogwild.model import registry
+from hogwild.model.gguf import GgufWeights, Mapping
 from hogwild.model.loading import converted_dir, is_converted
 from hogwild.model.registry import NamedModel, split_parts
 
@@ -80,6 +82,25 @@ def generate(capsys: pytest.CaptureFixture, model: str) -> tuple[int, str, str]:
 
 def cached_files(tmp_path: Path) -> list[Path]:
     return [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_blocks_read_into_memory_are_the_files_bytes(
+    split_model: tuple[NamedModel, list[bytes], Path], capsys: pytest.CaptureFixture
+) -> None:
+    model, chunks, _ = split_model
+    code, read, err = generate(capsys, model.name)
+    assert code == 0, err
+    code, mapped, err = run_cli(
+        capsys, "generate", "the", "--raw", "--model", model.name, "--max-tokens", "3", "--threads", "1", "--mmap"
+    )
+    assert code == 0 and mapped == read, err
+    engines = [Engine.load(EngineConfig(model=model.name, threads=1, kv_memory="16MiB", mmap=m)) for m in (False, True)]
+    assert "read into memory" in engines[0].describe() and "memory-mapped" in engines[1].describe()
+
+    mapping = Mapping(GgufWeights.open(converted_dir(model.sha256)).mapping.files)
+    before = mapping.array.copy()
+    assert not mapping.in_memory and mapping.read_into_memory() and mapping.in_memory
+    assert bytes(mapping.array) == bytes(before) == b"".join(chunks)
 
 
 def test_bad_parts_are_one_line_naming_the_package(

@@ -284,6 +284,15 @@ def write_tokenizer(path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 class Mapping:
     """Files mapped back to back into one read-only address range (copy-on-write, never written), kept mapped for
     as long as this object lives. One file is one `mmap`; the parts of a split model are mapped at consecutive
@@ -293,7 +302,8 @@ class Mapping:
     def __init__(self, files: list[Path]) -> None:
         self.files = files
         self._maps: list[mmap.mmap] = []
-        self._base = 0
+        self._regions: list[tuple[int, int]] = []  # what __del__ unmaps
+        self.in_memory = False  # read into private memory (`read_into_memory`), else mapped
         try:
             sizes = [f.stat().st_size for f in files]
         except OSError as e:
@@ -317,16 +327,14 @@ class Mapping:
         self.array = np.frombuffer(self.buffer, dtype=np.uint8)
 
     def _map_fixed(self, files: list[Path], sizes: list[int]) -> memoryview:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc = _libc()
         prot = mmap.PROT_READ | mmap.PROT_WRITE  # private and never written: writable only so torch takes it
         fixed = 0x10  # MAP_FIXED (Linux and the BSDs)
         base = libc.mmap(None, self.size, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)  # reserve the range
         if base in (None, ctypes.c_void_p(-1).value):
             raise HogwildError(f"cannot map the model's {len(files)} parts ({os.strerror(ctypes.get_errno())})")
-        self._base, self._libc = base, libc
+        self._regions.append((base, self.size))
+        self._libc = libc
         at = 0
         for file, size in zip(files, sizes, strict=True):
             fd = os.open(file, os.O_RDONLY)
@@ -341,9 +349,52 @@ class Mapping:
         view.mapping = self  # every tensor over these bytes keeps the mapping, and so the map, alive
         return memoryview(view).cast("B")
 
+    def read_into_memory(self) -> bool:
+        """Read the files' bytes into private anonymous memory, in 2 MB pages where the kernel gives them, and drop
+        the file mapping: the same bytes, but a step streams them faster than the page cache's 4 KB file pages (a
+        1.5B Q4_K_M step's matrices: 28 ms from 2 MB pages, 31 ms from 4 KB anonymous pages, 37 ms mapped, on Zen 4).
+        Call it before any tensor views the buffer. False (and nothing changes) when the memory cannot be had."""
+        libc = self._libc = _libc()
+        huge = 1 << 21
+        length = self.size + huge
+        region = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if region in (None, ctypes.c_void_p(-1).value):
+            return False
+        base = (region + huge - 1) & ~(huge - 1)
+        libc.madvise(base, self.size, 14)  # MADV_HUGEPAGE; a kernel without transparent huge pages ignores it
+        view = (ctypes.c_uint8 * self.size).from_address(base)
+        buffer = memoryview(view).cast("B")
+        try:
+            with progress_bar() as bar:
+                task = bar.add_task(f"reading {self.files[0].name} into memory", total=self.size)
+                at = 0
+                for file in self.files:
+                    with open(file, "rb") as f:
+                        while True:
+                            got = f.readinto(buffer[at : min(self.size, at + (64 << 20))])
+                            if not got:
+                                break
+                            at += got
+                            bar.advance(task, got)
+        except BaseException:
+            buffer.release()
+            libc.munmap(region, length)
+            raise
+        if at != self.size:
+            buffer.release()
+            libc.munmap(region, length)
+            raise HogwildError(f"{self.files[0]} changed while it was read ({at} of {self.size} bytes)")
+        # the file mapping stays (a view made before this still reads through it); its pages are not touched again
+        self._regions.append((region, length))
+        view.mapping = self  # every tensor over these bytes keeps this object, and so the memory, alive
+        self.buffer = buffer
+        self.array = np.frombuffer(buffer, dtype=np.uint8)
+        self.in_memory = True
+        return True
+
     def __del__(self) -> None:
-        if self._base:
-            self._libc.munmap(self._base, self.size)
+        for base, length in getattr(self, "_regions", ()):
+            self._libc.munmap(base, length)
 
 
 @dataclass(frozen=True)
