@@ -85,7 +85,7 @@ def cached_files(tmp_path: Path) -> list[Path]:
 
 
 def test_blocks_read_into_memory_are_the_files_bytes(
-    split_model: tuple[NamedModel, list[bytes], Path], capsys: pytest.CaptureFixture
+    split_model: tuple[NamedModel, list[bytes], Path], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, chunks, _ = split_model
     code, read, err = generate(capsys, model.name)
@@ -96,6 +96,9 @@ def test_blocks_read_into_memory_are_the_files_bytes(
     assert code == 0 and mapped == read, err
     engines = [Engine.load(EngineConfig(model=model.name, threads=1, kv_memory="16MiB", mmap=m)) for m in (False, True)]
     assert "read into memory" in engines[0].describe() and "memory-mapped" in engines[1].describe()
+    monkeypatch.setattr("hogwild.engine.available_memory", lambda: 2**30)  # less than the file and 1 GiB to spare
+    short = Engine.load(EngineConfig(model=model.name, threads=1, kv_memory="16MiB"))
+    assert "memory-mapped" in short.describe()
 
     mapping = Mapping(GgufWeights.open(converted_dir(model.sha256)).mapping.files)
     before = mapping.array.copy()

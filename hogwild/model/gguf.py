@@ -1,11 +1,12 @@
-"""GGUF files as they lie: the config and tokenizer in their metadata, and their tensors memory-mapped in place.
+"""GGUF files as they lie: the config and tokenizer in their metadata, and their tensors in their own bytes.
 
 A GGUF file (llama.cpp's format) holds a model's hyperparameters, its tokenizer and chat template as metadata, and
 its weights as tensors in one of several block formats. `write_prepared` reads the metadata once (with
 `gguf.GGUFReader`: memory-mapped, no code execution) into a small Hugging Face style folder: config.json, the
 tokenizer through transformers' GGUF reader, and `gguf.json`, an index of every tensor (its Hugging Face name,
 shape, block type and byte range in the file). At every start `GgufWeights` maps the file (or the installed parts
-of a split model, back to back in one address range) and hands the decoder each tensor's own blocks; nothing is
+of a split model, back to back in one address range; `Mapping.read_into_memory` then reads the bytes into private
+2 MB pages, as the engine does when the block kernels run) and hands the decoder each tensor's own blocks; nothing is
 converted to float on disk. Float copies are made only where asked for, a tensor at a time, by gguf's own
 dequantizer (`float_tensor`). Architectures and tensor types that hogwild cannot run are refused, naming them,
 before any work is done.
@@ -297,7 +298,7 @@ class Mapping:
     """Files mapped back to back into one read-only address range (copy-on-write, never written), kept mapped for
     as long as this object lives. One file is one `mmap`; the parts of a split model are mapped at consecutive
     addresses, which needs every part but the last to be a whole number of pages, else they are read into
-    memory."""
+    memory. `read_into_memory` swaps the mapping for a private copy of the same bytes."""
 
     def __init__(self, files: list[Path]) -> None:
         self.files = files

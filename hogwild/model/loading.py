@@ -3,9 +3,9 @@
 hogwild reads Hugging Face model folders (config.json, tokenizer files, `*.safetensors` weights) and `.gguf` files;
 `registry.resolve_model_dir` turns a `--model` (a name, a folder or a file) into one. A GGUF's metadata is read
 once into a small folder under `cache_dir()/models/` (config.json, the tokenizer and a tensor index, see
-`gguf.write_prepared`); its weights stay in the GGUF, memory-mapped at every start. `open_weights` gives the decoder
-a model's tensors one at a time, so loading holds one float tensor at most beside the weights it keeps. Everything
-here turns a bad path or a damaged file into a one-line `HogwildError`.
+`gguf.write_prepared`); its weights stay in the GGUF, mapped (and read into memory, see `gguf.Mapping`) at every
+start. `open_weights` gives the decoder a model's tensors one at a time, so loading holds one float tensor at most
+beside the weights it keeps. Everything here turns a bad path or a damaged file into a one-line `HogwildError`.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@
 #include <ATen/Parallel.h>
 #include <pybind11/stl.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <atomic>
@@ -947,20 +948,21 @@ void run(const float* x, int64_t x_stride, int64_t n, int64_t k, const std::vect
     for (const Part& p : parts) run_rows(isa, p, 0, p.rows, act, n, k, ldy);
     return;
   }
-  // thread i takes the rows that start in bytes [i * total / threads, (i + 1) * total / threads) of all parts
-  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t lo = total * i / threads, hi = total * (i + 1) / threads;
-      int64_t start = 0;
-      for (const Part& p : parts) {
-        const int64_t bytes = p.rows * p.row_bytes;
-        auto row_at = [&](int64_t b) { return std::clamp<int64_t>((b - start + p.row_bytes - 1) / p.row_bytes, 0, p.rows); };
-        const int64_t begin = row_at(lo), end = row_at(hi);
-        if (begin < end) run_rows(isa, p, begin, end, act, n, k, ldy);
-        start += bytes;
-      }
+  // thread i takes the rows that start in bytes [i * total / threads, (i + 1) * total / threads) of all parts. A
+  // bare OpenMP region on torch's runtime (the same libgomp): at::parallel_for's set-up cost a 135M decode step
+  // 4 us a call, 0.5 ms of its 6.4
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t i = omp_get_thread_num(), lo = total * i / threads, hi = total * (i + 1) / threads;
+    int64_t start = 0;
+    for (const Part& p : parts) {
+      const int64_t bytes = p.rows * p.row_bytes;
+      auto row_at = [&](int64_t b) { return std::clamp<int64_t>((b - start + p.row_bytes - 1) / p.row_bytes, 0, p.rows); };
+      const int64_t begin = row_at(lo), end = row_at(hi);
+      if (begin < end) run_rows(isa, p, begin, end, act, n, k, ldy);
+      start += bytes;
     }
-  });
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
