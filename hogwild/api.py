@@ -40,7 +40,11 @@ def _split(engine: Engine, kwargs: dict) -> tuple[Strategy, CollabConfig, Sampli
     collab = {k: v for k, v in kwargs.items() if k in names}
     sampling = {k: v for k, v in kwargs.items() if k not in names and k != "mode"}
     strategy = strategies.served(kwargs.get("mode", CollabConfig.mode))
-    return strategy, CollabConfig(**collab), default_sampling(engine, **{"seed": 0, **sampling})
+    return (
+        strategy,
+        CollabConfig(**collab),
+        default_sampling(engine, sampled=strategy.samples, **{"seed": 0, **sampling}),
+    )
 
 
 def solve_stream(problem: str, engine: Engine | None = None, **kwargs) -> Iterator[Event]:

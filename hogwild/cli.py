@@ -81,7 +81,9 @@ def cmd_solve(args: argparse.Namespace) -> int:
         **protocol_fields(args),
     )
     engine = Engine.load(engine_config(args))
-    params = default_sampling(engine, seed=args.seed, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    params = default_sampling(
+        engine, args.seed, strategy.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k
+    )
     run = strategy.live(engine, args.problem, config, params)
     result = None
     if args.json:

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 
 from hogwild.collab import prompts
-from hogwild.collab.protocol import REPEAT_GUARDS, TEMPERATURE, TOP_P, CollabConfig
+from hogwild.collab.protocol import REPEAT_GUARDS, TOP_P, CollabConfig
 from hogwild.engine import EngineConfig
 from hogwild.model.kernels import DTYPE_CHOICES, LINEARS, WEIGHTS
 from hogwild.sampling import SamplingParams
@@ -81,14 +81,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: bool = True) -> None:
     """Sampling flags; without `max_tokens` (a collaboration), temperature, top-p and top-k default to the
-    workers' sampling (`default_sampling`): the model's generation settings, else 0.6 and 0.95."""
+    workers' sampling (`default_sampling`): greedy unless a temperature is given, then the model's generation
+    settings for the rest, else top-p 0.95."""
     group = parser.add_argument_group("sampling")
     workers = "" if max_tokens else "; default: the model's generation settings, else "
     group.add_argument(
         "--temperature",
         type=float,
         default=default(SamplingParams, "temperature") if max_tokens else None,
-        help="0 means greedy (argmax)" + (f"{workers}{TEMPERATURE}" if workers else ""),
+        help="0 means greedy (argmax)"
+        + ("; default: greedy, which measured best for collaborations; a temperature samples" if workers else ""),
     )
     group.add_argument(
         "--top-p",

@@ -25,6 +25,7 @@ from hogwild.collab.protocol import (
     StepDiscarded,
     StepFinished,
     StepStarted,
+    default_sampling,
 )
 from hogwild.collab.redundancy import N, copied, redundancy, repeated
 from hogwild.collab.text import boxed_answer, step_ends
@@ -74,7 +75,10 @@ MECHANICS = {"opening": "symmetric", "min_step_tokens": 0, "repeat_guard": "off"
 
 
 def run_scripted(tokenizer, scripts, engine=None, sampling=None, **config) -> tuple[list, object, Collaboration]:
+    """The scripts' run, sampled at 0.6 unless told: past its script a row writes filler, which greedy decoding
+    would repeat (and the repeat guard then leave out) where sampling writes something new each time."""
     engine = engine or ScriptedEngine(tokenizer, scripts)
+    sampling = sampling or default_sampling(engine, temperature=0.6)
     run = Collaboration(engine, "Add 2 and 3.", CollabConfig(workers=len(scripts), **(MECHANICS | config)), sampling)
     events = list(engine.stream(run))
     assert isinstance(events[-1], Done)
@@ -196,11 +200,14 @@ def test_each_worker_draws_from_its_own_generator(tokenizer):
     assert all(a == b == 0 for a, b in draws(0.0, seed=3))  # greedy: argmax for both, no generator
 
 
-def test_a_run_given_no_sampling_samples_with_the_default_settings(tokenizer):
+def test_a_run_given_no_sampling_decodes_greedily_and_a_temperature_samples(tokenizer):
     engine = ScriptedEngine(tokenizer, ["x"])
     run = Collaboration(engine, "Add 2 and 3.")
-    assert (run.sampling.temperature, run.sampling.top_p, run.sampling.seed) == (0.6, 0.95, 0)
-    assert all(w.generator is not None for w in run.workers)
+    assert (run.sampling.temperature, run.sampling.seed) == (0, 0) and run.sampling.greedy
+    sampled = Collaboration(engine, "Add 2 and 3.", sampling=default_sampling(engine, temperature=0.6))
+    assert (sampled.sampling.temperature, sampled.sampling.top_p) == (0.6, 0.95)  # no model settings: the paper's
+    assert all(w.generator is not None for w in sampled.workers)
+    assert default_sampling(engine, sampled=True).temperature == 0.6  # independent samples sample by default
 
 
 def test_plan_opening_the_others_start_once_the_plan_is_written(tokenizer):

@@ -16,7 +16,7 @@ from tiny_gguf import tiny_source_model, write_model_gguf
 from hogwild.engine import Engine, EngineConfig
 from hogwild.model import registry
 from hogwild.model.gguf import GgufWeights, Mapping
-from hogwild.model.loading import converted_dir, is_converted
+from hogwild.model.loading import is_converted
 from hogwild.model.registry import NamedModel, split_parts
 
 PACKAGE = "fakemodel-part"
@@ -100,7 +100,7 @@ def test_blocks_read_into_memory_are_the_files_bytes(
     short = Engine.load(EngineConfig(model=model.name, threads=1, kv_memory="16MiB"))
     assert "memory-mapped" in short.describe()
 
-    mapping = Mapping(GgufWeights.open(converted_dir(model.sha256)).mapping.files)
+    mapping = Mapping(GgufWeights.open(registry.prepared_dir(model)).mapping.files)
     before = mapping.array.copy()
     assert not mapping.in_memory and mapping.read_into_memory() and mapping.in_memory
     assert bytes(mapping.array) == bytes(before) == b"".join(chunks)
@@ -137,15 +137,18 @@ def test_bad_parts_are_one_line_naming_the_package(
 
 
 def test_parts_are_checked_prepared_once_and_mapped(
-    split_model: tuple[NamedModel, list[bytes], Path], tmp_path: Path, capsys: pytest.CaptureFixture
+    split_model: tuple[NamedModel, list[bytes], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    model, _, site = split_model
+    model, chunks, site = split_model
     code, out, err = generate(capsys, model.name)
     assert code == 0, err
     assert out.strip() and "reading tiny.gguf's metadata" in err
     code, single, _ = generate(capsys, str(tmp_path / "tiny.gguf"))
     assert code == 0 and single == out, "the parts read as the whole file does"
-    folder = converted_dir(model.sha256)
+    folder = registry.prepared_dir(model)
     assert is_converted(folder)
     kept = {p.parent for p in cached_files(tmp_path)} - {tmp_path / "cache" / "quantized"}
     assert folder in kept and not any(folder.glob("*.gguf")), "the assembled GGUF is not kept"
@@ -158,6 +161,22 @@ def test_parts_are_checked_prepared_once_and_mapped(
 
     code, again, err = generate(capsys, model.name)
     assert code == 0 and again == out and "reading" not in err, "a prepared model is not prepared again"
+
+    # a second environment with the same parts installed prepares a folder of its own, and after that neither
+    # environment prepares the model again when the other one has run
+    other = tmp_path / "other-site"
+    for i, chunk in enumerate(chunks, start=1):
+        install_part(other, i, chunk)
+    monkeypatch.syspath_prepend(str(other))
+    code, there, err = generate(capsys, model.name)
+    assert code == 0 and there == out and "reading tiny.gguf's metadata" in err
+    assert registry.prepared_dir(model) != folder and is_converted(folder)
+    for place in (site, other):
+        monkeypatch.syspath_prepend(str(place))
+        code, _, err = generate(capsys, model.name)
+        assert code == 0 and "reading" not in err, f"prepared again after the other environment ran ({place.name})"
+    for i in range(1, len(chunks) + 1):
+        uninstall_part(other, i)
 
     uninstall_part(site, 2)
     code, _, err = generate(capsys, model.name)

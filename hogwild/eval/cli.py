@@ -63,7 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--temperature",
         type=float,
         default=default(EvalConfig, "temperature"),
-        help=f"every strategy (0: greedy); default: the model's generation settings, else {TEMPERATURE}",
+        help="every strategy (0: greedy); default: greedy, except vote:N and best:N, which sample with the model's "
+        f"generation settings, else {TEMPERATURE}",
     )
     e.add_argument(
         "--top-p",

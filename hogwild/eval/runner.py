@@ -3,9 +3,10 @@ every budget of sequential forward passes from a single run to the largest budge
 
 Strategies come from the registry (`hogwild.strategies`): each builds its run and reads it at every budget (a
 collaboration through probes forked off its live cache, independent samples each at its own length). A vote:N and
-a best:N of the same N read one and the same run. Every strategy samples alike: `temperature` and `top_p`, by
-default the model's generation settings (else 0.6 and 0.95), each run seeded from `seed`, the problem and the
-strategy's group (`Strategy.group`).
+a best:N of the same N read one and the same run. `temperature` and `top_p` apply to every strategy alike; by
+default the strategies of independent samples (vote:N, best:N) sample with the model's generation settings (else
+0.6 and 0.95) and the others decode greedily (`default_sampling`), each run seeded from `seed`, the problem and
+the strategy's group (`Strategy.group`).
 
 Scores. A problem of k questions (gsm8k-multi) is scored per question: a record holds how many of its k answers
 are right (`parts_correct`) beside whether all are (`correct`). Collaborations also record their redundancy: the
@@ -59,7 +60,7 @@ class EvalConfig:
     strategies: str = "single,hogwild:2,vote:2"
     budgets: str = "128,256,512"  # sequential forward passes
     layout: str = "combined"  # hogwild:N's cache layout
-    temperature: float | None = None  # every strategy; None: the model's generation settings, else 0.6
+    temperature: float | None = None  # every strategy; None: greedy, vote:N and best:N the model's settings (or 0.6)
     top_p: float | None = None  # every strategy; None: the model's generation settings, else 0.95
     protocol: CollabConfig = CollabConfig()  # hogwild:N's protocol (workers, mode, layout, budget: per strategy)
     seed: int = 0  # every run's seed derives from it, the problem and the strategy (and the arithmetic problems)
@@ -105,7 +106,9 @@ class Job:
         first = strategies[0]
         assert all(s.group == first.group for s in strategies), f"{strategies} do not read one run"
         seed = seed_for(config.seed, problem, first.group)
-        sampling = default_sampling(engine, seed=seed, temperature=config.temperature, top_p=config.top_p)
+        sampling = default_sampling(
+            engine, seed, first.strategy.samples, temperature=config.temperature, top_p=config.top_p
+        )
         collab = dataclasses.replace(
             config.protocol, layout=config.layout, budget=budgets[-1], finisher_tokens=config.probe_tokens,
             parts=problem.parts,

@@ -270,10 +270,25 @@ def gguf_file(model: NamedModel, folder: Path) -> Path:
     return target
 
 
+def prepared_key(model: NamedModel) -> str:
+    """The name of `model`'s prepared folder for the parts installed here: one per model and place, so that two
+    environments with the model installed (two checkouts' virtual environments) do not prepare it over each
+    other's folder at every start."""
+    try:
+        where = "\n".join(str(part_path(model, part).resolve()) for part in model.parts)
+    except HogwildError:
+        where = ""  # not installed: no folder of this place is prepared
+    return hashlib.sha256(f"{model.sha256}\n{where}".encode()).hexdigest()
+
+
+def prepared_dir(model: NamedModel) -> Path:
+    return converted_dir(prepared_key(model))
+
+
 def prepare(model: NamedModel) -> Path:
     """The prepared folder of `model`: checked, its metadata read on first use (or when its packages moved),
     returned at once after."""
-    folder = converted_dir(model.sha256)
+    folder = prepared_dir(model)
     if is_converted(folder) and _parts_in_place(model, folder):
         return folder
     shutil.rmtree(folder, ignore_errors=True)  # prepared from parts that are no longer there
@@ -284,7 +299,7 @@ def prepare(model: NamedModel) -> Path:
         raise HogwildError(f"cannot write the model cache {cache_dir()} ({e}); set HOGWILD_CACHE") from e
     try:
         parts = [part_path(model, part) for part in model.parts]
-        return prepare_gguf(gguf_file(model, work), parts, model.sha256)
+        return prepare_gguf(gguf_file(model, work), parts, prepared_key(model))
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the assembled GGUF is only needed to read its metadata
 
@@ -354,7 +369,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 human_bytes(model.size),
                 model.packages,
                 installed,
-                "yes" if is_converted(converted_dir(model.sha256)) else "no",
+                "yes" if is_converted(prepared_dir(model)) else "no",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -47,6 +47,8 @@ class Strategy:
     - `counted`: named `name:N` (N workers or samples, 1 to 16), else plain `name` (one worker).
     - `served`: its run is a `Collaboration` (events for every worker, `Done` with a `SolveResult`), which
       `hogwild solve --mode`, `hogwild.solve(mode=...)` and the server's `mode` field can name.
+    - `samples`: it needs sampling to be itself (independent samples), so it samples by default; the others decode
+      greedily unless given a temperature (`default_sampling`).
     - `build(engine, problem, n, collab, sampling)`: its run of `n` workers or samples on the engine; `collab`
       holds the layout, budget and protocol fields the caller gave (its `workers` and `mode` are the
       strategy's to set), `sampling` the workers' sampling.
@@ -60,6 +62,7 @@ class Strategy:
     summary: str = ""
     counted: bool = True
     served: bool = False
+    samples: bool = False
 
     @property
     def usage(self) -> str:

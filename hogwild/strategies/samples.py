@@ -35,6 +35,8 @@ Known = tuple[str | None, float, int, str]
 class Samples(Strategy):
     """N independent samples of one prompt; `pick` chooses the one whose answer is the strategy's."""
 
+    samples = True
+
     def __init__(self, name: str, summary: str) -> None:
         self.name, self.summary = name, summary
 
