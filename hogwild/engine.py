@@ -27,6 +27,7 @@ from hogwild.cache.pool import KVPool
 from hogwild.errors import HogwildError
 from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
+from hogwild.model.gguf import GgufWeights
 from hogwild.model.kernels import DTYPE_CHOICES, LINEARS, WEIGHTS, KernelChoice, choose
 from hogwild.model.loading import cache_dir, open_weights, read_config, weight_files
 from hogwild.model.quant import cache_key, load_cached, on_int4_grid, save_cached
@@ -112,7 +113,7 @@ def default_kv_budget(device: torch.device) -> int:
     return int(available_memory() * KV_FRACTION_CPU)
 
 
-def hold_blocks(weights, mmap: bool) -> str:
+def hold_blocks(weights: GgufWeights, mmap: bool) -> str:
     """Read a GGUF whose blocks the kernels multiply into private memory unless `mmap` asks to keep it mapped or
     the memory is short (its size and 1 GiB to spare); says which."""
     mapping = weights.mapping
