@@ -4,8 +4,8 @@ changed alone), beside one of `single`, each in its own folder under --out, and 
 Each setting is a set of `hogwild eval` flags (see `hogwild eval --help`, group "protocol"); a folder that holds
 results already is resumed, so an interrupted ablation goes on where it stopped.
 
-    .venv/bin/python scripts/ablation.py --model qwen2.5-coder-1.5b --weights int8 --limit 8 --budgets 256,512 \\
-        --out docs/eval/ablation
+    .venv/bin/python scripts/ablation.py --model qwen2.5-coder-1.5b --threads 2 --limit 8 --budgets 256,512 \\
+        --out docs/eval/ablation-1.5b
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 SETTINGS = {
     "default": [],
-    "greedy": ["--temperature", "0"],
+    "sampled": ["--temperature", "0.6"],  # the paper's sampling (the default is greedy)
     "no mask": ["--no-mask"],
     "line steps": ["--min-step-tokens", "0"],
     "no repeat guard": ["--repeat-guard", "off"],
@@ -39,7 +39,7 @@ def folder(name: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-1.5b")
-    parser.add_argument("--weights", default="int8")
+    parser.add_argument("--weights", default="auto")
     parser.add_argument("--threads", default="0")
     parser.add_argument("--task", default="gsm8k-multi")
     parser.add_argument("--k", default="4")
