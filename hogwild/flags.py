@@ -90,7 +90,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: bool = T
         type=float,
         default=default(SamplingParams, "temperature") if max_tokens else None,
         help="0 means greedy (argmax)"
-        + ("; default: greedy, which measured best for collaborations; a temperature samples" if workers else ""),
+        + ("" if max_tokens else "; default: greedy, which measured best for collaborations; a temperature samples"),
     )
     group.add_argument(
         "--top-p",

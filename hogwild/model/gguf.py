@@ -378,16 +378,14 @@ class Mapping:
                                 break
                             at += got
                             bar.advance(task, got)
+            if at != self.size:
+                raise HogwildError(f"{self.files[0]} changed while it was read ({at} of {self.size} bytes)")
         except BaseException as e:
             buffer.release()
             libc.munmap(region, length)
             if isinstance(e, OSError):
                 raise HogwildError(f"cannot read {self.files[0]} ({e})") from e
             raise
-        if at != self.size:
-            buffer.release()
-            libc.munmap(region, length)
-            raise HogwildError(f"{self.files[0]} changed while it was read ({at} of {self.size} bytes)")
         # the file mapping stays (a view made before this still reads through it); its pages are not touched again
         self._regions.append((region, length))
         view.mapping = self  # every tensor over these bytes keeps this object, and so the memory, alive

@@ -288,7 +288,8 @@ def prepared_dir(model: NamedModel) -> Path:
 def prepare(model: NamedModel) -> Path:
     """The prepared folder of `model`: checked, its metadata read on first use (or when its packages moved),
     returned at once after."""
-    folder = prepared_dir(model)
+    key = prepared_key(model)
+    folder = converted_dir(key)
     if is_converted(folder) and _parts_in_place(model, folder):
         return folder
     shutil.rmtree(folder, ignore_errors=True)  # prepared from parts that are no longer there
@@ -299,7 +300,7 @@ def prepare(model: NamedModel) -> Path:
         raise HogwildError(f"cannot write the model cache {cache_dir()} ({e}); set HOGWILD_CACHE") from e
     try:
         parts = [part_path(model, part) for part in model.parts]
-        return prepare_gguf(gguf_file(model, work), parts, prepared_key(model))
+        return prepare_gguf(gguf_file(model, work), parts, key)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the assembled GGUF is only needed to read its metadata
 
