@@ -365,7 +365,8 @@ class Engine:
         samples = []
         if flat:
             logits = torch.stack([logits for _, logits in flat])
-            samples = sample_rows(logits, [f.sampling for f, _ in flat], [f.generator for f, _ in flat])
+            params, generators = [f.sampling for f, _ in flat], [f.generator for f, _ in flat]
+            samples = sample_rows(logits, params, generators, self.fused)
             self.stats.sampled += len(flat)
         taken, offset = {}, 0
         for run, (feeds, _) in asked.items():

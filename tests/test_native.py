@@ -26,7 +26,7 @@ from hogwild.cache.pool import KVPool
 from hogwild.collab.layouts import SharedCache
 from hogwild.model.parts import TORCH_OPS
 from hogwild.model.rope import Rope
-from hogwild.sampling import SamplingParams
+from hogwild.sampling import SamplingParams, sample_rows
 
 torch.set_num_threads(1)
 
@@ -82,6 +82,54 @@ def test_torch_ops_and_the_fused_kernels_meet_one_contract(fused, dtype):
     for a, b in zip(*outs, strict=True):
         assert a.dtype == b.dtype == dtype and a.shape == b.shape
         assert (a.float() - b.float()).abs().max().item() <= 1e-5 + 8e-3 * (dtype == torch.bfloat16) * a.abs().max()
+
+
+@pytest.mark.parametrize("vocab", [13, 40, 49152, 151_937])  # short rows, a ragged vector tail, real vocabularies
+def test_the_vocabulary_passes_match_torch(fused, vocab):
+    torch.manual_seed(2)
+    logits = torch.randn(3, vocab) * 6
+    logits[1, 5] = logits[1, 9] = 100.0  # a tie: the first index wins, as torch.argmax has it
+    logits[2, : vocab // 2] = float("-inf")  # masked tokens add nothing
+    index, norm = fused.argmax_logsumexp(logits)
+    assert torch.equal(index, logits.argmax(dim=-1)) and index[1] == 5
+    expected = torch.logsumexp(logits.double(), dim=-1).float()
+    assert (norm - expected).abs().max().item() < 1e-5
+    rows, cols = fused.near_best(logits, 2.0)
+    want_rows, want_cols = (logits >= logits.amax(dim=-1, keepdim=True) - 2.0).nonzero(as_tuple=True)
+    assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
+    assert rows.numel() >= 3, "every row's best is within the margin of itself"
+
+
+def test_the_vocabulary_passes_treat_nan_as_torch_does(fused):
+    logits = torch.randn(2, 100)
+    logits[0, 37] = float("nan")
+    index, norm = fused.argmax_logsumexp(logits)
+    assert index.tolist() == logits.argmax(dim=-1).tolist() == [37, index[1].item()]
+    assert norm[0].isnan() and not norm[1].isnan()
+
+
+def test_the_sampler_draws_the_same_with_the_fused_passes(fused):
+    """Greedy and seeded rows, with and without a banned token, pick the same tokens with the same logprobs."""
+    torch.manual_seed(3)
+    logits = torch.randn(4, 3000) * 4
+    top = int(logits[0].argmax())
+    params = [
+        SamplingParams(),
+        SamplingParams(banned=(top,)),
+        SamplingParams(temperature=0.8, seed=5, top_logprobs=3),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=6),
+    ]
+    logits[1] = logits[0]
+    runs = []
+    for kernels in (None, fused):
+        generators = [None, None, *(p.generator() for p in params[2:])]
+        runs.append(sample_rows(logits, params, generators, kernels))
+    plain, fast = runs
+    assert [s.token for s in plain] == [s.token for s in fast]
+    assert fast[0].token == top and fast[1].token != top, "the banned token is never drawn"
+    for a, b in zip(plain, fast, strict=True):
+        assert abs(a.logprob - b.logprob) < 1e-5
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
 
 
 def test_kernels_refuse_what_they_cannot_take(fused):

@@ -231,8 +231,10 @@ class Decoder:
         flat = x.reshape(-1, x.shape[-1])
         quantized = self.head_int8 or self.gguf
         logits = self.lm_head_linear(flat if quantized else flat.to(self.dtype)).float()  # [N, vocab]
-        best = logits.amax(dim=-1, keepdim=True)
         margin = REFINE_MARGIN["int8" if quantized else self.dtype]
-        rows, cols = (logits >= best - margin).nonzero(as_tuple=True)
+        if self.fused is not None:  # one vectorized pass: torch's compare and nonzero take ~120 us on 152k
+            rows, cols = self.fused.near_best(logits, margin)
+        else:
+            rows, cols = (logits >= logits.amax(dim=-1, keepdim=True) - margin).nonzero(as_tuple=True)
         logits[rows, cols] = (self.head_rows(cols) * flat[rows]).sum(-1)
         return logits.view(*x.shape[:-1], -1)
