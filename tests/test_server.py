@@ -254,14 +254,14 @@ def test_a_fault_in_one_runs_sampling_ends_that_run_alone(live, monkeypatch):
             bad_submitted.set()
         return ticket
 
-    def faulty(logits, params, generators):
+    def faulty(logits, params, generators, kernels=None):
         seeds = sorted(p.seed for p in params if p.seed is not None)
         batches.append(seeds)
         if 666 in seeds:
             raise RuntimeError("a secret detail of a broken sampler")
         if seeds == [1]:
             bad_submitted.wait(timeout=60)  # on the engine thread: the bad run is added before the next step
-        return sample_rows(logits, params, generators)
+        return sample_rows(logits, params, generators, kernels)
 
     monkeypatch.setattr(loop, "submit", submit_and_tell)
     monkeypatch.setattr(engine_module, "sample_rows", faulty)
