@@ -42,6 +42,7 @@ FIELDS = {
     "layout": {"null"},
     "mode": {"null"},
     "budget": {"null"},
+    "hogwild": {"null"},  # the reply's extension object: in a request its fields go at the top level
 }
 CHAT_FIELDS = {
     "messages": set(),
@@ -205,6 +206,14 @@ def test_a_corpus_of_bad_requests_gets_only_4xx_json_errors(live):
     assert not any(dict(labels)["status"].startswith("5") for labels in errors), errors
     live.wait_idle()
     assert live.metric("hogwild_kv_bytes_in_use") == 0
+
+
+def test_the_extension_object_in_a_request_says_where_its_fields_go(live):
+    """A client that mirrors the reply's `hogwild` object in its request would otherwise get a plain generation."""
+    response = post(live.url + "/v1/chat/completions", {**CHAT, "hogwild": {"workers": 2}})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "hogwild", error
+    assert "top level" in error["message"] and "workers" in error["message"], error
 
 
 def test_web_pages_cannot_drive_the_server(live):

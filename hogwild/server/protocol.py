@@ -142,6 +142,15 @@ class CompletionFields(_Body):
     layout: Text | None = None
     mode: Text | None = None
     budget: int | None = Field(None, ge=1)
+    # the reply's extension object, sent back in a request: its request fields are the four above, at the top level
+    hogwild: object = None
+
+    @field_validator("hogwild")
+    @classmethod
+    def _top_level(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError("hogwild's request fields go at the top level of the body: workers, layout, mode, budget")
+        return None
 
     @field_validator("layout", "mode")
     @classmethod
