@@ -28,18 +28,14 @@ class GgufLinear:
         self.bias = None if bias is None else bias.float()
         self.kernels = kernels
         self._weights = [(p.data, p.type_id) for p in parts]
-        self._mm = kernels.mm
-        self._mm_many = getattr(kernels, "mm_many", None)
         # the kernel call for 2-D x, chosen once: a 135M decode step makes 121 of them, where each microsecond of
         # Python is 2% of the step
-        mm, mm_many, weights, k = self._mm, self._mm_many, self._weights, self.columns
+        mm, mm_many, weights, k = kernels.mm, kernels.mm_many, self._weights, self.columns
         if len(parts) == 1:
             ((w, t),) = weights
             self._multiply = lambda x: mm(x, w, t, k)
-        elif mm_many is not None:
-            self._multiply = lambda x: mm_many(x, weights, k)
         else:
-            self._multiply = self._stacked
+            self._multiply = lambda x: mm_many(x, weights, k)
 
     @property
     def nbytes(self) -> int:
@@ -52,9 +48,6 @@ class GgufLinear:
         if self.bias is not None:
             y += self.bias
         return y
-
-    def _stacked(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._mm(x, w, t, self.columns) for w, t in self._weights], dim=1)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """float32 [len(index), in]: the weight rows at `index` (of a single matrix), dequantized exactly."""
