@@ -87,9 +87,7 @@ def sample_rows(
     logits = logits.float().cpu().contiguous()
     choice = _masked(logits, params)  # what the draw reads: banned tokens at -inf
     if kernels is not None:
-        tokens, norm = kernels.argmax_logsumexp(choice)
-        if choice is not logits:
-            norm = kernels.argmax_logsumexp(logits)[1]
+        tokens, norm = kernels.argmax_logsumexp(logits, None if choice is logits else choice)
         norm = norm.unsqueeze(1)  # [rows, 1]
     else:
         tokens = choice.argmax(dim=-1)

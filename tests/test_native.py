@@ -94,10 +94,19 @@ def test_the_vocabulary_passes_match_torch(fused, vocab):
     assert torch.equal(index, logits.argmax(dim=-1)) and index[1] == 5
     expected = torch.logsumexp(logits.double(), dim=-1).float()
     assert (norm - expected).abs().max().item() < 1e-5
+    choice = logits.clone()
+    choice[:, 0] = 1000.0  # a masked copy's argmax, beside the unmasked logits' normalizer
+    index, norm_again = fused.argmax_logsumexp(logits, choice)
+    assert index.tolist() == [0, 0, 0] and torch.equal(norm_again, norm)
     rows, cols = fused.near_best(logits, 2.0)
     want_rows, want_cols = (logits >= logits.amax(dim=-1, keepdim=True) - 2.0).nonzero(as_tuple=True)
     assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
     assert rows.numel() >= 3, "every row's best is within the margin of itself"
+
+
+def test_the_vocabulary_passes_refuse_a_choice_of_another_shape(fused):
+    with pytest.raises(RuntimeError, match="shape"):
+        fused.argmax_logsumexp(torch.zeros(2, 10), torch.zeros(2, 9))
 
 
 def test_the_vocabulary_passes_treat_nan_as_torch_does(fused):

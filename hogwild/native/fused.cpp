@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -211,8 +212,8 @@ inline float hmax(v8 v) {
   return _mm_cvtss_f32(m);
 }
 
-// a row's largest value and the first index holding it (NaN counts as largest, as torch.argmax has it)
-std::pair<float, int64_t> row_argmax(const float* x, int64_t n) {
+// a row's largest value, NaN where it holds one (as torch.amax has it)
+float row_max(const float* x, int64_t n) {
   int64_t i = 0;
   v8 best[4] = {splat(-std::numeric_limits<float>::infinity()), best[0], best[0], best[0]};
   __m256 nan = _mm256_setzero_ps();
@@ -225,18 +226,24 @@ std::pair<float, int64_t> row_argmax(const float* x, int64_t n) {
   float top = hmax((v8)_mm256_max_ps(_mm256_max_ps((__m256)best[0], (__m256)best[1]),
                                      _mm256_max_ps((__m256)best[2], (__m256)best[3])));
   bool any_nan = _mm256_movemask_ps(nan) != 0;
-  for (int64_t j = i; j < n; ++j) top = std::max(top, x[j]), any_nan = any_nan || std::isnan(x[j]);
-  if (any_nan)
+  for (; i < n; ++i) top = std::max(top, x[i]), any_nan = any_nan || std::isnan(x[i]);
+  return any_nan ? std::numeric_limits<float>::quiet_NaN() : top;
+}
+
+// the first index of a row's largest value `top` (`row_max`; NaN counts as largest, as torch.argmax has it)
+int64_t row_argmax(const float* x, int64_t n, float top) {
+  if (std::isnan(top)) {
     for (int64_t j = 0; j < n; ++j)
-      if (std::isnan(x[j])) return {x[j], j};
-  i = 0;
+      if (std::isnan(x[j])) return j;
+  }
+  int64_t i = 0;
   for (; i + 8 <= n; i += 8) {  // the first vector holding it, then its lane
     const int mask = _mm256_movemask_ps(_mm256_cmp_ps((__m256)load8(x + i), _mm256_set1_ps(top), _CMP_EQ_OQ));
-    if (mask != 0) return {top, i + __builtin_ctz(mask)};
+    if (mask != 0) return i + __builtin_ctz(mask);
   }
   for (; i < n; ++i)
-    if (x[i] == top) return {top, i};
-  return {top, 0};  // every value -inf
+    if (x[i] == top) return i;
+  return 0;  // every value -inf
 }
 
 // log(sum(exp(x))) of a row whose largest value is `top`: exp(x - top) summed in float32 a chunk at a time, the
@@ -267,19 +274,24 @@ void check_logits(const at::Tensor& logits) {
               "logits must be a contiguous float32 CPU matrix [rows, vocab]");
 }
 
-// -> (argmax [R] int64, logsumexp [R] float32)
-std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(at::Tensor logits) {
+// -> (argmax [R] int64 of `choice` (the logits when not given: a masked copy of them), logsumexp [R] float32 of
+// the logits)
+std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(at::Tensor logits, std::optional<at::Tensor> choice) {
   check_logits(logits);
+  const at::Tensor& pick = choice.has_value() ? *choice : logits;
+  check_logits(pick);
+  TORCH_CHECK(pick.sizes() == logits.sizes(), "choice must have the logits' shape");
   const int64_t rows = logits.size(0), n = logits.size(1);
   at::Tensor index = at::empty({rows}, logits.options().dtype(at::kLong));
   at::Tensor norm = at::empty({rows}, logits.options());
   const float* x = logits.data_ptr<float>();
+  const float* c = pick.data_ptr<float>();
   int64_t* ip = index.data_ptr<int64_t>();
   float* np = norm.data_ptr<float>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const auto [top, at] = row_argmax(x + r * n, n);
-      ip[r] = at;
+      const float top = row_max(x + r * n, n);
+      ip[r] = c == x ? row_argmax(x + r * n, n, top) : row_argmax(c + r * n, n, row_max(c + r * n, n));
       np[r] = row_logsumexp(x + r * n, n, top);
     }
   });
@@ -295,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor> near_best(at::Tensor logits, double margin) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = x + r * n;
-      const float floor = row_argmax(row, n).first - static_cast<float>(margin);
+      const float floor = row_max(row, n) - static_cast<float>(margin);
       int64_t i = 0;
       for (; i + 8 <= n; i += 8) {
         int mask = _mm256_movemask_ps(_mm256_cmp_ps((__m256)load8(row + i), _mm256_set1_ps(floor), _CMP_GE_OQ));
@@ -679,8 +691,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "x += residual (when given); weight * x / rms(x) in dtype", py::arg("x"),
         py::arg("residual"), py::arg("weight"), py::arg("eps"), py::arg("dtype"));
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [N, 2 * I] gate/up output", py::arg("gate_up"));
-  m.def("argmax_logsumexp", &argmax_logsumexp, "per row of float32 logits [R, V]: (argmax, logsumexp)",
-        py::arg("logits"));
+  m.def("argmax_logsumexp", &argmax_logsumexp,
+        "per row of float32 logits [R, V]: (argmax of choice, else of the logits; logsumexp of the logits)",
+        py::arg("logits"), py::arg("choice") = py::none());
   m.def("near_best", &near_best, "(rows, cols) of the logits within margin of their row's largest",
         py::arg("logits"), py::arg("margin"));
   py::class_<Plan>(m, "Plan")
