@@ -149,7 +149,7 @@ class CompletionFields(_Body):
     @classmethod
     def _top_level(cls, value: object) -> None:
         if value is not None:
-            raise ValueError("hogwild's request fields go at the top level of the body: workers, layout, mode, budget")
+            raise ValueError("give workers, layout, mode and budget at the top level of the body, not in an object")
         return None
 
     @field_validator("layout", "mode")
