@@ -172,6 +172,18 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, parts: bool = True) 
         help="a problem of several parts (--parts, or gsm8k-multi's k): the engine writes each worker's first line "
         "naming the parts it takes",
     )
+    group.add_argument(
+        "--part-steps",
+        action=argparse.BooleanOptionalAction,
+        default=default(CollabConfig, "part_steps"),
+        help="with --assign: a step is a part's whole solution, ended by its answer (not a paragraph)",
+    )
+    group.add_argument(
+        "--steal",
+        action=argparse.BooleanOptionalAction,
+        default=default(CollabConfig, "steal"),
+        help="with --assign: a worker done with its parts takes the last part another worker has not begun",
+    )
     if not parts:
         return
     group.add_argument(
@@ -184,7 +196,7 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, parts: bool = True) 
 
 PROTOCOL = (
     "opening", "mask", "min_step_tokens", "max_step_tokens", "repeat_guard", "repeat_threshold", "copy_guard",
-    "self_check_every", "assign", "parts",
+    "self_check_every", "assign", "part_steps", "steal", "parts",
 )  # fmt: skip
 
 

@@ -43,7 +43,8 @@ class ScriptedEngine(Engine):
 
     The cache, the views and the protocol run for real; only the logits are replaced: worker i's row gets a one-hot
     on the next token of its script. The script advances when the row feeds exactly that token back (a sampled
-    token), so header insertions and passes whose logits the protocol discards do not consume it."""
+    token, which may come with a paragraph break the protocol ends a step with), so header insertions and passes
+    whose logits the protocol discards do not consume it."""
 
     def __init__(self, tokenizer: Tokenizer, scripts: list[str]) -> None:
         torch.manual_seed(0)
@@ -64,7 +65,8 @@ class ScriptedEngine(Engine):
             name = row.own.name
             w = int(name.removeprefix("worker")) if name.startswith("worker") else 0
             script, p = self.scripts[w], self.pointer[w]
-            if p < len(script) and row.tokens == [script[p]]:
+            fed = row.tokens[:1] == [script[p]] if p < len(script) else False
+            if fed and not self.tokenizer.decode(row.tokens[1:]).strip():  # a sampled token (and a paragraph break)
                 p = self.pointer[w] = p + 1
             forced[r, script[p] if p < len(script) else next(iter(self.eos_ids))] = 0
         return forced
@@ -581,3 +583,56 @@ def test_cli_solve_json_on_default_model():
         assert out["forward_passes"] > 256
     else:
         assert out["finished_by"] == "answer" and out["answer"] is not None and out["forward_passes"] <= 256
+
+
+@pytest.mark.parametrize("steal", [True, False])
+def test_a_worker_done_with_its_parts_takes_a_part_not_begun(tokenizer, steal):
+    # Bob answers problems 3 and 4 while Alice still works on problem 1: with `steal` he takes problem 2, which
+    # she has not begun, and she stops after problem 1; without it he stops and she goes on to problem 2
+    alice = " I work on the first problem for a good long while before I reach its answer, which is \\boxed{5}"
+    alice += " and then 4 \\boxed{4}\n\n"
+    bob = " 7. \\boxed{7} 9 is \\boxed{9} and 4 \\boxed{4}\n\n"
+    events, result, run = run_scripted(
+        tokenizer, [alice, bob], budget=120, parts=4, assign=True, layout="interleaved", steal=steal
+    )
+    assert result.answer == "5; 4; 7; 9" and result.finished_by == "answer"
+    a, b = (w.text for w in result.workers)
+    taken = "**Bob [3]:** My problems are done, so I take problem 2 from Alice. Problem 2: and 4 \\boxed{4}"
+    if steal:
+        assert [w.parts for w in run.workers] == [[1], [3, 4, 2]]
+        assert taken in b and "Problem 2" not in a
+    else:
+        assert [w.parts for w in run.workers] == [[1, 2], [3, 4]]
+        assert "Problem 2" not in b and "**Alice [2]:** Problem 2: and then 4 \\boxed{4}" in a
+    assert prompts.taken_part("Alice", 2, headed=False) == (
+        "\n\nMy problems are done, so I take problem 2 from Alice. Problem 2:"
+    )
+
+
+@pytest.mark.parametrize("part_steps", [True, False])
+def test_an_assigned_part_is_one_step(tokenizer, part_steps):
+    # with part steps a part's solution is one step, paragraph breaks and all, ended by its answer; without them
+    # its paragraphs past min_step_tokens are steps of their own
+    alice = "One line of work.\n\nTwo lines of work here.\n\nThree, and so \\boxed{5}\n\n"
+    events, result, run = run_scripted(
+        tokenizer, [alice, " \\boxed{7} \\boxed{9}"], budget=80, parts=3, assign=True, layout="interleaved",
+        min_step_tokens=0, part_steps=part_steps, steal=False,
+    )  # fmt: skip
+    alices = [h.text for h in result.history if h.worker == 0]
+    if part_steps:
+        assert alices == ["**Alice [1]:** I take problems 1 and 2 (Bob takes problem 3). Problem 1:" + alice]
+    else:
+        assert len(alices) == 3 and alices[0].endswith("One line of work.\n\n")
+
+
+def test_a_repeat_nudge_names_the_parts_still_open(tokenizer):
+    # Alice answers problem 1, then goes in circles in problem 2: the nudge sends her back to problem 2 alone (a
+    # nudge naming both her parts had her solve problem 1 again and box its answer as problem 2's)
+    circle = "I add 2 and 3 to get 5 in total. "
+    alice = " \\boxed{5}" + circle * 8
+    events, result, run = run_scripted(
+        tokenizer, [alice, " \\boxed{7} \\boxed{9}"], budget=120, parts=4, assign=True, layout="interleaved",
+        steal=False, repeat_guard="nudge",
+    )  # fmt: skip
+    nudges = [e.text for e in events if isinstance(e, NudgeInserted) and e.worker == 0]
+    assert nudges and nudges[0] == "Wait, I am repeating myself. Back to my own problem 2:"

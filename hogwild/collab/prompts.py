@@ -94,9 +94,17 @@ def next_part(part: int, headed: bool) -> str:
     return f"Problem {part}:" if headed else f"\n\nProblem {part}:"
 
 
+def taken_part(owner: str, part: int, headed: bool) -> str:
+    """What the engine writes when a worker that has answered its own parts takes `part`, which `owner` had not
+    begun: after a step header, or (no header) after the answer it just wrote."""
+    text = f"My problems are done, so I take problem {part} from {owner}. Problem {part}:"
+    return text if headed else f"\n\n{text}"
+
+
 def repeat_nudge(names: list[str], me: int, worker: int, step: int | None, mine: list[int] = ()) -> str:
     """Opens a step again after worker `me`'s last try repeated step `step` of `worker`, or (no step) copied the
-    text `worker` was writing (its own: it went in circles); `mine`: the parts the engine gave it, if any."""
+    text `worker` was writing (its own: it went in circles); `mine`: the parts the engine gave it that it has still
+    to answer, if any."""
     onward = f"Back to my own {_listed(list(mine))}:" if mine else "Moving on to a part nobody has done yet:"
     if step is not None:
         who = "I" if worker == me else names[worker]
@@ -144,17 +152,16 @@ def collaboration_prompt(problem: str, names: list[str], parts: int = 1, assign:
 
 
 def assigned_prompt(problem: str, names: list[str]) -> str:
-    """The prompt of a multi-part problem whose parts the engine splits: each worker solves its own parts one after
+    """The prompt of a multi-part problem whose parts the engine splits: the lone worker's instructions (a small
+    model solves a problem best the way it would alone), then the split: each worker solves its own parts one after
     another, each answer in a \\boxed{} of its own (the engine reads them, one per part, and puts them together)."""
     team = ", ".join(names[:-1]) + f" and {names[-1]}"
     return (
-        f"You are one of {len(names)} assistants ({team}) solving the problems below together. You all write at the "
-        "same time and can read each other's work as it is being written.\n\n"
-        f"{problem}\n\n"
-        "The problems are split between you: the first line of your work names your problems. Solve only your own "
-        "problems, one after another. Do not copy a problem's text: start calculating right away. End each "
-        "problem's solution with its answer alone in a \\boxed{}, like 'The answer is \\boxed{...}.' with the number "
-        "in place of the dots, then go on to your next problem."
+        "Solve the problems below. Think step by step, check your work, and write each problem's final answer as "
+        f"\\boxed{{...}}.\n\n{problem}\n\n"
+        f"You are one of {len(names)} assistants ({team}) who solve these problems together, at the same time. "
+        "The first line of your work names your problems: solve only those, one after another, each ending with "
+        "its answer in a \\boxed{}."
     )
 
 

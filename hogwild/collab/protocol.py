@@ -64,6 +64,8 @@ class CollabConfig:
     opening: str = "plan"  # first steps: plan, paper or symmetric (see prompts.opening)
     parts: int = 1  # independent questions in the problem: an answer gives all of them, in one \\boxed{}
     assign: bool = False  # the engine writes each worker's first line naming the parts it takes (when parts > 1)
+    part_steps: bool = True  # assigned parts: a step is a part's whole solution, ended by its answer
+    steal: bool = True  # assigned parts: a worker done with its parts takes the last part another has not begun
     mask: bool = True  # workers never draw tokens that forge the scratchpad's structure (collab/masks.py)
     min_step_tokens: int = 48  # a step ends at a paragraph break only once it holds this many tokens
     max_step_tokens: int = 192  # past this a step may end at any line break outside code and math; at 2x, anywhere
@@ -460,15 +462,20 @@ class Collaboration(Run):
             w.feed = self.first_feed[w.index] if w.step == 1 else []
             w.inserted = 0
             return
-        if w.part_answered:  # its part is answered: on to its next part, or it is done
+        taken_from = None
+        if w.part_answered:  # its part is answered: on to its next part, another's part not begun, or it is done
             w.part_answered = False
             w.part += 1
             if w.part == len(w.parts):
-                w.done, w.feed = True, []
-                return
+                taken_from = self._steal(w)
+                if taken_from is None:
+                    w.done, w.feed = True, []
+                    return
         text = prompts.header(w.name, w.step) if w.step == 1 or not self._headerless else ""
         if w.step == 1:
             text += self._first_line(w)
+        elif taken_from is not None:
+            text += prompts.taken_part(self.names[taken_from.index], w.parts[w.part], headed=bool(text))
         elif w.parts and len(w.text) == w.part_start:
             text += prompts.next_part(w.parts[w.part], headed=bool(text))
         self.emit(StepStarted(w.index, w.step, text))
@@ -485,8 +492,24 @@ class Collaboration(Run):
         w.inserted = len(text)
         w.text += text
 
+    def _steal(self, w: _Worker) -> _Worker | None:
+        """Assigned parts, with `steal`: worker `w` has answered its parts; it takes the last part that another
+        worker has not begun (from the one with the most such parts left), so the run does not wait on one worker
+        with two parts to go while another sits idle. Returns the worker it took the part from, or None."""
+        if not self.config.steal:
+            return None
+        waiting = [v for v in self.workers if v is not w and not v.done and len(v.parts) - v.part > 1]
+        if not waiting:
+            return None
+        owner = max(waiting, key=lambda v: (len(v.parts) - v.part, -v.index))
+        w.parts.append(owner.parts.pop())
+        return owner
+
     def _step_over(self, w: _Worker) -> bool:
-        """Whether the token just written ends the worker's step."""
+        """Whether the token just written ends the worker's step (with assigned parts in `part_steps`, only its
+        part's answer does: `_part_answered`)."""
+        if self._assigns and self.config.part_steps:
+            return False
         plan = w.index == 0 and w.step == 1 and self._plans
         soft = PLAN_TOKENS if plan else self.config.max_step_tokens
         if w.step_tokens >= 2 * soft:
@@ -605,7 +628,7 @@ class Collaboration(Run):
         w.text += marker
         self.emit(StepDiscarded(w.index, w.step, worker, marker))
         w.tries += 1
-        mine = prompts.assigned(len(self.names), w.index, self.config.parts) if self._assigns else []
+        mine = w.parts[w.part :]  # the parts it has still to answer, when the engine gave it parts
         nudge = prompts.repeat_nudge(self.names, w.index, worker, step, mine)
         self._start_step(w, nudge if w.tries > self._redraws else "")
         return True
@@ -635,6 +658,20 @@ class Collaboration(Run):
         elif not self.sot and (self._part_answered(w) or self._step_over(w) or self._repeating(w)):
             w.closing = True
         self.emit(Token(w.index, token, delta))
+        if w.part_answered and not self._headerless:
+            self._end_paragraph(w)
+
+    def _end_paragraph(self, w: _Worker) -> None:
+        """End the step being closed with a paragraph break (a part's step ends at its answer's brace, and the next
+        step's header must not run on from it): fed with the step's last token, so it stays in the step's block."""
+        tail = "\n\n"[len(w.step_text) - len(w.step_text.rstrip("\n")) :]
+        if not tail:
+            return
+        w.feed = w.feed + self._encode(tail)
+        w.step_text += tail
+        w.text += tail
+        w.part_start = len(w.text)
+        self.emit(Token(w.index, -1, tail))
 
     def _fits(self, feeds: list[Feed]) -> str | None:
         """Why the next step cannot run ("context" or "memory"), or None when it fits with the finisher's room."""
