@@ -94,7 +94,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
         return 130 if result.finished_by == "interrupted" else 0
     console = Console(stderr=False)
-    title = f"hogwild {strategy.name}: {config.workers} workers, {config.layout} layout | {args.problem}"
+    title = f"hogwild {strategy.name}: {config.workers} workers, {getattr(run, 'layout', config.layout)} layout"
+    title += f" | {args.problem}"
     view = LiveView(run.names, config.budget, console, title)
     with Live(view, console=console, refresh_per_second=8, screen=False, transient=False):
         for event in engine.stream(run):  # Ctrl-C aborts the run; its Done still arrives
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the strategy: {strategies.help_text(served_only=True)}",
     )
     solve.add_argument(
-        "--layout", default=default(CollabConfig, "layout"), help="cache layout: combined, interleaved or contiguous"
+        "--layout", default=default(CollabConfig, "layout"), help="cache layout: combined, interleaved or contiguous; auto: interleaved with --assign, else combined"
     )
     solve.add_argument(
         "--budget",

@@ -184,6 +184,13 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, parts: bool = True) 
         default=default(CollabConfig, "steal"),
         help="with --assign: a worker done with its parts takes the last part another worker has not begun",
     )
+    group.add_argument(
+        "--quote-parts",
+        action=argparse.BooleanOptionalAction,
+        default=default(CollabConfig, "quote_parts"),
+        help="with --assign: the engine writes each part's statement (from the problem's 'Problem N:' lines) after "
+        "its heading, in one forward pass, where the model would copy it a token a pass",
+    )
     if not parts:
         return
     group.add_argument(
@@ -196,7 +203,8 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, parts: bool = True) 
 
 PROTOCOL = (
     "opening", "mask", "min_step_tokens", "max_step_tokens", "repeat_guard", "repeat_threshold", "copy_guard",
-    "self_check_every", "assign", "part_steps", "steal", "parts",
+    "self_check_every", "assign", "part_steps", "steal", "quote_parts",
+    "parts",
 )  # fmt: skip
 
 

@@ -76,12 +76,14 @@ class ScriptedEngine(Engine):
 MECHANICS = {"opening": "symmetric", "min_step_tokens": 0, "repeat_guard": "off"}
 
 
-def run_scripted(tokenizer, scripts, engine=None, sampling=None, **config) -> tuple[list, object, Collaboration]:
+def run_scripted(
+    tokenizer, scripts, engine=None, sampling=None, problem="Add 2 and 3.", **config
+) -> tuple[list, object, Collaboration]:
     """The scripts' run, sampled at 0.6 unless told: past its script a row writes filler, which greedy decoding
     would repeat (and the repeat guard then leave out) where sampling writes something new each time."""
     engine = engine or ScriptedEngine(tokenizer, scripts)
     sampling = sampling or default_sampling(engine, temperature=0.6)
-    run = Collaboration(engine, "Add 2 and 3.", CollabConfig(workers=len(scripts), **(MECHANICS | config)), sampling)
+    run = Collaboration(engine, problem, CollabConfig(workers=len(scripts), **(MECHANICS | config)), sampling)
     events = list(engine.stream(run))
     assert isinstance(events[-1], Done)
     return events, events[-1].result, run
@@ -636,3 +638,33 @@ def test_a_repeat_nudge_names_the_parts_still_open(tokenizer):
     )  # fmt: skip
     nudges = [e.text for e in events if isinstance(e, NudgeInserted) and e.worker == 0]
     assert nudges and nudges[0] == "Wait, I am repeating myself. Back to my own problem 2:"
+
+
+@pytest.mark.parametrize("quote", [True, False])
+def test_assigned_parts_are_quoted_after_their_headings(tokenizer, quote):
+    # the engine writes each part's statement after its heading (one pass each), where a model would copy it a
+    # token a pass; a problem that does not list its parts as "Problem N:" is not quoted
+    problem = "Solve both.\n\nProblem 1: Add 2 and 3.\n\nProblem 2: Add 4 and 5.\n\nGive both answers."
+    events, result, run = run_scripted(
+        tokenizer, [" 5 \\boxed{5}", " 9 \\boxed{9}"], problem=problem, budget=60, parts=2, assign=True,
+        quote_parts=quote,
+    )  # fmt: skip
+    a, b = (w.text for w in result.workers)
+    assert result.answer == "5; 9"
+    if quote:
+        assert a.startswith("**Alice [1]:** I take problem 1 (Bob takes problem 2). Problem 1: Add 2 and 3.\n\n 5 ")
+        assert b.startswith("**Bob [1]:** I take problem 2 (Alice takes problem 1). Problem 2: Add 4 and 5.\n\n 9 ")
+    else:
+        assert a.startswith("**Alice [1]:** I take problem 1 (Bob takes problem 2). Problem 1: 5 \\boxed{5}")
+    if quote:  # a worker's next part is quoted after its heading too
+        four = "Problem 1: One.\n\nProblem 2: Two.\n\nProblem 3: Three.\n\nProblem 4: Four."
+        _, result, _ = run_scripted(
+            tokenizer, [" 1 \\boxed{1} 2 \\boxed{2}", " 3 \\boxed{3} 4 \\boxed{4}"], problem=four, budget=80,
+            parts=4, assign=True, layout="interleaved", steal=False,
+        )  # fmt: skip
+        assert result.answer == "1; 2; 3; 4"
+        assert "\\boxed{1}\n\n**Alice [2]:** Problem 2: Two.\n\n 2 \\boxed{2}" in result.workers[0].text
+    assert run.layout == "interleaved"  # auto, for assigned parts
+    assert prompts.part_texts(problem, 2) == ["Add 2 and 3.", "Add 4 and 5."]
+    assert prompts.part_texts("Problem 1: a. Problem 2: b?", 2) == ["a.", "b?"]  # one line, as the demo's
+    assert prompts.part_texts(problem, 3) is None and prompts.part_texts("Problem 2: a Problem 1: b", 2) is None

@@ -10,6 +10,7 @@ wraps it (chat template or plain text, and whether the reply opens a `<think>` b
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from hogwild.errors import HogwildError
@@ -86,6 +87,18 @@ def assignment(names: list[str], me: int, parts: int) -> str:
     if not taken[me]:
         return f"Every problem is taken ({others}), so I check their answers as they come."
     return f"I take {_listed(taken[me])}" + (f" ({others})" if others else "") + f". Problem {taken[me][0]}:"
+
+
+def part_texts(problem: str, parts: int) -> list[str] | None:
+    """The statements of a problem's `parts` parts when it lists them as `Problem 1: ...`, `Problem 2: ...` in
+    order (the last one ends at the first blank line after it, where instructions may follow), else None."""
+    pieces = re.split(r"(?:^|(?<=\s))Problem (\d+):[ \t]*", problem)
+    numbers = [int(n) for n in pieces[1::2]]
+    if numbers != list(range(1, parts + 1)):
+        return None
+    texts = [text.strip() for text in pieces[2::2]]
+    texts[-1] = texts[-1].split("\n\n", 1)[0].strip()
+    return texts if all(texts) else None
 
 
 def next_part(part: int, headed: bool) -> str:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hogwild.collab import prompts
-from hogwild.collab.layouts import LAYOUTS, SharedCache
+from hogwild.collab.layouts import LAYOUT_CHOICES, SharedCache, layout_for
 from hogwild.collab.masks import masks
 from hogwild.collab.redundancy import N, SharedText, copied, repeated, shares
 from hogwild.collab.text import boxed_answer, boxed_answers, step_ends
@@ -58,7 +58,7 @@ SOT_ANSWER_ROOM = 64  # Skeleton-of-Thought: passes kept for the answer after th
 class CollabConfig:
     workers: int = 2
     mode: str = "hogwild"
-    layout: str = "combined"
+    layout: str = "auto"  # combined, interleaved, contiguous; auto: interleaved for assigned parts, else combined
     budget: int = 512  # sequential forward passes, the finisher excluded
     max_workers: int = prompts.MAX_WORKERS
     opening: str = "plan"  # first steps: plan, paper or symmetric (see prompts.opening)
@@ -66,6 +66,7 @@ class CollabConfig:
     assign: bool = False  # the engine writes each worker's first line naming the parts it takes (when parts > 1)
     part_steps: bool = True  # assigned parts: a step is a part's whole solution, ended by its answer
     steal: bool = True  # assigned parts: a worker done with its parts takes the last part another has not begun
+    quote_parts: bool = True  # assigned parts: the engine writes each part's statement after its heading
     mask: bool = True  # workers never draw tokens that forge the scratchpad's structure (collab/masks.py)
     min_step_tokens: int = 48  # a step ends at a paragraph break only once it holds this many tokens
     max_step_tokens: int = 192  # past this a step may end at any line break outside code and math; at 2x, anywhere
@@ -84,8 +85,8 @@ class CollabConfig:
             raise HogwildError(f"workers must be between 1 and {self.max_workers}, got {self.workers}")
         if self.mode not in MODES:
             raise HogwildError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.layout not in LAYOUTS:
-            raise HogwildError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if self.layout not in LAYOUT_CHOICES:
+            raise HogwildError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUT_CHOICES)}")
         if self.budget < 1:
             raise HogwildError(f"budget must be at least 1 forward pass, got {self.budget}")
         if self.self_check_every < 0 or self.max_step_tokens < 1 or self.finisher_tokens < 1:
@@ -302,7 +303,8 @@ class Collaboration(Run):
         self.solo = config.workers == 1 and config.mode == "hogwild"  # plain chain of thought: no headers
         self.groupthink = config.mode == "groupthink"
         self.sot = config.mode == "sot"
-        self.layout = "contiguous" if self.groupthink else "interleaved" if self.sot else config.layout
+        layout = layout_for(config.layout, self._assigns)
+        self.layout = "contiguous" if self.groupthink else "interleaved" if self.sot else layout
         self.tokenizer = engine.tokenizer
         self.history: list[HistoryEntry] = []
         self.bodies: list[str] = []  # what each history step's worker sampled, for the repeat test
@@ -314,6 +316,10 @@ class Collaboration(Run):
             for w in self.workers:
                 w.parts = prompts.assigned(config.workers, w.index, config.parts)
         self.part_answers: dict[int, str] = {}  # assigned parts: part (1-based) -> the \boxed{} its worker wrote
+        # assigned parts, quoted: each part's statement, written after its heading in one forward pass (a model
+        # restates the problem it starts, token by token, a pass each)
+        quoted = self._assigns and config.quote_parts
+        self.part_texts = (prompts.part_texts(problem, config.parts) if quoted else None) or []
         self.answer: str | None = None
         self.answer_worker = 0
         self.account = ""
@@ -449,7 +455,7 @@ class Collaboration(Run):
         if config.workers == 1:
             return ""
         if self._assigns:
-            return prompts.assignment(self.names, w.index, config.parts)
+            return prompts.assignment(self.names, w.index, config.parts) + self._quote(w.parts[0] if w.parts else 0)
         return prompts.opening(config.opening, self.names, w.index, config.parts)
 
     def _start_step(self, w: _Worker, nudge: str = "") -> None:
@@ -476,8 +482,9 @@ class Collaboration(Run):
             text += self._first_line(w)
         elif taken_from is not None:
             text += prompts.taken_part(self.names[taken_from.index], w.parts[w.part], headed=bool(text))
+            text += self._quote(w.parts[w.part])
         elif w.parts and len(w.text) == w.part_start:
-            text += prompts.next_part(w.parts[w.part], headed=bool(text))
+            text += prompts.next_part(w.parts[w.part], headed=bool(text)) + self._quote(w.parts[w.part])
         self.emit(StepStarted(w.index, w.step, text))
         checks = self.config.self_check_every and not self._assigns  # a given split needs no self-check
         if not nudge and checks and self.since_check >= self.config.self_check_every:
@@ -491,6 +498,10 @@ class Collaboration(Run):
         w.step_text = text
         w.inserted = len(text)
         w.text += text
+
+    def _quote(self, part: int) -> str:
+        """What follows part `part`'s heading: its statement and a paragraph break, when quoted (else nothing)."""
+        return f" {self.part_texts[part - 1]}\n\n" if self.part_texts and part else ""
 
     def _steal(self, w: _Worker) -> _Worker | None:
         """Assigned parts, with `steal`: worker `w` has answered its parts; it takes the last part that another
@@ -581,7 +592,9 @@ class Collaboration(Run):
     def _repeating(self, w: _Worker) -> bool:
         """Whether the step being written already repeats earlier steps: checked every REPEAT_CHECK tokens, so a
         repeat is cut short instead of written to its end (it closes now, and is left out)."""
-        if w.step_tokens < 2 * REPEAT_CHECK or w.step_tokens % REPEAT_CHECK or not self._guarded(w):
+        # a part's solution opens the way the last one did ("To solve this, we need to..."): looked at from later
+        least = 4 * REPEAT_CHECK if self._assigns and self.config.part_steps else 2 * REPEAT_CHECK
+        if w.step_tokens < least or w.step_tokens % REPEAT_CHECK or not self._guarded(w):
             return False
         return self._repeated(w) is not None
 
