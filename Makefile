@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/hogwild generate "What is 2+2? Answer in one sentence." --max-tokens 48
 	$(MAKE) --no-print-directory model-qwen2.5-coder-1.5b
 	$(VENV)/bin/hogwild solve "$(DEMO_PROBLEM)" --model qwen2.5-coder-1.5b --workers 2 --parts 2 --assign \
-		--layout contiguous --temperature 0 --budget 256
+		--temperature 0 --budget 256
 
 # -q comes from pyproject.toml's addopts; a second -q would hide pytest's closing "N passed" line
 test: $(STAMP) chromium

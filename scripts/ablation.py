@@ -6,6 +6,8 @@ results already is resumed, so an interrupted ablation goes on where it stopped.
 
     .venv/bin/python scripts/ablation.py --model qwen2.5-coder-1.5b --threads 2 --limit 8 --budgets 256,512 \\
         --out docs/eval/ablation-1.5b
+    .venv/bin/python scripts/ablation.py --assigned --model qwen2.5-coder-1.5b --threads 2 --limit 8 \\
+        --budgets 512,1024 --out docs/eval/ablation-1.5b-assigned
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ SETTINGS = {
     "paper opening": ["--opening", "paper"],
     "assigned parts": ["--assign"],
 }
+# --assigned: the engine splits the parts (--assign); its defaults, then each of its choices changed alone
+ASSIGNED = {
+    "default": [],
+    "sampled": ["--temperature", "0.6"],
+    "no quote": ["--no-quote-parts"],  # the model copies each part's statement itself
+    "paragraph steps": ["--no-part-steps"],  # a step ends at a paragraph break, not at the part's answer
+    "no steal": ["--no-steal"],
+    "contiguous layout": ["--layout", "contiguous"],
+    "combined layout": ["--layout", "combined"],
+    "no repeat guard": ["--repeat-guard", "off"],
+}
 
 
 def folder(name: str) -> str:
@@ -46,13 +59,15 @@ def main() -> int:
     parser.add_argument("--limit", default="8")
     parser.add_argument("--budgets", default="256,512")
     parser.add_argument("--workers", default="2")
+    parser.add_argument("--assigned", action="store_true", help="the assigned parts' settings (with --assign)")
     parser.add_argument("--only", default="", help="comma-separated setting names (default: all, and single)")
     parser.add_argument("--out", default="docs/eval/ablation")
     args = parser.parse_args()
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or ["single", *SETTINGS]
-    unknown = [n for n in names if n != "single" and n not in SETTINGS]
+    settings = ASSIGNED if args.assigned else SETTINGS
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or ["single", *settings]
+    unknown = [n for n in names if n != "single" and n not in settings]
     if unknown:
-        parser.error(f"unknown settings {unknown}: choose from single, {', '.join(SETTINGS)}")
+        parser.error(f"unknown settings {unknown}: choose from single, {', '.join(settings)}")
     common = [
         "--task", args.task, "--k", args.k, "--limit", args.limit, "--budgets", args.budgets,
         "--model", args.model, "--weights", args.weights, "--threads", args.threads,
@@ -60,7 +75,7 @@ def main() -> int:
     hogwild = str(Path(sys.executable).with_name("hogwild"))
     for name in names:
         strategy = "single" if name == "single" else f"hogwild:{args.workers}"
-        flags = [] if name == "single" else SETTINGS[name]
+        flags = [] if name == "single" else (["--assign"] if args.assigned else []) + settings[name]
         out = Path(args.out) / folder(name)
         print(f"ablation: {name}: hogwild eval --strategies {strategy} {' '.join(flags)}", file=sys.stderr, flush=True)
         done = subprocess.run([hogwild, "eval", *common, "--strategies", strategy, *flags, "--out", str(out)])

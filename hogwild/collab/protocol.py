@@ -7,7 +7,8 @@ given a temperature they sample, each from its own seeded generator, with the mo
 rest (else top-p 0.95; the paper's 0.6 / 0.95 when nothing is given but `sampled`); while they write, a
 logits mask keeps them from forging the scratchpad's structure (`collab/masks.py`). The openings differ: with
 `plan` the first worker proposes a split and the others start once that step is finished (`assign`: the engine
-names each worker's parts of a multi-part problem instead). A step that repeats earlier steps of anyone's is not
+names each worker's parts of a multi-part problem instead and quotes each part's statement; a part's solution is
+one step, and a worker done with its parts takes one another has not begun). A step that repeats earlier steps of anyone's is not
 taken: its tokens leave the cache and it opens again with a nudge that names what it repeated (or is drawn again
 first). A repeat says what a finished step said, or copies text as it is written (the others' or its own): the
 guard looks every 16 tokens, so a copy is cut short. Every `self_check_every` tokens written
