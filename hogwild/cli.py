@@ -94,8 +94,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
         return 130 if result.finished_by == "interrupted" else 0
     console = Console(stderr=False)
-    title = f"hogwild {strategy.name}: {config.workers} workers, {getattr(run, 'layout', config.layout)} layout"
-    title += f" | {args.problem}"
+    title = f"hogwild {strategy.name}: {config.workers} workers, {config.layout} layout | {args.problem}"
     view = LiveView(run.names, config.budget, console, title)
     with Live(view, console=console, refresh_per_second=8, screen=False, transient=False):
         for event in engine.stream(run):  # Ctrl-C aborts the run; its Done still arrives
@@ -162,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the strategy: {strategies.help_text(served_only=True)}",
     )
     solve.add_argument(
-        "--layout", default=default(CollabConfig, "layout"), help="cache layout: combined, interleaved or contiguous; auto: interleaved with --assign, else combined"
+        "--layout", default=default(CollabConfig, "layout"), help="cache layout: combined, interleaved or contiguous"
     )
     solve.add_argument(
         "--budget",

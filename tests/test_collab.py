@@ -664,7 +664,6 @@ def test_assigned_parts_are_quoted_after_their_headings(tokenizer, quote):
         )  # fmt: skip
         assert result.answer == "1; 2; 3; 4"
         assert "\\boxed{1}\n\n**Alice [2]:** Problem 2: Two.\n\n 2 \\boxed{2}" in result.workers[0].text
-    assert run.layout == "interleaved"  # auto, for assigned parts
     assert prompts.part_texts(problem, 2) == ["Add 2 and 3.", "Add 4 and 5."]
     assert prompts.part_texts("Problem 1: a. Problem 2: b?", 2) == ["a.", "b?"]  # one line, as the demo's
     assert prompts.part_texts(problem, 3) is None and prompts.part_texts("Problem 2: a Problem 1: b", 2) is None

@@ -450,7 +450,7 @@ def test_limit_seed_and_layout_reach_the_runs(tokenizer):
     assert a[0].run.config.layout == "interleaved" and a[0].run.config.budget == 512
     _, b = jobs("--task", "arithmetic", "--limit", "3", "--seed", "5")
     _, c = jobs("--task", "arithmetic", "--limit", "3", "--seed", "6")
-    assert b[0].run.config.layout == "auto" and b[0].run.layout == "combined"  # auto: combined unless assigned
+    assert b[0].run.config.layout == "combined"
     assert [j.problem for j in a] == [j.problem for j in b] != [j.problem for j in c]
     assert a[1].run.params.seed == b[1].run.params.seed and a[1].run.params.temperature == 0.6  # vote:2 samples
     assert a[0].run.sampling.temperature == 0 and a[0].run.config.opening == "plan"  # hogwild:2 is greedy

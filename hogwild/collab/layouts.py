@@ -8,8 +8,6 @@ tokens go). The three layouts of the paper:
 - `interleaved`: [prompt, history, own current step]; others' unfinished steps are not visible (step-wise sync);
 - `combined`: [prompt, history, the other workers' current steps, own current step] (token-wise sync).
 
-`auto` picks one per run (`layout_for`).
-
 A worker can also have a private block right after the prompt (Group Think gives each thinker its own prompt),
 seen by that worker only. Two small shared blocks can hold section titles placed before the other workers' blocks
 and before the worker's own block; left empty they take no room and are skipped.
@@ -22,15 +20,6 @@ from hogwild.cache.pool import Ledger
 from hogwild.errors import HogwildError
 
 LAYOUTS = ("combined", "interleaved", "contiguous")
-LAYOUT_CHOICES = ("auto", *LAYOUTS)  # auto: interleaved for assigned parts, else combined (see layout_for)
-
-
-def layout_for(layout: str, assigned: bool) -> str:
-    """The layout a run uses: `layout`, or for `auto` the one measured best for it: interleaved when the engine
-    assigns the parts (each worker's part is one step, seen by the others once it is answered), else combined."""
-    if layout != "auto":
-        return layout
-    return "interleaved" if assigned else "combined"
 
 
 class SharedCache:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hogwild.collab import prompts
-from hogwild.collab.layouts import LAYOUT_CHOICES, SharedCache, layout_for
+from hogwild.collab.layouts import LAYOUTS, SharedCache
 from hogwild.collab.masks import masks
 from hogwild.collab.redundancy import N, SharedText, copied, repeated, shares
 from hogwild.collab.text import boxed_answer, boxed_answers, step_ends
@@ -59,7 +59,7 @@ SOT_ANSWER_ROOM = 64  # Skeleton-of-Thought: passes kept for the answer after th
 class CollabConfig:
     workers: int = 2
     mode: str = "hogwild"
-    layout: str = "auto"  # combined, interleaved, contiguous; auto: interleaved for assigned parts, else combined
+    layout: str = "combined"
     budget: int = 512  # sequential forward passes, the finisher excluded
     max_workers: int = prompts.MAX_WORKERS
     opening: str = "plan"  # first steps: plan, paper or symmetric (see prompts.opening)
@@ -86,8 +86,8 @@ class CollabConfig:
             raise HogwildError(f"workers must be between 1 and {self.max_workers}, got {self.workers}")
         if self.mode not in MODES:
             raise HogwildError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.layout not in LAYOUT_CHOICES:
-            raise HogwildError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUT_CHOICES)}")
+        if self.layout not in LAYOUTS:
+            raise HogwildError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
         if self.budget < 1:
             raise HogwildError(f"budget must be at least 1 forward pass, got {self.budget}")
         if self.self_check_every < 0 or self.max_step_tokens < 1 or self.finisher_tokens < 1:
@@ -304,8 +304,7 @@ class Collaboration(Run):
         self.solo = config.workers == 1 and config.mode == "hogwild"  # plain chain of thought: no headers
         self.groupthink = config.mode == "groupthink"
         self.sot = config.mode == "sot"
-        layout = layout_for(config.layout, self._assigns)
-        self.layout = "contiguous" if self.groupthink else "interleaved" if self.sot else layout
+        self.layout = "contiguous" if self.groupthink else "interleaved" if self.sot else config.layout
         self.tokenizer = engine.tokenizer
         self.history: list[HistoryEntry] = []
         self.bodies: list[str] = []  # what each history step's worker sampled, for the repeat test

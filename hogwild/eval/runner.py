@@ -33,7 +33,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hogwild.collab.layouts import LAYOUT_CHOICES
+from hogwild.collab.layouts import LAYOUTS
 from hogwild.collab.protocol import CollabConfig, default_sampling
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
@@ -59,7 +59,7 @@ def parse_budgets(text: str) -> tuple[int, ...]:
 class EvalConfig:
     strategies: str = "single,hogwild:2,vote:2"
     budgets: str = "128,256,512"  # sequential forward passes
-    layout: str = "auto"  # hogwild:N's cache layout (auto: interleaved for assigned parts, else combined)
+    layout: str = "combined"  # hogwild:N's cache layout
     temperature: float | None = None  # every strategy; None: greedy, vote:N and best:N the model's settings (or 0.6)
     top_p: float | None = None  # every strategy; None: the model's generation settings, else 0.95
     protocol: CollabConfig = CollabConfig()  # hogwild:N's protocol (workers, mode, layout, budget: per strategy)
@@ -70,8 +70,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         self.plan  # noqa: B018 - validates strategies and budgets
-        if self.layout not in LAYOUT_CHOICES:
-            raise HogwildError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUT_CHOICES)}")
+        if self.layout not in LAYOUTS:
+            raise HogwildError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
         if self.concurrency < 0:
             raise HogwildError(f"--concurrency must be >= 0 (0: as many as fit), got {self.concurrency}")
         given = {"temperature": self.temperature, "top_p": self.top_p}

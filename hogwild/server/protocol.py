@@ -28,7 +28,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from hogwild import strategies
-from hogwild.collab.layouts import LAYOUT_CHOICES
+from hogwild.collab.layouts import LAYOUTS
 from hogwild.collab.protocol import (
     AnswerFound,
     CollabConfig,
@@ -155,7 +155,7 @@ class CompletionFields(_Body):
     @field_validator("layout", "mode")
     @classmethod
     def _known(cls, value: str | None, info: ValidationInfo) -> str | None:
-        choices = LAYOUT_CHOICES if info.field_name == "layout" else strategies.served_names()
+        choices = LAYOUTS if info.field_name == "layout" else strategies.served_names()
         if value is not None and value not in choices:
             raise ValueError(f"unknown {info.field_name} {value!r}: choose one of {', '.join(choices)}")
         return value

@@ -23,7 +23,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from hogwild import strategies
-from hogwild.collab.layouts import LAYOUT_CHOICES
+from hogwild.collab.layouts import LAYOUTS
 from hogwild.collab.protocol import CollabConfig
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
@@ -145,7 +145,7 @@ class EngineService:
         return {
             "context_window": self.engine.context_window,
             "max_workers": collab["max_workers"],
-            "layouts": list(LAYOUT_CHOICES),
+            "layouts": list(LAYOUTS),
             "modes": strategies.served_names(),
             "strategies": [{"name": n, "summary": strategies.get(n).summary} for n in strategies.served_names()],
             "defaults": {
