@@ -8,14 +8,14 @@ rest (else top-p 0.95; the paper's 0.6 / 0.95 when nothing is given but `sampled
 logits mask keeps them from forging the scratchpad's structure (`collab/masks.py`). The openings differ: with
 `plan` the first worker proposes a split and the others start once that step is finished (`assign`: the engine
 names each worker's parts of a multi-part problem instead and quotes each part's statement; a part's solution is
-one step, and a worker done with its parts takes one another has not begun). A step that repeats earlier steps of anyone's is not
-taken: its tokens leave the cache and it opens again with a nudge that names what it repeated (or is drawn again
-first). A repeat says what a finished step said, or copies text as it is written (the others' or its own): the
-guard looks every 16 tokens, so a copy is cut short. Every `self_check_every` tokens written
-by all workers together, the next step to open asks its worker whether it is doing redundant work, answered yes
-or no. Group Think mode: no steps; each thinker has a private prompt and sees every other thinker's tokens at
-every forward pass. Skeleton-of-Thought (`sot`), the baseline: one worker writes an outline of N points, N
-workers expand one point each without seeing each other, and one worker answers from all of them.
+one step, and a worker done with its parts takes one another has not begun). A step that repeats earlier steps
+of anyone's is not taken: its tokens leave the cache and it opens again with a nudge that names what it repeated
+(or is drawn again first). A repeat says what a finished step said, or copies text as it is written (the
+others' or its own): the guard looks every 16 tokens, so a copy is cut short. Every `self_check_every` tokens
+written by all workers together, the next step to open asks its worker whether it is doing redundant work,
+answered yes or no. Group Think mode: no steps; each thinker has a private prompt and sees every other
+thinker's tokens at every forward pass. Skeleton-of-Thought (`sot`), the baseline: one worker writes an outline
+of N points, N workers expand one point each without seeing each other, and one worker answers from all of them.
 
 The run stops when a finished step holds a parsable \\boxed{} answer, or at the budget of sequential forward passes,
 where a finisher asks one worker for the answer now and decodes it briefly. A `Collaboration` is a run of the
