@@ -116,6 +116,12 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, parts: bool = True) 
     """How Hogwild! workers work together: the CollabConfig fields an ablation varies (defaults from there);
     `parts`: whether --parts is a flag (an evaluation reads it from each problem)."""
     group = parser.add_argument_group("protocol")
+
+    def switch(flag: str, help: str) -> None:
+        """An on/off flag (`--x` / `--no-x`) for the CollabConfig field it names, defaulting to that field's."""
+        field = flag.removeprefix("--").replace("-", "_")
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default(CollabConfig, field), help=help)
+
     group.add_argument(
         "--opening",
         choices=prompts.OPENINGS,
@@ -123,11 +129,9 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, parts: bool = True) 
         help="first steps: plan (the first worker proposes a split, the others start once it is written), paper "
         "(the Hogwild! paper's openers, everyone at once) or symmetric (headers only)",
     )
-    group.add_argument(
+    switch(
         "--mask",
-        action=argparse.BooleanOptionalAction,
-        default=default(CollabConfig, "mask"),
-        help="never draw tokens that forge the scratchpad's structure (markup, special tokens, headers)",
+        "never draw tokens that forge the scratchpad's structure (markup, special tokens, headers)",
     )
     group.add_argument(
         "--min-step-tokens",
@@ -153,11 +157,9 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, parts: bool = True) 
         default=default(CollabConfig, "repeat_threshold"),
         help="share of a step's word 4-grams found in one earlier step that makes it a repeat",
     )
-    group.add_argument(
+    switch(
         "--copy-guard",
-        action=argparse.BooleanOptionalAction,
-        default=default(CollabConfig, "copy_guard"),
-        help="a worker never writes an 8-token run that another worker already wrote: the token that would end it "
+        "a worker never writes an 8-token run that another worker already wrote: the token that would end it "
         "is not drawn",
     )
     group.add_argument(
@@ -172,23 +174,17 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, parts: bool = True) 
         help="a problem of several parts (--parts, or gsm8k-multi's k): the engine writes each worker's first line "
         "naming the parts it takes",
     )
-    group.add_argument(
+    switch(
         "--part-steps",
-        action=argparse.BooleanOptionalAction,
-        default=default(CollabConfig, "part_steps"),
-        help="with --assign: a step is a part's whole solution, ended by its answer (not a paragraph)",
+        "with --assign: a step is a part's whole solution, ended by its answer (not a paragraph)",
     )
-    group.add_argument(
+    switch(
         "--steal",
-        action=argparse.BooleanOptionalAction,
-        default=default(CollabConfig, "steal"),
-        help="with --assign: a worker done with its parts takes the last part another worker has not begun",
+        "with --assign: a worker done with its parts takes the last part another worker has not begun",
     )
-    group.add_argument(
+    switch(
         "--quote-parts",
-        action=argparse.BooleanOptionalAction,
-        default=default(CollabConfig, "quote_parts"),
-        help="with --assign: the engine writes each part's statement (from the problem's 'Problem N:' lines) after "
+        "with --assign: the engine writes each part's statement (from the problem's 'Problem N:' lines) after "
         "its heading, in one forward pass, where the model would copy it a token a pass",
     )
     if not parts:
