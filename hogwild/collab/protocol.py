@@ -484,7 +484,8 @@ class Collaboration(Run):
             text += prompts.taken_part(self.names[taken_from.index], w.parts[w.part], headed=bool(text))
             text += self._quote(w.parts[w.part])
         elif w.parts and len(w.text) == w.part_start:
-            text += prompts.next_part(w.parts[w.part], headed=bool(text)) + self._quote(w.parts[w.part])
+            text += prompts.next_part(w.parts[w.part], headed=bool(text))
+            text += self._quote(w.parts[w.part])
         self.emit(StepStarted(w.index, w.step, text))
         checks = self.config.self_check_every and not self._assigns  # a given split needs no self-check
         if not nudge and checks and self.since_check >= self.config.self_check_every:
@@ -519,7 +520,7 @@ class Collaboration(Run):
     def _step_over(self, w: _Worker) -> bool:
         """Whether the token just written ends the worker's step (with assigned parts in `part_steps`, only its
         part's answer does: `_part_answered`)."""
-        if self._assigns and self.config.part_steps:
+        if self._part_steps:
             return False
         plan = w.index == 0 and w.step == 1 and self._plans
         soft = PLAN_TOKENS if plan else self.config.max_step_tokens
@@ -540,6 +541,11 @@ class Collaboration(Run):
     def _assigns(self) -> bool:
         """Whether the engine splits the problem's parts between the workers."""
         return self.config.assign and self.config.parts > 1 and self.config.mode == "hogwild" and not self.solo
+
+    @property
+    def _part_steps(self) -> bool:
+        """Whether a step is a whole assigned part's solution, ended only by its answer."""
+        return self._assigns and self.config.part_steps
 
     @property
     def _headerless(self) -> bool:
@@ -593,7 +599,7 @@ class Collaboration(Run):
         """Whether the step being written already repeats earlier steps: checked every REPEAT_CHECK tokens, so a
         repeat is cut short instead of written to its end (it closes now, and is left out)."""
         # a part's solution opens the way the last one did ("To solve this, we need to..."): looked at from later
-        least = 4 * REPEAT_CHECK if self._assigns and self.config.part_steps else 2 * REPEAT_CHECK
+        least = 4 * REPEAT_CHECK if self._part_steps else 2 * REPEAT_CHECK
         if w.step_tokens < least or w.step_tokens % REPEAT_CHECK or not self._guarded(w):
             return False
         return self._repeated(w) is not None
