@@ -35,7 +35,7 @@ from hogwild.model.config import ModelConfig
 from hogwild.model.decoder import Decoder
 from hogwild.model.tokenizer import Tokenizer
 from hogwild.runs import Done, Token
-from hogwild.sampling import SamplingParams, sample
+from hogwild.sampling import GREEDY, SamplingParams, sample
 
 
 class ScriptedEngine(Engine):
@@ -667,3 +667,43 @@ def test_assigned_parts_are_quoted_after_their_headings(tokenizer, quote):
     assert prompts.part_texts(problem, 2) == ["Add 2 and 3.", "Add 4 and 5."]
     assert prompts.part_texts("Problem 1: a. Problem 2: b?", 2) == ["a.", "b?"]  # one line, as the demo's
     assert prompts.part_texts(problem, 3) is None and prompts.part_texts("Problem 2: a Problem 1: b", 2) is None
+
+
+def test_crosscheck_agreeing_solutions_are_the_answer(tokenizer):
+    # every worker solves the whole problem apart, as a lone worker would (its prompt, no headers), in one step
+    # ended by its answer; the same answer twice is the run's, with no check
+    solution = " Two and three.\n\nThat makes five.\n\nSo \\boxed{5}\n\nNever written."
+    engine = ScriptedEngine(tokenizer, [solution, solution])
+    events, result, run = run_scripted(
+        tokenizer, [solution, solution], engine, GREEDY, opening="crosscheck", repeat_guard="nudge", budget=120
+    )
+    assert result.answer == "5" and result.finished_by == "answer" and run.checker is None
+    written = solution.split("Never")[0]
+    assert [(h.worker, h.step, h.text) for h in result.history] == [(0, 1, written), (1, 1, written)]
+    assert not any(isinstance(e, (StepDiscarded, NudgeInserted)) for e in events)
+    # the first worker decodes as the run does (greedy here: a lone worker's solution), the others sample
+    assert run.workers[0].generator is None and run.workers[1].generator is not None
+    lone = Collaboration(engine, "Add 2 and 3.", CollabConfig(workers=1))
+    assert run.prompt_ids + run.first_feed[1] == lone.prompt_ids + lone.first_feed[0]
+    assert run.layout == "interleaved"
+
+
+def test_crosscheck_answers_that_differ_are_settled_by_the_first_to_finish(tokenizer):
+    # Alice answers 5 first and waits; Bob answers 6; they differ, so Alice opens a step that reads both
+    # solutions and looks for the mistake, and her answer there is the run's
+    alice = " Two and three make five. \\boxed{5} The second added wrong: 2 + 3 = 5, so \\boxed{5}"
+    bob = " I think it over for a good long while, and two and three make six. \\boxed{6}"
+    events, result, run = run_scripted(tokenizer, [alice, bob], budget=150, opening="crosscheck")
+    assert result.answer == "5" and result.finished_by == "answer" and run.answer_worker == 0
+    assert run.solutions == {0: "5", 1: "6"} and run.checker is run.workers[0]
+    assert [(h.worker, h.step) for h in result.history] == [(0, 1), (1, 1), (0, 2)]
+    check = result.history[2].text
+    assert check.startswith("I solved this problem twice above and got different answers: 5 and 6.")
+    assert check.endswith("The second added wrong: 2 + 3 = 5, so \\boxed{5}\n\n")
+    # Alice waited: she wrote nothing between her answer and the check
+    assert result.workers[0].text == result.history[0].text + check
+    # answers that say the same number agree
+    _, result, run = run_scripted(
+        tokenizer, [" \\boxed{5}", " It is \\boxed{\\$5.00}"], budget=60, opening="crosscheck"
+    )
+    assert result.answer == "5" and run.checker is None

@@ -25,7 +25,7 @@ HISTORY_TITLE = "### Finished steps\n\n"
 OTHERS_TITLE = "### Work in progress (others)\n\n"
 OWN_TITLE = "### Work in progress (yours)\n\n"
 SELF_CHECK = "Quick check: am I doing redundant work? (yes/no):"  # answered with one word (see masks.ANSWERS)
-OPENINGS = ("plan", "paper", "symmetric")
+OPENINGS = ("plan", "paper", "symmetric", "crosscheck")
 
 
 def header(name: str, step: int) -> str:
@@ -48,7 +48,8 @@ def opening(kind: str, names: list[str], me: int, parts: int = 1) -> str:
     """What the engine writes after worker `me`'s first header (`parts`: the problem's independent questions).
     `plan`: the first worker proposes how to split the work; the others introduce themselves and wait until that
     step is finished, then follow it (`plan_follow`); `paper`: the Hogwild! paper's openers (the first worker
-    proposes, the others start at once); `symmetric`: nothing."""
+    proposes, the others start at once); `symmetric` and `crosscheck` (every worker solves the whole problem
+    apart, as a lone worker would): nothing."""
     if kind == "plan":
         if me == 0:
             if parts == 1:
@@ -135,7 +136,8 @@ def discarded(names: list[str], me: int, worker: int, step: int | None) -> str:
 
 
 def collaboration_prompt(problem: str, names: list[str], parts: int = 1, assign: bool = False) -> str:
-    """The prompt every worker reads; `assign`: the engine splits the problem's `parts` between the workers."""
+    """The prompt every worker reads (one worker: the lone worker's, which cross-check workers read too);
+    `assign`: the engine splits the problem's `parts` between the workers."""
     if assign and len(names) > 1:
         return assigned_prompt(problem, names)
     if len(names) == 1:
@@ -176,6 +178,20 @@ def assigned_prompt(problem: str, names: list[str]) -> str:
         "The first line of your work names your problems: solve only those, one after another, each ending with "
         "its answer in a \\boxed{}."
     )
+
+
+def reconcile(answers: list[str]) -> str:
+    """What the engine writes to open the cross-check step when the solutions above, written apart, boxed
+    different `answers` (in the order they stand): the model reads them as its own attempts."""
+    found = ", ".join(answers[:-1]) + f" and {answers[-1]}"
+    return (
+        f"I solved this problem {_times(len(answers))} above and got different answers: {found}. Let me check each "
+        "solution step by step to find the mistake, then give the right answer as \\boxed{...}.\n\n"
+    )
+
+
+def _times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
 
 
 def sot_prompt(problem: str, points: int) -> str:

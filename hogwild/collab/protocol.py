@@ -42,6 +42,7 @@ from hogwild.collab.redundancy import N, SharedText, copied, repeated, shares
 from hogwild.collab.text import boxed_answer, boxed_answers, step_ends
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
+from hogwild.eval import grading
 from hogwild.model.tokenizer import TextStream
 from hogwild.runs import Done, Feed, Probe, Run, Sample, Token
 from hogwild.sampling import GREEDY, SamplingParams
@@ -298,13 +299,19 @@ class Collaboration(Run):
         self.engine = engine
         self.config = config
         self.sampling = sampling or default_sampling(engine)
+        # cross-check: the first worker solves with the run's sampling (greedy by default: a lone worker's
+        # solution); the others sample with the model's settings when the run is greedy, so their solutions differ
+        greedy = self.sampling.temperature == 0
+        self.solver = default_sampling(engine, self.sampling.seed, sampled=True) if greedy else self.sampling
         self.problem = problem
         self.names = list(prompts.NAMES[: config.workers])
         self.format = prompts.format_for(engine.model_config.family, config.format)
         self.solo = config.workers == 1 and config.mode == "hogwild"  # plain chain of thought: no headers
         self.groupthink = config.mode == "groupthink"
         self.sot = config.mode == "sot"
-        self.layout = "contiguous" if self.groupthink else "interleaved" if self.sot else config.layout
+        # Skeleton-of-Thought and cross-check workers write apart: each sees the finished work only
+        apart = self.sot or self._crosschecks
+        self.layout = "contiguous" if self.groupthink else "interleaved" if apart else config.layout
         self.tokenizer = engine.tokenizer
         self.history: list[HistoryEntry] = []
         self.bodies: list[str] = []  # what each history step's worker sampled, for the repeat test
@@ -316,6 +323,8 @@ class Collaboration(Run):
             for w in self.workers:
                 w.parts = prompts.assigned(config.workers, w.index, config.parts)
         self.part_answers: dict[int, str] = {}  # assigned parts: part (1-based) -> the \boxed{} its worker wrote
+        self.solutions: dict[int, str] = {}  # cross-check: worker -> the answer its solution boxed
+        self.checker: _Worker | None = None  # cross-check: the worker settling answers that differ
         # assigned parts, quoted: each part's statement, written after its heading in one forward pass (a model
         # restates the problem it starts, token by token, a pass each)
         quoted = self._assigns and config.quote_parts
@@ -361,9 +370,10 @@ class Collaboration(Run):
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _generator(self, worker: int) -> torch.Generator | None:
-        if self.sampling.temperature == 0:
+        sampling = self.solver if self._crosschecks and worker > 0 else self.sampling
+        if sampling.temperature == 0:
             return None
-        return dataclasses.replace(self.sampling, seed=worker_seed(self.sampling.seed, worker)).generator()
+        return dataclasses.replace(sampling, seed=worker_seed(sampling.seed, worker)).generator()
 
     def _worker_params(self) -> dict[str, SamplingParams]:
         """Sampling while a worker writes a step ("write"), at the start of a line ("line"), right after a `*`
@@ -372,13 +382,15 @@ class Collaboration(Run):
         config, sampling = self.config, self.sampling
         found = masks(self.tokenizer, self.names, self.engine.eos_ids, self.engine.model_config.vocab_size)
         answer = dataclasses.replace(sampling, only=found.answers)
-        if not config.mask or self.solo or self.sot:
-            return {"write": sampling, "line": sampling, "star": sampling, "answer": answer}
+        if not config.mask or self.solo or self.sot or self._crosschecks:  # no structure to forge
+            plain = {"write": sampling, "line": sampling, "star": sampling, "answer": answer}
+            return plain | {"solve": self.solver}
 
         def banning(*sets: tuple[int, ...]) -> SamplingParams:
             return dataclasses.replace(sampling, banned=tuple(sorted({i for ids in sets for i in ids})))
 
         return {
+            "solve": self.solver,
             "write": banning(found.forging),
             "line": banning(found.forging, found.line_start),
             "star": banning(found.forging, found.after_star),
@@ -388,6 +400,8 @@ class Collaboration(Run):
     def _params(self, w: _Worker) -> SamplingParams:
         if w.answering:
             return self.params["answer"]
+        if self._crosschecks and w.index > 0 and w is not self.checker:
+            return self.params["solve"]
         if w.step_text.endswith("*"):
             params = self.params["star"]
         else:
@@ -400,7 +414,8 @@ class Collaboration(Run):
         another worker already wrote where it could see it: a small model that reads a neighbour's solution in the
         shared cache goes on to write it out, token for token, in place of its own. A box's opening brace is never
         blocked (every worker answers the same way)."""
-        if not self.config.copy_guard or self.solo or self.sot or w.step_text.endswith("\\boxed"):
+        apart = self.solo or self.sot or self._crosschecks
+        if not self.config.copy_guard or apart or w.step_text.endswith("\\boxed"):
             return ()
         return self.ngrams.copies(w.index, w.written, self.passes + 1)
 
@@ -412,7 +427,8 @@ class Collaboration(Run):
         elif self.sot:
             text = prompts.sot_prompt(self.problem, self.config.workers)
         else:
-            text = prompts.collaboration_prompt(self.problem, self.names, self.config.parts, self._assigns)
+            names = self.names[:1] if self._crosschecks else self.names  # a cross-check worker reads a lone one's
+            text = prompts.collaboration_prompt(self.problem, names, self.config.parts, self._assigns)
         if self.format.chat:
             prompt_ids = self.tokenizer.encode_chat([{"role": "user", "content": text}])
             prompt_ids += self._encode(self.format.reply_prefix) if self.format.reply_prefix else []
@@ -428,6 +444,8 @@ class Collaboration(Run):
                 self.first_feed[w] = private[-1:]
         elif self.solo or self.sot:
             prompt_ids, self.first_feed[0] = prompt_ids[:-1], prompt_ids[-1:]
+        elif self._crosschecks:  # every worker's reply starts the way a lone worker's does
+            prompt_ids, self.first_feed = prompt_ids[:-1], [prompt_ids[-1:]] * self.config.workers
         else:
             if self.layout != "contiguous":
                 setup.append(("history", self._encode(prompts.HISTORY_TITLE)))
@@ -458,13 +476,13 @@ class Collaboration(Run):
             return prompts.assignment(self.names, w.index, config.parts) + self._quote(w.parts[0] if w.parts else 0)
         return prompts.opening(config.opening, self.names, w.index, config.parts)
 
-    def _start_step(self, w: _Worker, nudge: str = "") -> None:
+    def _start_step(self, w: _Worker, nudge: str = "", line: str = "") -> None:
         """Open the worker's next step; with `nudge`, open its current step again (it was not taken), the nudge
-        after its header."""
+        after its header; `line`: what the engine writes after the header of a new step."""
         if not nudge and not w.tries:
             w.step += 1
         w.step_text, w.step_tokens, w.closing, w.step_start = "", 0, False, len(w.written)
-        if self.solo or self.groupthink:
+        if self.solo or self.groupthink or (self._crosschecks and not line):
             w.feed = self.first_feed[w.index] if w.step == 1 else []
             w.inserted = 0
             return
@@ -480,6 +498,8 @@ class Collaboration(Run):
         text = prompts.header(w.name, w.step) if w.step == 1 or not self._headerless else ""
         if w.step == 1:
             text += self._first_line(w)
+        elif line:
+            text += line
         elif taken_from is not None:
             text += prompts.taken_part(self.names[taken_from.index], w.parts[w.part], headed=bool(text))
             text += self._quote(w.parts[w.part])
@@ -487,7 +507,8 @@ class Collaboration(Run):
             text += prompts.next_part(w.parts[w.part], headed=bool(text))
             text += self._quote(w.parts[w.part])
         self.emit(StepStarted(w.index, w.step, text))
-        checks = self.config.self_check_every and not self._assigns  # a given split needs no self-check
+        # a given split, or a solution of one's own, needs no self-check
+        checks = self.config.self_check_every and not self._assigns and not self._crosschecks
         if not nudge and checks and self.since_check >= self.config.self_check_every:
             nudge = prompts.SELF_CHECK
             self.since_check = 0
@@ -522,6 +543,9 @@ class Collaboration(Run):
         part's answer does: `_part_answered`)."""
         if self._part_steps:
             return False
+        if self._crosschecks:  # a step is a whole solution, or the check: ended by its answer
+            found = boxed_answer(w.sampled_text, self.config.parts)
+            return found is not None and found not in self.placeholders
         plan = w.index == 0 and w.step == 1 and self._plans
         soft = PLAN_TOKENS if plan else self.config.max_step_tokens
         if w.step_tokens >= 2 * soft:
@@ -543,6 +567,12 @@ class Collaboration(Run):
         return self.config.assign and self.config.parts > 1 and self.config.mode == "hogwild" and not self.solo
 
     @property
+    def _crosschecks(self) -> bool:
+        """Whether every worker solves the whole problem, and answers that differ are settled by a check."""
+        config = self.config
+        return config.opening == "crosscheck" and config.mode == "hogwild" and not self._assigns and not self.solo
+
+    @property
     def _part_steps(self) -> bool:
         """Whether a step is a whole assigned part's solution, ended only by its answer."""
         return self._assigns and self.config.part_steps
@@ -551,8 +581,9 @@ class Collaboration(Run):
     def _headerless(self) -> bool:
         """Whether steps after the first open without a header: assigned parts in the contiguous layout, where
         each worker's block holds its parts' solutions one after another, written as one text (a small model
-        reads a header in the middle of its own solution as a cue to start over)."""
-        return self._assigns and self.layout == "contiguous"
+        reads a header in the middle of its own solution as a cue to start over), and cross-check, whose workers
+        write as lone workers do."""
+        return (self._assigns and self.layout == "contiguous") or self._crosschecks
 
     def _part_answered(self, w: _Worker) -> bool:
         """Assigned parts: whether the worker has just closed a \boxed{} answer to the part it works on; the
@@ -574,6 +605,24 @@ class Collaboration(Run):
             return None
         return "; ".join(self.part_answers[p] for p in range(1, self.config.parts + 1))
 
+    def _settle(self) -> bool:
+        """Cross-check: once every worker's solution is in, the answer when those with an answer agree (True then);
+        when they differ, the first worker to finish opens a step that reads all the solutions and finds the
+        mistake, and its answer is the run's."""
+        if not self._crosschecks or self.checker is not None or len(self.solutions) < self.config.workers:
+            return False
+        answered = [(h, self.solutions[h.worker]) for h in self.history if self.solutions[h.worker] is not None]
+        if not answered:
+            return False  # no solution has an answer: the finisher asks for one
+        if len({grading.answer_key(answer) for _, answer in answered}) == 1:
+            first, answer = answered[0]
+            self.answer, self.answer_worker, self.account = answer, first.worker, first.text
+            return True
+        self.checker = checker = self.workers[self.history[0].worker]
+        checker.done = False
+        self._start_step(checker, line=prompts.reconcile([answer for _, answer in answered]))
+        return False
+
     def _close_step(self, w: _Worker) -> None:
         """The worker's step is over: take it into the shared history and open its next step, or, when it
         repeats an earlier step, leave it out and open it again."""
@@ -585,8 +634,13 @@ class Collaboration(Run):
         self.history.append(HistoryEntry(w.index, w.step, w.step_text))
         self.bodies.append(w.sampled_text)
         self.emit(StepFinished(w.index, w.step, w.step_text))
+        if self._crosschecks and w is not self.checker:  # its solution is in: it waits for the others' (`_settle`)
+            self.solutions[w.index] = boxed_answer(w.step_text, self.config.parts)  # None: it ended without one
+            w.done, w.feed = True, []
+            return
         self._look_for_answer(w, w.step_text)
-        if self.answer is not None:
+        if self.answer is not None or w is self.checker:  # a check that ends without an answer ends the run
+            w.done = w.done or self.answer is None
             return
         self._start_step(w)
         if w.index == 0 and w.step == 2 and self._plans:  # the plan is in the history: the others start
@@ -623,7 +677,8 @@ class Collaboration(Run):
     def _guarded(self, w: _Worker) -> bool:
         """Whether the repeat guard looks at the worker's current step: not once it has been drawn again and
         nudged (that try is taken as it is)."""
-        if self.config.repeat_guard == "off" or self.solo or self.sot or self.groupthink or w.tries > self._redraws:
+        off = self.config.repeat_guard == "off" or self._crosschecks  # cross-check: the same solution is agreement
+        if off or self.solo or self.sot or self.groupthink or w.tries > self._redraws:
             return False
         return self.layout != "contiguous" and "\\boxed{" not in w.step_text  # contiguous: steps cannot leave
 
@@ -677,12 +732,13 @@ class Collaboration(Run):
         elif not self.sot and (self._part_answered(w) or self._step_over(w) or self._repeating(w)):
             w.closing = True
         self.emit(Token(w.index, token, delta))
-        if w.part_answered and not self._headerless:
+        if (w.part_answered and not self._headerless) or (self._crosschecks and w.closing):
             self._end_paragraph(w)
 
     def _end_paragraph(self, w: _Worker) -> None:
-        """End the step being closed with a paragraph break (a part's step ends at its answer's brace, and the next
-        step's header must not run on from it): fed with the step's last token, so it stays in the step's block."""
+        """End the step being closed with a paragraph break (a part's step, or a cross-check's solution, ends at its
+        answer's brace, and what follows must not run on from it): fed with the step's last token, so it stays in
+        the step's block."""
         tail = "\n\n"[len(w.step_text) - len(w.step_text.rstrip("\n")) :]
         if not tail:
             return
@@ -758,6 +814,8 @@ class Collaboration(Run):
             self._start_step(w)
         while self.passes < config.budget and self.answer is None:
             feeding = [w for w in workers if w.feed]
+            if not feeding:
+                return "eos"  # every worker has ended its work without an answer
             samples = yield from self._pass(feeding)
             if isinstance(samples, str):
                 return samples
@@ -783,6 +841,8 @@ class Collaboration(Run):
             self.emit(Pass(self.passes, config.budget))
             if ended:
                 return "eos"
+            if self._settle():
+                return "answer"
             composed = self._all_parts()
             if composed is not None:
                 self.answer, self.answer_worker = composed, 0

@@ -103,6 +103,15 @@ def to_number(text: str) -> Fraction | None:
     return Fraction(s.replace(",", ""))
 
 
+def answer_key(answer: str | None) -> object:
+    """What two answers share when they say the same: the number they write, else the stripped text; None for no
+    answer (a vote counts, and a cross-check compares, answers by it)."""
+    if answer is None or not answer.strip():
+        return None
+    number = to_number(answer)
+    return number if number is not None else answer.strip()
+
+
 def numbers_equal(answer: str, gold: str) -> bool:
     a, g = to_number(answer), to_number(gold)
     if a is None or g is None:

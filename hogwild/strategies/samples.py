@@ -63,7 +63,7 @@ class Samples(Strategy):
 
 class Vote(Samples):
     def pick(self, samples: list[Known]) -> int:
-        keys = [_vote_key(s[0]) for s in samples]
+        keys = [grading.answer_key(s[0]) for s in samples]
         counts = Counter(k for k in keys if k is not None)
         if not counts:
             return 0
@@ -161,13 +161,6 @@ def _finisher_answer(question: str, parts: int) -> Callable[[str, bool], str | N
         return boxed_answer(question + text + ("}" if final else ""), parts)
 
     return answer
-
-
-def _vote_key(answer: str | None) -> object:
-    if answer is None or not answer.strip():
-        return None
-    number = grading.to_number(answer)
-    return number if number is not None else answer.strip()
 
 
 VOTE = Vote("vote", "the majority answer of N independent samples")
