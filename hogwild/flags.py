@@ -126,8 +126,11 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, parts: bool = True) 
         "--opening",
         choices=prompts.OPENINGS,
         default=default(CollabConfig, "opening"),
-        help="first steps: plan (the first worker proposes a split, the others start once it is written), paper "
-        "(the Hogwild! paper's openers, everyone at once) or symmetric (headers only)",
+        help="first steps: crosscheck (every worker solves the whole problem apart, as a lone worker would, the "
+        "first with the run's sampling and the others sampled; answers that differ are settled by a check that "
+        "reads all the solutions), plan (the first worker proposes a split, the others start once it is "
+        "written), paper (the Hogwild! paper's openers, everyone at once) or symmetric (headers only); --assign "
+        "takes the place of the opening on a problem of several parts",
     )
     switch(
         "--mask",

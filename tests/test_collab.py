@@ -480,7 +480,13 @@ def test_default_model_two_workers_collaborate(default_model_dir):
     engine = hogwild.load(EngineConfig(threads=1))
     events = list(
         hogwild.solve_stream(
-            "What is 12 + 30? Answer in \\boxed{}.", engine=engine, workers=2, budget=64, seed=0, temperature=0.7
+            "What is 12 + 30? Answer in \\boxed{}.",
+            engine=engine,
+            workers=2,
+            budget=64,
+            seed=0,
+            temperature=0.7,
+            opening="plan",
         )
     )
     result = events[-1].result
@@ -500,6 +506,21 @@ def test_default_model_two_workers_collaborate(default_model_dir):
     # a pass samples at most one token per worker
     assert all(0 < w.tokens <= result.forward_passes for w in result.workers)
     assert result.to_dict()["answer"] == result.answer
+
+
+def test_default_model_crosscheck_first_worker_writes_the_lone_solution(default_model_dir):
+    # the default opening: the first worker, greedy, writes what one worker alone writes (fp32 weights: tokens do
+    # not depend on what shares a forward pass); the second samples a solution of its own
+    engine = hogwild.load(EngineConfig(threads=1, weights="fp32"))
+    problem = "Tom has 3 bags of 4 apples and eats 2. How many apples are left?"
+    lone = hogwild.solve(problem, engine=engine, workers=1, budget=80)
+    team = hogwild.solve(problem, engine=engine, workers=2, budget=80)
+    alice, bob = (w.text.split("\n\n**Alice [final]")[0] for w in team.workers)
+    alice = alice.split("I solved this problem twice")[0].rstrip("\n")
+    assert len(alice) > 20 and not alice.startswith("**")
+    assert lone.workers[0].text.startswith(alice)
+    assert bob.split("\n\n")[:3] != alice.split("\n\n")[:3]
+    assert team.forward_passes <= 80 + CollabConfig().finisher_tokens
 
 
 def test_text_rules():
@@ -583,6 +604,8 @@ def test_cli_solve_json_on_default_model():
     assert out["tokens_per_worker"] == {w["name"]: w["tokens"] for w in out["workers"]}
     if out["finished_by"] == "budget":  # the budget ran out: the finisher's passes come on top of it
         assert out["forward_passes"] > 256
+    elif out["finished_by"] == "eos":  # every worker ended its reply without a box: the finisher asked
+        assert out["forward_passes"] <= 256 + CollabConfig().finisher_tokens
     else:
         assert out["finished_by"] == "answer" and out["answer"] is not None and out["forward_passes"] <= 256
 

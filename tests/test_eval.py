@@ -453,7 +453,7 @@ def test_limit_seed_and_layout_reach_the_runs(tokenizer):
     assert b[0].run.config.layout == "combined"
     assert [j.problem for j in a] == [j.problem for j in b] != [j.problem for j in c]
     assert a[1].run.params.seed == b[1].run.params.seed and a[1].run.params.temperature == 0.6  # vote:2 samples
-    assert a[0].run.sampling.temperature == 0 and a[0].run.config.opening == "plan"  # hogwild:2 is greedy
+    assert a[0].run.sampling.temperature == 0 and a[0].run.config.opening == "crosscheck"  # greedy
     _, f = jobs("--task", "arithmetic", "--limit", "1", "--temperature", "0.8")
     assert f[0].run.sampling.temperature == f[1].run.params.temperature == 0.8  # a given temperature: every strategy
     _, d = jobs("--task", "arithmetic", "--limit", "1", "--temperature", "0", "--no-mask", "--repeat-guard", "off")

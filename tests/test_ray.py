@@ -214,7 +214,8 @@ def solve_on_the_page(url: str) -> list[str]:
         texts = columns(browser)
     finally:
         browser.quit()
-    assert len(texts) == 2 and texts[0].startswith("**Alice [1]:**") and texts[1].startswith("**Bob [1]:**")
+    # the default cross-check: each worker writes a solution of its own, the first greedily, the second sampled
+    assert len(texts) == 2 and all(texts) and texts[0] != texts[1]
     return texts
 
 

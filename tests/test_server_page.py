@@ -123,7 +123,8 @@ def test_two_workers_write_side_by_side_then_the_answer(browser, live):
     wait(lambda: answer.get_attribute("data-done"), what="the answer")
     late = columns(browser)
     assert all(len(b) > len(a) and b.startswith(a) for a, b in zip(early, late, strict=True)), "columns did not fill"
-    assert late[0].startswith("**Alice [1]:**") and late[1].startswith("**Bob [1]:**")
+    # the default cross-check: each worker writes a solution of its own, with no step headers
+    assert not late[0].startswith("**Alice") and late[0] != late[1]
     shown = browser.find_elements(By.CSS_SELECTOR, "#history li")
     assert len(shown) == len(message["hogwild"]["history"]), "the page's shared history differs from the API's"
     assert "finished by" in browser.find_element(By.ID, "status").text

@@ -95,7 +95,8 @@ def test_a_registered_strategy_is_served(tokenizer, tally):
                 if line.startswith("data: {"):
                     delta = json.loads(line[6:])["choices"][0]["delta"]
                     events += [delta["hogwild"]] if "hogwild" in delta else []
-        assert events[0] == {"type": "start", "workers": ["Alice", "Bob"], "budget": 24, "layout": "combined",
+        # the default cross-check opening's workers solve apart: the interleaved layout
+        assert events[0] == {"type": "start", "workers": ["Alice", "Bob"], "budget": 24, "layout": "interleaved",
                              "mode": "tally"}  # fmt: skip
         assert events[-1]["type"] == "done" and events[-1]["answer"] == result["answer"]  # the same seeded run
 

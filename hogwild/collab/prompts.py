@@ -25,7 +25,7 @@ HISTORY_TITLE = "### Finished steps\n\n"
 OTHERS_TITLE = "### Work in progress (others)\n\n"
 OWN_TITLE = "### Work in progress (yours)\n\n"
 SELF_CHECK = "Quick check: am I doing redundant work? (yes/no):"  # answered with one word (see masks.ANSWERS)
-OPENINGS = ("plan", "paper", "symmetric", "crosscheck")
+OPENINGS = ("crosscheck", "plan", "paper", "symmetric")
 
 
 def header(name: str, step: int) -> str:

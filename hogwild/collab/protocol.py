@@ -5,8 +5,12 @@ break after a finished sentence once it holds `min_step_tokens` (a paragraph of 
 finished step moves into the shared history (in the layouts that have one). Workers decode greedily by default;
 given a temperature they sample, each from its own seeded generator, with the model's generation settings for the
 rest (else top-p 0.95; the paper's 0.6 / 0.95 when nothing is given but `sampled`); while they write, a
-logits mask keeps them from forging the scratchpad's structure (`collab/masks.py`). The openings differ: with
-`plan` the first worker proposes a split and the others start once that step is finished (`assign`: the engine
+logits mask keeps them from forging the scratchpad's structure (`collab/masks.py`). The openings differ. With
+`crosscheck`, the default (a small model solves one problem best alone), every worker solves the whole problem in
+one step as a lone worker would, apart (the interleaved layout), the first with the run's sampling and the others
+sampled; once all are in, answers that agree are the run's, and answers that differ open a check step in which
+the first worker to finish reads every solution in the shared history and answers. With `plan` the first worker
+proposes a split and the others start once that step is finished (`assign`: the engine
 names each worker's parts of a multi-part problem instead and quotes each part's statement; a part's solution is
 one step, and a worker done with its parts takes one another has not begun). A step that repeats earlier steps
 of anyone's is not taken: its tokens leave the cache and it opens again with a nudge that names what it repeated
@@ -63,7 +67,7 @@ class CollabConfig:
     layout: str = "combined"
     budget: int = 512  # sequential forward passes, the finisher excluded
     max_workers: int = prompts.MAX_WORKERS
-    opening: str = "plan"  # first steps: plan, paper or symmetric (see prompts.opening)
+    opening: str = "crosscheck"  # first steps: crosscheck, plan, paper or symmetric (see prompts.opening)
     parts: int = 1  # independent questions in the problem: an answer gives all of them, in one \\boxed{}
     assign: bool = False  # the engine writes each worker's first line naming the parts it takes (when parts > 1)
     part_steps: bool = True  # assigned parts: a step is a part's whole solution, ended by its answer
@@ -192,7 +196,7 @@ class WorkerTranscript:
 @dataclass
 class SolveResult:
     answer: str | None
-    finished_by: str  # "answer", "budget", "context", "memory", "eos" (a lone worker ended its reply), "interrupted"
+    finished_by: str  # "answer", "budget", "context", "memory", "eos" (every worker ended its reply), "interrupted"
     workers: list[WorkerTranscript]
     history: list[HistoryEntry]
     forward_passes: int
