@@ -161,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the strategy: {strategies.help_text(served_only=True)}",
     )
     solve.add_argument(
-        "--layout", default=default(CollabConfig, "layout"), help="cache layout: combined, interleaved or contiguous"
+        "--layout",
+        default=default(CollabConfig, "layout"),
+        help="cache layout: combined, interleaved or contiguous (the cross-check opening's workers solve apart, in "
+        "the interleaved layout)",
     )
     solve.add_argument(
         "--budget",

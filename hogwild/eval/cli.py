@@ -58,7 +58,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--budgets", default=default(EvalConfig, "budgets"), help="increasing sequential forward pass budgets"
     )
-    e.add_argument("--layout", default=default(EvalConfig, "layout"), help="hogwild:N's cache layout")
+    e.add_argument(
+        "--layout",
+        default=default(EvalConfig, "layout"),
+        help="hogwild:N's cache layout (the cross-check opening's workers solve apart, in the interleaved layout)",
+    )
     e.add_argument(
         "--temperature",
         type=float,

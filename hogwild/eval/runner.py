@@ -5,7 +5,8 @@ Strategies come from the registry (`hogwild.strategies`): each builds its run an
 collaboration through probes forked off its live cache, independent samples each at its own length). A vote:N and
 a best:N of the same N read one and the same run. `temperature` and `top_p` apply to every strategy alike; by
 default the strategies of independent samples (vote:N, best:N) sample with the model's generation settings (else
-0.6 and 0.95) and the others decode greedily (`default_sampling`), each run seeded from `seed`, the problem and
+0.6 and 0.95) and the others decode greedily (`default_sampling`; a cross-check's workers after the first sample
+all the same), each run seeded from `seed`, the problem and
 the strategy's group (`Strategy.group`).
 
 Scores. A problem of k questions (gsm8k-multi) is scored per question: a record holds how many of its k answers
