@@ -22,6 +22,7 @@ from tiny import tiny_engine
 
 from hogwild import engine as engine_module
 from hogwild.cli import main
+from hogwild.collab import prompts
 from hogwild.engine import Engine, EngineConfig
 from hogwild.errors import HogwildError
 from hogwild.runs import Sampled
@@ -439,6 +440,14 @@ def test_a_full_queue_answers_429(tokenizer):
 def test_models_health_metrics_and_page(live, client):
     (card,) = client.models.list().data
     assert card.id == MODEL and card.model_extra["hogwild"]["max_workers"] == 16
+    ext = card.model_extra["hogwild"]
+    assert ext["openings"] == list(prompts.OPENINGS) and ext["defaults"]["opening"] == "crosscheck"
+    # a request picks the opening: the plan's steps open with headers, the default cross-check's solutions do not
+    for opening, headed in (("plan", True), (None, False)):
+        extra = {"workers": 2, "budget": 8} | ({"opening": opening} if opening else {})
+        reply = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, extra_body=extra)
+        workers = hogwild_of(reply.choices[0].message)["workers"]
+        assert [w["text"].startswith(f"**{w['name']} [1]:**") for w in workers] == [headed, headed]
     assert httpx.get(live.url + "/health").json()["status"] == "ok"
     before = live.metrics()
     reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0)

@@ -42,6 +42,7 @@ FIELDS = {
     "layout": {"null"},
     "mode": {"null"},
     "budget": {"null"},
+    "opening": {"null"},
     "hogwild": {"null"},  # the reply's extension object: in a request its fields go at the top level
 }
 CHAT_FIELDS = {
@@ -89,6 +90,8 @@ def corpus() -> list[tuple[str, object, str | None]]:
         (chat, {**CHAT, "workers": 2, "layout": "spiral"}, "layout"),
         (chat, {**CHAT, "workers": 2, "mode": "chaos"}, "mode"),
         (chat, {**CHAT, "budget": 64}, "budget"),  # without workers
+        (chat, {**CHAT, "workers": 2, "opening": "debate"}, "opening"),
+        (chat, {**CHAT, "opening": "plan"}, "opening"),  # without workers
         (chat, {**CHAT, "workers": 2, "n": 2}, "n"),
         (chat, {**CHAT, "workers": 2, "logprobs": True}, "logprobs"),
         (chat, {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),

@@ -24,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve the OpenAI-compatible API and a web page",
         description="Serve /v1/chat/completions, /v1/completions and /v1/models (OpenAI's API; the extension "
-        "fields workers, layout, mode and budget make a request a collaboration), /health, /metrics, and at / a "
-        "web page that shows each worker writing. Every request is a run of one shared scheduler.",
+        "fields workers, layout, mode, budget and opening make a request a collaboration), /health, /metrics, and "
+        "at / a web page that shows each worker writing. Every request is a run of one shared scheduler.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     serve.add_argument("--host", default=default(ServerConfig, "host"), help="address to listen on")

@@ -29,6 +29,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from hogwild import strategies
 from hogwild.collab.layouts import LAYOUTS
+from hogwild.collab.prompts import OPENINGS
 from hogwild.collab.protocol import (
     AnswerFound,
     CollabConfig,
@@ -142,20 +143,23 @@ class CompletionFields(_Body):
     layout: Text | None = None
     mode: Text | None = None
     budget: int | None = Field(None, ge=1)
-    # the reply's extension object, sent back in a request: its request fields are the four above, at the top level
+    opening: Text | None = None
+    # the reply's extension object, sent back in a request: its request fields are the five above, at the top level
     hogwild: object = None
 
     @field_validator("hogwild")
     @classmethod
     def _top_level(cls, value: object) -> None:
         if value is not None:
-            raise ValueError("give workers, layout, mode and budget at the top level of the body, not in an object")
+            raise ValueError(
+                "give workers, layout, mode, budget and opening at the top level of the body, not in an object"
+            )
         return None
 
-    @field_validator("layout", "mode")
+    @field_validator("layout", "mode", "opening")
     @classmethod
     def _known(cls, value: str | None, info: ValidationInfo) -> str | None:
-        choices = LAYOUTS if info.field_name == "layout" else strategies.served_names()
+        choices = {"layout": LAYOUTS, "opening": OPENINGS}.get(info.field_name) or strategies.served_names()
         if value is not None and value not in choices:
             raise ValueError(f"unknown {info.field_name} {value!r}: choose one of {', '.join(choices)}")
         return value
@@ -331,7 +335,7 @@ def _sampled(
     top_logprobs: int,
     config: ServerConfig,
 ) -> tuple[Sampled, Echo | None]:
-    for name in ("layout", "mode", "budget"):
+    for name in ("layout", "mode", "budget", "opening"):
         if getattr(request, name) is not None:
             raise ApiError(400, f"{name} shapes a collaboration: give workers too", param=name)
     if isinstance(request, ChatRequest):
@@ -423,7 +427,7 @@ def _collaboration(
             code="context_length_exceeded",
             param="max_tokens",
         )
-    given = {"workers": request.workers, "layout": request.layout}
+    given = {"workers": request.workers, "layout": request.layout, "opening": request.opening}
     # the budget counts sequential forward passes, about the tokens each worker writes: max_tokens when not given
     given["budget"] = request.budget if request.budget is not None else max_tokens
     config = CollabConfig(**{k: v for k, v in given.items() if v is not None})

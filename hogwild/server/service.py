@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 
 from hogwild import strategies
 from hogwild.collab.layouts import LAYOUTS
+from hogwild.collab.prompts import OPENINGS
 from hogwild.collab.protocol import CollabConfig
 from hogwild.engine import Engine
 from hogwild.errors import HogwildError
@@ -146,10 +147,11 @@ class EngineService:
             "context_window": self.engine.context_window,
             "max_workers": collab["max_workers"],
             "layouts": list(LAYOUTS),
+            "openings": list(OPENINGS),
             "modes": strategies.served_names(),
             "strategies": [{"name": n, "summary": strategies.get(n).summary} for n in strategies.served_names()],
             "defaults": {
-                **{k: collab[k] for k in ("workers", "layout", "mode", "budget")},
+                **{k: collab[k] for k in ("workers", "layout", "mode", "budget", "opening")},
                 "temperature": OPENAI_TEMPERATURE,
             },
         }

@@ -32,6 +32,7 @@ async function loadModel() {
   model = card.id;
   $("model").textContent = `${card.id}, context ${ext.context_window} tokens`;
   $("layout").replaceChildren(...ext.layouts.map((name) => new Option(name, name)));
+  $("opening").replaceChildren(...ext.openings.map((name) => new Option(name, name)));
   // the strategies a run can be, each with its one-line summary, as the server's registry lists them
   $("mode").replaceChildren(
     ...ext.strategies.map((strategy) => {
@@ -40,7 +41,7 @@ async function loadModel() {
       return option;
     }),
   );
-  for (const id of ["layout", "mode"]) $(id).value = ext.defaults[id];
+  for (const id of ["layout", "mode", "opening"]) $(id).value = ext.defaults[id];
   $("workers").max = ext.max_workers;
   for (const id of ["workers", "budget", "temperature"]) {
     if ($(id).value === "") $(id).value = ext.defaults[id];
@@ -150,6 +151,7 @@ async function solve(event) {
     messages: [{ role: "user", content: $("problem").value }],
     workers: Number($("workers").value),
     layout: $("layout").value,
+    opening: $("opening").value,
     mode: $("mode").value,
     budget: Number($("budget").value),
     temperature: Number($("temperature").value),
