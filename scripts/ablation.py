@@ -1,5 +1,7 @@
 """Ablation of the Hogwild! protocol: one `hogwild eval` of hogwild:N per setting (the defaults, then each choice
 changed alone), beside one of `single`, each in its own folder under --out, and one table of them side by side.
+The stepped protocol's settings start from the plan opening (its steps, nudges and guards are what they vary);
+--assigned, from the assigned parts' defaults.
 
 Each setting is a set of `hogwild eval` flags (see `hogwild eval --help`, group "protocol"); a folder that holds
 results already is resumed, so an interrupted ablation goes on where it stopped.
@@ -30,8 +32,11 @@ SETTINGS = {
     "self-check every 128": ["--self-check-every", "128"],
     "symmetric opening": ["--opening", "symmetric"],
     "paper opening": ["--opening", "paper"],
+    "cross-check opening": ["--opening", "crosscheck"],  # every worker solves it all apart (the default opening)
     "assigned parts": ["--assign"],
 }
+# the stepped protocol's settings start from the plan opening (a later --opening in a setting takes its place)
+STEPPED = ["--opening", "plan"]
 # --assigned: the engine splits the parts (--assign); its defaults, then each of its choices changed alone
 ASSIGNED = {
     "default": [],
@@ -75,7 +80,7 @@ def main() -> int:
     hogwild = str(Path(sys.executable).with_name("hogwild"))
     for name in names:
         strategy = "single" if name == "single" else f"hogwild:{args.workers}"
-        flags = [] if name == "single" else (["--assign"] if args.assigned else []) + settings[name]
+        flags = [] if name == "single" else (["--assign"] if args.assigned else STEPPED) + settings[name]
         out = Path(args.out) / folder(name)
         print(f"ablation: {name}: hogwild eval --strategies {strategy} {' '.join(flags)}", file=sys.stderr, flush=True)
         done = subprocess.run([hogwild, "eval", *common, "--strategies", strategy, *flags, "--out", str(out)])
