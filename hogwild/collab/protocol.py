@@ -303,16 +303,16 @@ class Collaboration(Run):
         self.engine = engine
         self.config = config
         self.sampling = sampling or default_sampling(engine)
-        # cross-check: the first worker solves with the run's sampling (greedy by default: a lone worker's
-        # solution); the others sample with the model's settings when the run is greedy, so their solutions differ
-        greedy = self.sampling.temperature == 0
-        self.solver = default_sampling(engine, self.sampling.seed, sampled=True) if greedy else self.sampling
         self.problem = problem
         self.names = list(prompts.NAMES[: config.workers])
         self.format = prompts.format_for(engine.model_config.family, config.format)
         self.solo = config.workers == 1 and config.mode == "hogwild"  # plain chain of thought: no headers
         self.groupthink = config.mode == "groupthink"
         self.sot = config.mode == "sot"
+        # cross-check: the first worker solves with the run's sampling (greedy by default: a lone worker's
+        # solution); the others sample with the model's settings when the run is greedy, so their solutions differ
+        resample = self._crosschecks and self.sampling.temperature == 0
+        self.solver = default_sampling(engine, self.sampling.seed, sampled=True) if resample else self.sampling
         # Skeleton-of-Thought and cross-check workers write apart: each sees the finished work only
         apart = self.sot or self._crosschecks
         self.layout = "contiguous" if self.groupthink else "interleaved" if apart else config.layout
@@ -374,7 +374,7 @@ class Collaboration(Run):
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _generator(self, worker: int) -> torch.Generator | None:
-        sampling = self.solver if self._crosschecks and worker > 0 else self.sampling
+        sampling = self.solver if worker > 0 else self.sampling  # the run's sampling unless cross-checking
         if sampling.temperature == 0:
             return None
         return dataclasses.replace(sampling, seed=worker_seed(sampling.seed, worker)).generator()
@@ -643,8 +643,10 @@ class Collaboration(Run):
             w.done, w.feed = True, []
             return
         self._look_for_answer(w, w.step_text)
-        if self.answer is not None or w is self.checker:  # a check that ends without an answer ends the run
-            w.done = w.done or self.answer is None
+        if self.answer is not None:
+            return
+        if w is self.checker:  # a check that ended without an answer: nothing is left to write, the finisher asks
+            w.done = True
             return
         self._start_step(w)
         if w.index == 0 and w.step == 2 and self._plans:  # the plan is in the history: the others start
